@@ -1,0 +1,136 @@
+"""The config every run starts from, and the checks a resolved config must pass.
+
+Experiment files in configs/ call `base_config()` and change what they need. `validate` runs when
+an entry point starts, so a wrong value stops the run at once with a line naming the key.
+"""
+
+import ml_collections
+
+from llm.errors import UserError
+
+# Logical axis name -> mesh axes. A mesh axis is used at most once per array; rules are tried in
+# order, so activations ('batch', 'length', 'embed') take `fsdp` for the batch and leave 'embed'
+# whole, while parameters ('vocab', 'embed', ...) take `fsdp` for 'embed' (FSDP).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("kv", None),
+    ("length", None),
+)
+
+TOKENIZER_KINDS = ("sentencepiece", "gpt2", "wordpiece")
+MODEL_KINDS = ("gpt",)
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.init_from = ""  # a run directory to start from (fine-tuning)
+
+  c.model = m = ml_collections.ConfigDict()
+  m.kind = "gpt"
+  m.num_layers = 4
+  m.num_heads = 4
+  m.d_model = 256
+  m.d_ff = 1024
+  m.max_len = 256
+  m.vocab_size = 0  # 0: the tokenizer's size; larger pads the embedding (e.g. 50304)
+  m.dropout = 0.0
+  m.dtype = "float32"  # compute dtype; parameters stay float32
+  m.tie_embeddings = True
+  m.use_bias = True
+  m.ln_eps = 1e-5
+  m.attention_impl = "xla"  # or "cudnn" (GPU, half precision)
+
+  c.tokenizer = t = ml_collections.ConfigDict()
+  t.kind = "sentencepiece"
+  t.path = ""  # existing tokenizer files; empty: train one on the run's text
+  t.vocab_size = 4096  # size of a trained tokenizer
+  t.train_chars = 20_000_000  # text read to train a tokenizer
+
+  c.data = d = ml_collections.ConfigDict()
+  d.path = ""  # local file, glob or folder
+  d.hf_name = ""  # a hub data set
+  d.hf_config = ""
+  d.split = "train"
+  d.text_field = "text"
+  d.max_length = 256  # tokens per training window (inputs); a window holds max_length + 1
+  d.stride = 256  # tokens between the starts of consecutive windows
+  d.val_fraction = 0.1
+  d.cache_dir = ""  # tokenized data; empty: ~/.cache/llm
+
+  c.train = tr = ml_collections.ConfigDict()
+  tr.steps = 1000
+  tr.batch_size = 32  # global, in sequences, per optimizer step
+  tr.grad_accum = 1  # micro-batches per step; batch_size must divide by it
+  tr.lr = 3e-4
+  tr.min_lr = 3e-5  # end of the cosine decay
+  tr.warmup_steps = 100
+  tr.weight_decay = 0.1
+  tr.b1 = 0.9
+  tr.b2 = 0.95
+  tr.grad_clip = 1.0  # 0: off
+  tr.log_every = 10
+  tr.eval_every = 200
+  tr.eval_batches = 20
+  tr.checkpoint_every = 500
+  tr.keep_checkpoints = 3
+  tr.peak_flops = 0.0  # per device, for MFU; 0: look the device up in a table
+
+  c.mesh = me = ml_collections.ConfigDict()
+  me.data = -1  # -1: the devices the other axes leave
+  me.fsdp = 1
+  me.tensor = 1
+  me.rules = DEFAULT_RULES
+  return c
+
+
+def _check(ok: bool, key: str, allowed: str, value) -> None:
+  if not ok:
+    raise UserError(f"config: {key}={value!r} is not allowed; {allowed}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises UserError naming the first key whose value cannot work."""
+  m, t, d, tr, me = c.model, c.tokenizer, c.data, c.train, c.mesh
+  _check(m.kind in MODEL_KINDS, "model.kind", f"use one of {MODEL_KINDS}", m.kind)
+  for key in ("num_layers", "num_heads", "d_model", "d_ff", "max_len"):
+    _check(m[key] >= 1, f"model.{key}", "use a positive integer", m[key])
+  _check(m.d_model % m.num_heads == 0, "model.d_model",
+         f"must be divisible by model.num_heads={m.num_heads}", m.d_model)
+  _check(m.vocab_size >= 0, "model.vocab_size", "use 0 (the tokenizer's) or a size", m.vocab_size)
+  _check(0.0 <= m.dropout < 1.0, "model.dropout", "use a value in [0, 1)", m.dropout)
+  _check(m.dtype in DTYPES, "model.dtype", f"use one of {DTYPES}", m.dtype)
+  _check(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
+         f"use one of {ATTENTION_IMPLS}", m.attention_impl)
+  _check(t.kind in TOKENIZER_KINDS, "tokenizer.kind", f"use one of {TOKENIZER_KINDS}", t.kind)
+  _check(t.vocab_size >= 260, "tokenizer.vocab_size",
+         "use at least 260 (256 byte pieces + specials)", t.vocab_size)
+  _check(not (d.path and d.hf_name), "data.hf_name", "set data.path or data.hf_name, not both",
+         d.hf_name)
+  _check(d.max_length >= 1, "data.max_length", "use a positive integer", d.max_length)
+  _check(d.max_length <= m.max_len, "data.max_length",
+         f"must be at most model.max_len={m.max_len}", d.max_length)
+  _check(d.stride >= 1, "data.stride", "use a positive number of tokens", d.stride)
+  _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", "use a value in (0, 1)",
+         d.val_fraction)
+  _check(tr.steps >= 1, "train.steps", "use a positive integer", tr.steps)
+  _check(tr.grad_accum >= 1, "train.grad_accum", "use a positive integer", tr.grad_accum)
+  _check(tr.batch_size >= 1 and tr.batch_size % tr.grad_accum == 0, "train.batch_size",
+         f"must be a positive multiple of train.grad_accum={tr.grad_accum}", tr.batch_size)
+  _check(tr.lr > 0, "train.lr", "use a positive learning rate", tr.lr)
+  _check(0 <= tr.min_lr <= tr.lr, "train.min_lr", f"use a value in [0, train.lr={tr.lr}]",
+         tr.min_lr)
+  _check(0 <= tr.warmup_steps, "train.warmup_steps", "use 0 or more", tr.warmup_steps)
+  for key in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
+    _check(tr[key] >= 1, f"train.{key}", "use a positive integer", tr[key])
+  for key in ("data", "fsdp", "tensor"):
+    _check(me[key] == -1 or me[key] >= 1, f"mesh.{key}", "use a positive size or -1", me[key])
+  _check([me.data, me.fsdp, me.tensor].count(-1) <= 1, "mesh",
+         "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1",
+         (me.data, me.fsdp, me.tensor))

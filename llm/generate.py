@@ -1,0 +1,209 @@
+"""Samples text from a trained run.
+
+    python -m llm.generate --workdir=runs/gpt_tiny --prompt="The for statement" \\
+        --max_new_tokens=100 --temperature=0.8 --top_k=50 --top_p=0.95 --num_samples=2
+
+Prompts of different lengths run as one batch, left-padded: positions count from each prompt's
+first token and padding is never attended to, so every prompt gets what it would get alone.
+With the KV cache (default) the prompt runs once and each new token costs one position; the
+decode loop is a `jax.lax.while_loop` on device, compiled once per shape.
+"""
+
+import functools
+import json
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from llm import checkpoint, sharding
+from llm import model as model_lib
+from llm import tokenizer as tokenizer_lib
+from llm.errors import UserError, exits_cleanly
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_logits(logits_BxV, rng, temperature: float, top_k: int, top_p: float):
+  """One token per row. temperature 0: greedy; top_k 0 and top_p 1: no truncation."""
+  if temperature == 0.0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = logits_BxV / temperature
+  if top_k > 0:
+    kth_B1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_B1, -jnp.inf, logits_BxV)
+  if top_p < 1.0:
+    # Keep the smallest set of most likely tokens whose probability reaches top_p.
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    cum_BxV = jnp.cumsum(jax.nn.softmax(sorted_BxV, axis=-1), axis=-1)
+    num_kept_B1 = jnp.sum(cum_BxV - jax.nn.softmax(sorted_BxV, axis=-1) < top_p, axis=-1,
+                          keepdims=True)
+    cutoff_B1 = jnp.take_along_axis(sorted_BxV, num_kept_B1 - 1, axis=-1)
+    logits_BxV = jnp.where(logits_BxV < cutoff_B1, -jnp.inf, logits_BxV)
+  return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k",
+                                             "top_p", "use_cache"))
+def _generate(model, params, prompt_BxP, valid_BxP, rng, eot_id, *, max_new_tokens, temperature,
+              top_k, top_p, use_cache):
+  """Left-padded prompts -> new tokens [B, max_new_tokens] (eot_id after a row's end-of-text)."""
+  B, P = prompt_BxP.shape
+  T = P + max_new_tokens
+  lengths_B = jnp.sum(valid_BxP, axis=1)
+  positions_BxP = jnp.maximum(jnp.cumsum(valid_BxP, axis=1) - 1, 0)
+  sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+  if use_cache:
+    cache = jax.tree.map(jnp.zeros_like, model.init(
+        jax.random.PRNGKey(0), jnp.zeros((B, T), jnp.int32), decode=True)["cache"])
+    logits_BxPxV, mutated = model.apply({"params": params, "cache": cache}, prompt_BxP,
+                                        positions_BxP, valid_BxP, decode=True, mutable=["cache"])
+    cache, last_logits_BxV = mutated["cache"], logits_BxPxV[:, -1]
+  else:  # the whole sequence so far runs again at every step
+    tokens_BxT = jnp.concatenate([prompt_BxP, jnp.zeros((B, max_new_tokens), jnp.int32)], 1)
+    valid_BxT = jnp.concatenate([valid_BxP, jnp.ones((B, max_new_tokens), bool)], 1)
+    positions_BxT = jnp.maximum(jnp.cumsum(valid_BxT, axis=1) - 1, 0)
+    full = lambda toks: model.apply({"params": params}, toks, positions_BxT, valid_BxT)
+    cache, last_logits_BxV = tokens_BxT, full(tokens_BxT)[:, P - 1]
+
+  def step(carry):
+    i, cache, logits_BxV, out_BxN, done_B, rng = carry
+    rng, key = jax.random.split(rng)
+    token_B = jnp.where(done_B, eot_id, sample(logits_BxV, key))
+    out_BxN = out_BxN.at[:, i].set(token_B)
+    done_B = done_B | (token_B == eot_id)
+    if use_cache:
+      logits_Bx1xV, mutated = model.apply(
+          {"params": params, "cache": cache}, token_B[:, None], (lengths_B + i)[:, None],
+          None, decode=True, mutable=["cache"])
+      cache, logits_BxV = mutated["cache"], logits_Bx1xV[:, 0]
+    else:
+      cache = cache.at[:, P + i].set(token_B)
+      logits_BxV = full(cache)[:, P + i]
+    return i + 1, cache, logits_BxV, out_BxN, done_B, rng
+
+  def keep_going(carry):
+    i, _, _, _, done_B, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done_B)
+
+  out_BxN = jnp.full((B, max_new_tokens), eot_id, jnp.int32)
+  init = (0, cache, last_logits_BxV, out_BxN, jnp.zeros((B,), bool), rng)
+  return jax.lax.while_loop(keep_going, step, init)[3]
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained run, ready to sample from
+
+
+class Generator:
+  """Loads DIR (config, tokenizer, latest params) and turns prompts into text."""
+
+  def __init__(self, workdir: str):
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+      raise UserError(f"{workdir} is not a run directory (no config.json); train one with "
+                      f"python -m llm.train --workdir={workdir}")
+    with open(path) as f:
+      self.cfg = ml_collections.ConfigDict(json.load(f))
+    self.tokenizer = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))
+    self.model = model_lib.build(self.cfg.model, self.tokenizer.vocab_size)
+    self.params = load_params(workdir, self.model)
+
+  def generate(self, prompts: list[str], max_new_tokens: int = 100, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
+               stop: str | None = None, use_cache: bool = True) -> list[list[str]]:
+    """For each prompt, `num_samples` continuations (text after the prompt)."""
+    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or num_samples < 1:
+      raise UserError("sampling: use temperature >= 0, top_k >= 0, 0 < top_p <= 1 and "
+                      "num_samples >= 1")
+    encoded = [self.tokenizer.encode(p) or [self.tokenizer.eot_id] for p in prompts]
+    longest = max(map(len, encoded))
+    context = self.model.cfg.max_len
+    if longest + max_new_tokens > context:
+      raise UserError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} is "
+                      f"more than the model's context of {context} tokens; ask for at most "
+                      f"{max(context - longest, 0)} new tokens")
+    rows = [ids for ids in encoded for _ in range(num_samples)]
+    prompt = np.zeros((len(rows), longest), np.int32)
+    valid = np.zeros((len(rows), longest), bool)
+    for r, ids in enumerate(rows):  # left padding: every prompt ends at the same slot
+      prompt[r, longest - len(ids):], valid[r, longest - len(ids):] = ids, True
+    new = _generate(self.model, self.params, prompt, valid, jax.random.PRNGKey(seed),
+                    self.tokenizer.eot_id, max_new_tokens=max_new_tokens,
+                    temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                    use_cache=use_cache)
+    texts = [self._text(row, stop) for row in np.asarray(new)]
+    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+  def _text(self, ids, stop):
+    ids = list(ids)
+    if self.tokenizer.eot_id in ids:
+      ids = ids[:ids.index(self.tokenizer.eot_id)]
+    text = self.tokenizer.decode(ids)
+    return text.split(stop, 1)[0] if stop else text
+
+
+def load_params(workdir: str, model):
+  """The latest checkpoint's parameters, restored alone (no optimizer state)."""
+  ckpt = checkpoint.Checkpointer(workdir, keep=1)
+  step = ckpt.latest_step()
+  if step is None:
+    raise UserError(f"{workdir} has no checkpoint yet")
+  abstract = jax.eval_shape(
+      lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))))
+  params = ckpt.restore_params(step, abstract["params"])
+  ckpt.close()
+  return params
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to sample from.")
+_PROMPT = flags.DEFINE_string("prompt", "", "Text to continue.")
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", None,
+                                   "One prompt per line; JSON lines out, one per sample.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "0: greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set reaching this mass.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STOP = flags.DEFINE_string("stop", None, "Cut each sample at this string.")
+_KV_CACHE = flags.DEFINE_bool("kv_cache", True, "Decode with the KV cache.")
+
+
+@exits_cleanly
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  if not _WORKDIR.value:
+    raise UserError("usage: python -m llm.generate --workdir=DIR --prompt=TEXT")
+  gen = Generator(_WORKDIR.value)
+  if _PROMPT_FILE.value:
+    if not os.path.isfile(_PROMPT_FILE.value):
+      raise UserError(f"--prompt_file: no such file {_PROMPT_FILE.value}")
+    with open(_PROMPT_FILE.value) as f:
+      prompts = [line.rstrip("\n") for line in f if line.strip()]
+  else:
+    prompts = [_PROMPT.value]
+  outputs = gen.generate(prompts, _MAX_NEW.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
+                         _NUM_SAMPLES.value, _SEED.value, _STOP.value, _KV_CACHE.value)
+  for prompt, samples in zip(prompts, outputs):
+    for i, text in enumerate(samples):
+      if _PROMPT_FILE.value:
+        print(json.dumps({"prompt": prompt, "sample": i, "text": text}))
+      else:
+        print(("" if i == 0 else "\n" + "-" * 40 + "\n") + prompt + text)
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,66 @@
+"""metrics.jsonl, TensorBoard events, and the throughput numbers (tokens/s, MFU)."""
+
+import json
+import os
+
+# Peak dense bf16 FLOP/s per device, by jax's `device_kind`.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+}
+
+
+def peak_flops(device_kind: str, configured: float) -> float | None:
+  """A configured peak wins; else the table's (prefix match); None when unknown (e.g. CPU)."""
+  if configured > 0:
+    return configured
+  for kind, flops in PEAK_FLOPS.items():
+    if device_kind.startswith(kind):
+      return flops
+  return None
+
+
+def flops_per_token(num_params: int, num_layers: int, num_heads: int, head_dim: int,
+                    seq_len: int) -> float:
+  """Training FLOPs per token: 6N for the matmuls, 12·L·H·Q·T for attention (PaLM, app. B)."""
+  return 6 * num_params + 12 * num_layers * num_heads * head_dim * seq_len
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to DIR/metrics.jsonl, flushed at once, plus TensorBoard.
+
+  Only process 0 writes; the others get a writer that does nothing.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter
+    self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._tb = SummaryWriter(logdir=workdir)
+
+  def write(self, record: dict) -> None:
+    if not self.enabled:
+      return
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    for key, value in record.items():
+      if key not in ("step", "split") and isinstance(value, (int, float)):
+        self._tb.add_scalar(f"{record['split']}/{key}", value, record["step"])
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._file.close()
+      self._tb.close()

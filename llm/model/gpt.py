@@ -1,0 +1,56 @@
+"""GPT-2: token + learned position embeddings, pre-LN causal blocks, final LayerNorm, LM head.
+
+    logits_BxLxV = GPT(cfg).apply({"params": params}, tokens_BxL)
+
+`positions_BxL` and `valid_BxL` let left-padded prompts of different lengths run in one batch
+(positions count from each prompt's first real token; padding is never attended to).
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from llm.model.layers import Block, Dense, TransformerConfig, dense_init, layer_norm
+
+
+class GPT(nn.Module):
+  cfg: TransformerConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.wte = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+        embedding_init=nn.with_logical_partitioning(dense_init(), ("vocab", "embed")))
+    self.wpe = nn.Embed(
+        cfg.max_len, cfg.d_model, dtype=cfg.dtype,
+        embedding_init=nn.with_logical_partitioning(dense_init(0.01), (None, "embed")))
+    self.drop = nn.Dropout(cfg.dropout)
+    self.blocks = [Block(cfg, causal=True, name=f"block_{i}") for i in range(cfg.num_layers)]
+    self.ln_f = layer_norm(cfg, "ln_f")
+    if not cfg.tie_embeddings:
+      self.lm_head = Dense((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), use_bias=False,
+                           dtype=cfg.dtype)
+
+  def hidden(self, tokens_BxL, positions_BxL=None, valid_BxL=None, deterministic=True,
+             decode=False):
+    """The final LayerNorm's output, x_BxLxD: what the LM head and task heads read."""
+    if positions_BxL is None:
+      positions_BxL = jnp.arange(tokens_BxL.shape[1])[None, :]
+    x_BxLxD = self.wte(tokens_BxL) + self.wpe(positions_BxL)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+    x_BxLxD = self.drop(x_BxLxD, deterministic=deterministic)
+    for block in self.blocks:
+      x_BxLxD = block(x_BxLxD, valid_BxL, deterministic, decode)
+    return self.ln_f(x_BxLxD)
+
+  def logits(self, x_BxLxD):
+    if self.cfg.tie_embeddings:
+      logits_BxLxV = self.wte.attend(x_BxLxD)
+    else:
+      logits_BxLxV = self.lm_head(x_BxLxD)
+    # The loss is taken in float32 whatever the compute dtype.
+    return nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32),
+                                      ("batch", "length", "vocab"))
+
+  def __call__(self, tokens_BxL, positions_BxL=None, valid_BxL=None, deterministic=True,
+               decode=False):
+    return self.logits(self.hidden(tokens_BxL, positions_BxL, valid_BxL, deterministic, decode))

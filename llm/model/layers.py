@@ -1,0 +1,173 @@
+"""Transformer layers shared by the model families: attention, MLP, the block.
+
+Shapes are in the names: B batch, L query length, S key length (the KV cache's size when
+decoding), D d_model, N heads, H head dim, F d_ff. Every parameter carries logical axis names
+(`vocab`, `embed`, `heads`, `kv`, `mlp`) that the config's rules map onto the device mesh.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """The shape of a transformer stack; built from the run config's `model` section."""
+  vocab_size: int
+  max_len: int
+  num_layers: int
+  num_heads: int
+  d_model: int
+  d_ff: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32  # compute dtype; parameters are float32
+  tie_embeddings: bool = True
+  use_bias: bool = True
+  ln_eps: float = 1e-5
+  attention_impl: str = "xla"
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+def dense_init(std: float = 0.02):
+  return nn.initializers.normal(stddev=std)
+
+
+class Dense(nn.Module):
+  """x @ kernel + bias, contracting x's last `len(shape) - len(out_axes)` dimensions.
+
+  The kernel is float32 and named by logical axes; the product runs in the compute dtype.
+  """
+  shape: tuple[int, ...]  # the kernel's: input dims, then output dims
+  axes: tuple[str | None, ...]  # a logical name per kernel dim
+  num_out: int = 1  # how many trailing kernel dims are outputs
+  use_bias: bool = True
+  std: float = 0.02
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.with_logical_partitioning(dense_init(self.std), self.axes),
+                        self.shape, jnp.float32)
+    num_in = len(self.shape) - self.num_out
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=num_in)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             self.axes[num_in:]),
+                        self.shape[num_in:], jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def layer_norm(cfg: TransformerConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=cfg.ln_eps, dtype=cfg.dtype, use_bias=True, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention, causal or bidirectional, with a padding mask and a KV cache.
+
+  With `decode=True` the keys and values of every call are written into a cache of fixed size
+  (the `cache` collection, created at init with the cache's shape), so a prompt runs once and
+  each new token then costs one position.
+  """
+  cfg: TransformerConfig
+  causal: bool = True
+  out_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x_BxLxD, valid_BxL, deterministic: bool, decode: bool = False):
+    """valid_BxL: False at padding (never attended to); None: every position is valid."""
+    cfg = self.cfg
+    N, H = cfg.num_heads, cfg.head_dim
+
+    def proj(name):
+      return Dense((cfg.d_model, N, H), ("embed", "heads", "kv"), num_out=2,
+                   use_bias=cfg.use_bias, dtype=cfg.dtype, name=name)
+
+    q_BxLxNxH, k_BxLxNxH, v_BxLxNxH = proj("query")(x_BxLxD), proj("key")(x_BxLxD), proj(
+        "value")(x_BxLxD)
+
+    if decode:
+      k_BxSxNxH, v_BxSxNxH, mask_BxLxS = self._update_cache(k_BxLxNxH, v_BxLxNxH, valid_BxL)
+      is_causal = False  # the mask already says which cache slots each query sees
+    else:
+      k_BxSxNxH, v_BxSxNxH = k_BxLxNxH, v_BxLxNxH
+      mask_BxLxS = None if valid_BxL is None else valid_BxL[:, None, :]
+      is_causal = self.causal
+
+    out_BxLxNxH = jax.nn.dot_product_attention(
+        q_BxLxNxH, k_BxSxNxH, v_BxSxNxH,
+        mask=None if mask_BxLxS is None else mask_BxLxS[:, None], is_causal=is_causal,
+        implementation=None if cfg.attention_impl == "xla" else cfg.attention_impl)
+    out_BxLxD = Dense((N, H, cfg.d_model), ("heads", "kv", "embed"), use_bias=cfg.use_bias,
+                      std=self.out_std, dtype=cfg.dtype, name="out")(out_BxLxNxH)
+    return nn.Dropout(cfg.dropout)(out_BxLxD, deterministic=deterministic)
+
+  def _update_cache(self, k_BxLxNxH, v_BxLxNxH, valid_BxL):
+    """Writes this call's keys and values at the cache's index; returns the whole cache.
+
+    Decoding is causal: a query sees the valid cache slots up to its own.
+    """
+    if valid_BxL is None:
+      valid_BxL = jnp.ones(k_BxLxNxH.shape[:2], bool)
+    is_init = not self.has_variable("cache", "cached_key")
+    key = self.variable("cache", "cached_key", jnp.zeros, k_BxLxNxH.shape, k_BxLxNxH.dtype)
+    value = self.variable("cache", "cached_value", jnp.zeros, v_BxLxNxH.shape, v_BxLxNxH.dtype)
+    valid = self.variable("cache", "valid", jnp.zeros, valid_BxL.shape, bool)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if is_init:  # init only allocates: the shapes given at init are the cache's size
+      return k_BxLxNxH, v_BxLxNxH, jnp.ones(valid_BxL.shape[:1] + (1, valid_BxL.shape[1]), bool)
+    i, L, S = index.value, k_BxLxNxH.shape[1], key.value.shape[1]
+    key.value = jax.lax.dynamic_update_slice(key.value, k_BxLxNxH.astype(key.value.dtype),
+                                             (0, i, 0, 0))
+    value.value = jax.lax.dynamic_update_slice(value.value, v_BxLxNxH.astype(value.value.dtype),
+                                               (0, i, 0, 0))
+    valid.value = jax.lax.dynamic_update_slice(valid.value, valid_BxL, (0, i))
+    index.value = i + L
+    # A query at slot i + l sees the filled, valid slots up to itself.
+    slot_q_L = i + jnp.arange(L)
+    seen_LxS = jnp.arange(S)[None, :] <= slot_q_L[:, None]
+    mask_BxLxS = seen_LxS[None] & valid.value[:, None, :]
+    return key.value, value.value, mask_BxLxS
+
+
+class MLP(nn.Module):
+  cfg: TransformerConfig
+  out_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x_BxLxD, deterministic: bool):
+    cfg = self.cfg
+    h_BxLxF = Dense((cfg.d_model, cfg.d_ff), ("embed", "mlp"), use_bias=cfg.use_bias,
+                    dtype=cfg.dtype, name="wi")(x_BxLxD)
+    h_BxLxF = nn.with_logical_constraint(jax.nn.gelu(h_BxLxF, approximate=True),
+                                         ("batch", "length", "mlp"))
+    out_BxLxD = Dense((cfg.d_ff, cfg.d_model), ("mlp", "embed"), use_bias=cfg.use_bias,
+                      std=self.out_std, dtype=cfg.dtype, name="wo")(h_BxLxF)
+    return nn.Dropout(cfg.dropout)(out_BxLxD, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+  cfg: TransformerConfig
+  causal: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxLxD, valid_BxL, deterministic: bool, decode: bool = False):
+    # GPT-2 scales the init of the projections into the residual stream by 1/sqrt(2 * layers).
+    out_std = 0.02 / math.sqrt(2 * self.cfg.num_layers)
+    h_BxLxD = layer_norm(self.cfg, "ln_attn")(x_BxLxD)
+    x_BxLxD = x_BxLxD + Attention(self.cfg, self.causal, out_std, name="attn")(
+        h_BxLxD, valid_BxL, deterministic, decode)
+    h_BxLxD = layer_norm(self.cfg, "ln_mlp")(x_BxLxD)
+    x_BxLxD = x_BxLxD + MLP(self.cfg, out_std, name="mlp")(h_BxLxD, deterministic)
+    return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))

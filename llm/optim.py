@@ -1,0 +1,26 @@
+"""AdamW with linear warmup, cosine decay and global-norm clipping."""
+
+import jax
+import optax
+
+
+def lr_schedule(train_cfg) -> optax.Schedule:
+  """Linear warmup from 0 to `lr`, then cosine decay to `min_lr` at the last step."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train_cfg.lr, end_value=train_cfg.min_lr,
+      warmup_steps=train_cfg.warmup_steps,
+      decay_steps=max(train_cfg.steps, train_cfg.warmup_steps + 1))
+
+
+def decay_mask(params):
+  """Weight decay on matrices (kernels, embeddings) only; not on biases and norm scales."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def build(train_cfg) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(train_cfg.grad_clip) if train_cfg.grad_clip > 0 else
+      optax.identity(),
+      optax.adamw(lr_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
+                  weight_decay=train_cfg.weight_decay, mask=decay_mask),
+  )

@@ -1,0 +1,104 @@
+"""The device mesh, and how arrays are laid out on it.
+
+The mesh has three axes: `data` (replicas), `fsdp` (batch and parameter shards) and `tensor`
+(heads and MLP width). Models name their axes logically; `mesh.rules` in the config maps those
+names to mesh axes, so a sharding ablation is a config change.
+"""
+
+import contextlib
+import os
+
+import flax.linen as nn
+from absl import flags
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from llm.errors import UserError
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the global batch is split over both
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with a -1 resolved; fails when the product is not the device count."""
+  sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+  if -1 in sizes:
+    rest = int(np.prod([s for s in sizes if s != -1]))
+    if num_devices % rest:
+      raise UserError(f"mesh: {num_devices} devices do not divide into "
+                      f"{' x '.join('-1' if s == -1 else str(s) for s in sizes)} (data x fsdp x "
+                      f"tensor); choose sizes whose product is {num_devices}")
+    sizes[sizes.index(-1)] = num_devices // rest
+  if int(np.prod(sizes)) != num_devices:
+    raise UserError(f"mesh: data x fsdp x tensor = {' x '.join(map(str, sizes))} = "
+                    f"{int(np.prod(sizes))} devices, but there are {num_devices}; choose sizes "
+                    f"whose product is {num_devices} (one of them may be -1)")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def rules(mesh_cfg) -> tuple:
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+               for name, axes in mesh_cfg.rules)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, mesh_cfg):
+  """The mesh and the logical rules, for tracing code that constrains activations."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules(mesh_cfg)):
+    yield
+
+
+def logical_shardings(boxed_tree, mesh: Mesh, mesh_cfg):
+  """NamedShardings for a tree whose leaves carry logical axis names (nn.LogicallyPartitioned).
+
+  Leaves without names (step counters, RNG keys) are replicated.
+  """
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules(mesh_cfg))
+
+
+def batch_sharding(mesh: Mesh, batch_dim: int = 1) -> NamedSharding:
+  """Train batches are [grad_accum, micro_batch, ...] (batch_dim 1), eval batches
+  [batch, ...] (batch_dim 0): the batch dimension is split over data and fsdp."""
+  return NamedSharding(mesh, P(*([None] * batch_dim), BATCH_AXES))
+
+
+def global_batch(local_batch: dict, mesh: Mesh, batch_dim: int = 1) -> dict:
+  """This process's share of the batch (numpy) -> global jax.Arrays on the mesh."""
+  sharding = batch_sharding(mesh, batch_dim)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def define_distributed_flags() -> None:
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0, for multi-host runs (found automatically on TPU "
+                      "VMs and under SLURM).")
+  flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+  flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+
+
+def initialize_distributed() -> None:
+  """Joins the processes of a multi-host run; a single process needs nothing.
+
+  Flags win; else JAX finds the cluster itself (TPU VM metadata, SLURM's environment).
+  """
+  f = flags.FLAGS
+  if f.coordinator_address or (f.num_processes or 0) > 1:
+    # CPU devices (tests, launch/local.sh) talk through gloo; GPUs and TPUs ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f.coordinator_address,
+                               num_processes=f.num_processes, process_id=f.process_id)
+  elif _in_cluster():
+    jax.distributed.initialize()
+
+
+def _in_cluster() -> bool:
+  return ("SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1) or (
+      "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"])
