@@ -75,6 +75,7 @@ class SentencePieceTokenizer(Tokenizer):
           character_coverage=0.9995,
           normalization_rule_name="identity",  # keep the text as it is: code, spacing, case
           remove_extra_whitespaces=False,
+          add_dummy_prefix=False,  # text is continued, not started: no invented space
           allow_whitespace_only_pieces=True,
           split_digits=True,
           user_defined_symbols=["\n"],
@@ -82,10 +83,10 @@ class SentencePieceTokenizer(Tokenizer):
           max_sentence_length=1 << 16,
           minloglevel=2,
       )
-    except RuntimeError as e:
-      raise UserError(f"could not train a sentencepiece tokenizer of "
-                      f"tokenizer.vocab_size={vocab_size} on this text ({str(e).strip()}); "
-                      f"use a smaller tokenizer.vocab_size or more text") from None
+    except RuntimeError as e:  # sentencepiece says what to change, after an internal prefix
+      reason = str(e).strip().rsplit("] ", 1)[-1]
+      raise UserError(f"could not train a sentencepiece tokenizer with tokenizer.vocab_size="
+                      f"{vocab_size} on this text: {reason}") from None
     os.remove(os.path.join(directory, "sentencepiece.vocab"))
     return cls(os.path.join(directory, cls.MODEL_FILE))
 

@@ -112,7 +112,7 @@ def make_train_step(objective: objectives.Objective, tx: optax.GradientTransform
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
                  "opt_state": opt_state, "rng": state["rng"]}
-    stats = {"loss": sums["loss"] / weight, "grad_norm": optax.global_norm(grads),
+    stats = {"loss": sums["loss"] / weight, "grad_norm": optax.tree.norm(grads),
              "lr": schedule(state["step"])}
     return new_state, stats
 
@@ -190,6 +190,7 @@ def train(cfg, workdir: str) -> dict:
                     "tokens_per_sec": tokens_per_sec, "mfu": mfu})
       progress.set_postfix(loss=f"{float(stats['loss']):.3f}",
                            tok_s=f"{tokens_per_sec or 0:,.0f}")
+      timer, timer_step = time.perf_counter(), step
       if not np.isfinite(stats["loss"]):
         raise UserError(f"the loss became {stats['loss']} at step {step}; lower train.lr or "
                         f"check the data (the last checkpoint is intact)")
@@ -202,6 +203,8 @@ def train(cfg, workdir: str) -> dict:
       ckpt.save(step, state, run.batches.state())
       if ckpt.reached_preemption(step):
         break
+    if step % tr.eval_every == 0 or step % tr.checkpoint_every == 0:
+      timer = None  # throughput counts training steps only
   progress.close()
   ckpt.close()
   writer.close()

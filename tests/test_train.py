@@ -1,0 +1,128 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, read_metrics, tiny_config
+from llm import config as config_lib
+from llm.errors import UserError
+from llm.train import train
+
+
+def _losses(workdir, split="train"):
+  return {m["step"]: m["loss"] for m in read_metrics(workdir) if m["split"] == split}
+
+
+def test_loss_falls_and_the_run_directory_is_complete(tmp_path):
+  workdir = str(tmp_path / "run")
+  cfg = tiny_config(tmp_path, **{"train.steps": 40, "train.eval_every": 20,
+                                 "train.checkpoint_every": 20})
+  final = train(cfg, workdir)
+  losses = _losses(workdir)
+  assert abs(losses[1] - math.log(512)) < 0.3  # starts near uniform over the vocabulary
+  assert losses[40] < losses[1] - 0.8
+  assert final["loss"] < _losses(workdir, "eval")[20]
+  assert set(os.listdir(workdir)) >= {"config.json", "metrics.jsonl", "tokenizer", "checkpoints"}
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  line = read_metrics(workdir)[-2]
+  assert set(line) == {"step", "split", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"}
+  assert line["tokens_per_sec"] > 0 and 0 < line["mfu"]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"]["d_model"] == 32
+
+
+def test_resume_is_bit_exact(tmp_path):
+  overrides = {"train.steps": 6, "train.checkpoint_every": 3, "train.grad_accum": 2,
+               "model.dropout": 0.1}
+  straight = str(tmp_path / "straight")
+  train(tiny_config(tmp_path, **overrides), straight)
+
+  resumed = str(tmp_path / "resumed")
+  train(tiny_config(tmp_path, **{**overrides, "train.steps": 3}), resumed)
+  assert sorted(_losses(resumed)) == [1, 2, 3]
+  train(tiny_config(tmp_path, **overrides), resumed)
+  assert _losses(resumed) == _losses(straight)  # every logged loss, bit for bit
+  assert _losses(resumed, "eval") == _losses(straight, "eval")
+
+
+def test_a_finished_run_says_so(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  cfg = tiny_config(tmp_path, **{"train.steps": 2})
+  train(cfg, workdir)
+  before = open(os.path.join(workdir, "metrics.jsonl")).read()
+  train(cfg, workdir)
+  assert "already trained to step 2" in capsys.readouterr().out
+  assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model.d_model": 33}, "model.d_model=33 is not allowed; must be divisible by"),
+    ({"data.stride": 0}, "data.stride=0"),
+    ({"tokenizer.kind": "morse"}, "tokenizer.kind='morse'"),
+    ({"data.max_length": 64}, "must be at most model.max_len=32"),
+    ({"mesh.data": 3}, "but there are 1"),
+])
+def test_bad_config_fails_before_touching_the_run(tmp_path, overrides, message):
+  workdir = tmp_path / "run"
+  with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    train(tiny_config(tmp_path, **overrides), str(workdir))
+  assert not workdir.exists()
+
+
+def test_bad_data_fails_before_touching_the_run(tmp_path):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  short = tmp_path / "short.txt"
+  short.write_text("Only a few words here. " * 3)
+  cases = [
+      ({"data.path": str(tmp_path / "missing.txt")}, "no such file"),
+      ({"data.path": str(empty), "tokenizer.kind": "gpt2",
+        "tokenizer.path": os.path.join(os.path.dirname(ROOT), "shared", "data", "gpt2"),
+        "model.max_len": 64}, "fewer than one window"),
+      ({"data.path": str(short), "tokenizer.kind": "gpt2",
+        "tokenizer.path": os.path.join(os.path.dirname(ROOT), "shared", "data", "gpt2")},
+       "fewer than one window"),
+  ]
+  for overrides, message in cases:
+    workdir = tmp_path / "run"
+    with pytest.raises(UserError, match=message):
+      train(tiny_config(tmp_path, **overrides), str(workdir))
+    assert not workdir.exists()
+
+
+def test_unreachable_hub_data_set_fails_clearly(tmp_path, monkeypatch):
+  import datasets
+  import huggingface_hub
+  monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 would
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+  with pytest.raises(UserError, match="could not read data from 'nobody/no-such-dataset'"):
+    train(tiny_config(tmp_path, **{"data.hf_name": "nobody/no-such-dataset"}),
+          str(tmp_path / "run"))
+
+
+def test_cli_prints_one_line_and_keeps_what_was_saved(tmp_path):
+  workdir = tmp_path / "run"
+  cfg = tiny_config(tmp_path, **{"train.steps": 2})
+  train(cfg, str(workdir))
+  saved = sorted(os.listdir(workdir / "checkpoints"))
+  result = subprocess.run(
+      [sys.executable, "-m", "llm.train", "--config=configs/gpt_tiny.py", f"--workdir={workdir}",
+       "--config.model.num_heads=3"], cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "error: config: model.d_model=256 is not allowed; must be divisible by model.num_heads=3"]
+  assert sorted(os.listdir(workdir / "checkpoints")) == saved
+
+
+def test_shipped_configs_are_valid():
+  import importlib.util
+  for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+    if not name.endswith(".py"):
+      continue
+    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(ROOT, "configs", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config_lib.validate(module.get_config())
