@@ -166,39 +166,42 @@ def load_params(workdir: str, model):
 # ---------------------------------------------------------------------------------------------
 # Command line
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to sample from.")
-_PROMPT = flags.DEFINE_string("prompt", "", "Text to continue.")
-_PROMPT_FILE = flags.DEFINE_string("prompt_file", None,
-                                   "One prompt per line; JSON lines out, one per sample.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate at most.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "0: greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0: all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set reaching this mass.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_STOP = flags.DEFINE_string("stop", None, "Cut each sample at this string.")
-_KV_CACHE = flags.DEFINE_bool("kv_cache", True, "Decode with the KV cache.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_string("workdir", None, "Run directory to sample from.")
+  flags.DEFINE_string("prompt", "", "Text to continue.")
+  flags.DEFINE_string("prompt_file", None, "One prompt per line; JSON lines out, one per sample.")
+  flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate at most.")
+  flags.DEFINE_float("temperature", 1.0, "0: greedy.")
+  flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0: all).")
+  flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set reaching this mass.")
+  flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_string("stop", None, "Cut each sample at this string.")
+  flags.DEFINE_bool("kv_cache", True, "Decode with the KV cache.")
 
 
 @exits_cleanly
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  if not _WORKDIR.value:
+  if not FLAGS.workdir:
     raise UserError("usage: python -m llm.generate --workdir=DIR --prompt=TEXT")
-  gen = Generator(_WORKDIR.value)
-  if _PROMPT_FILE.value:
-    if not os.path.isfile(_PROMPT_FILE.value):
-      raise UserError(f"--prompt_file: no such file {_PROMPT_FILE.value}")
-    with open(_PROMPT_FILE.value) as f:
+  gen = Generator(FLAGS.workdir)
+  if FLAGS.prompt_file:
+    if not os.path.isfile(FLAGS.prompt_file):
+      raise UserError(f"--prompt_file: no such file {FLAGS.prompt_file}")
+    with open(FLAGS.prompt_file) as f:
       prompts = [line.rstrip("\n") for line in f if line.strip()]
   else:
-    prompts = [_PROMPT.value]
-  outputs = gen.generate(prompts, _MAX_NEW.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
-                         _NUM_SAMPLES.value, _SEED.value, _STOP.value, _KV_CACHE.value)
+    prompts = [FLAGS.prompt]
+  outputs = gen.generate(prompts, FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
+                         FLAGS.num_samples, FLAGS.seed, FLAGS.stop, FLAGS.kv_cache)
   for prompt, samples in zip(prompts, outputs):
     for i, text in enumerate(samples):
-      if _PROMPT_FILE.value:
+      if FLAGS.prompt_file:
         print(json.dumps({"prompt": prompt, "sample": i, "text": text}))
       else:
         print(("" if i == 0 else "\n" + "-" * 40 + "\n") + prompt + text)
@@ -206,4 +209,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -23,10 +23,14 @@ from llm import model as model_lib
 from llm import tokenizer as tokenizer_lib
 from llm.errors import UserError, exits_cleanly
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
-sharding.define_distributed_flags()
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags, defined only when this module is the entry point."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
+  sharding.define_distributed_flags()
 
 
 class Run:
@@ -232,12 +236,13 @@ def _drop_metrics_after(workdir: str, step: int) -> None:
 @exits_cleanly
 def main(argv):
   del argv
-  if _CONFIG.value is None or not _WORKDIR.value:
+  if FLAGS.config is None or not FLAGS.workdir:
     raise UserError("usage: python -m llm.train --config=configs/FILE.py --workdir=DIR")
   logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
   sharding.initialize_distributed()
-  train(_CONFIG.value, _WORKDIR.value)
+  train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
