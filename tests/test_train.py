@@ -126,3 +126,8 @@ def test_shipped_configs_are_valid():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config_lib.validate(module.get_config())
+    for variant in VARIANTS.get(name, ()):
+      config_lib.validate(module.get_config(variant))
+
+
+VARIANTS = {"gpt_small.py": ("tiny",)}

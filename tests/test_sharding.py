@@ -1,0 +1,81 @@
+"""Sharding over 8 fake CPU devices and multi-host over 2 local processes.
+
+Every configuration runs in a subprocess: the device count is fixed when JAX starts.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, read_metrics
+
+HELPER = os.path.join(ROOT, "tests", "mesh_runs.py")
+
+
+def _env(devices):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def _mesh_runs(tmp_path, devices, steps, *meshes):
+  out = tmp_path / f"out-{devices}-{'-'.join(meshes)}.json"
+  result = subprocess.run([sys.executable, HELPER, str(out), str(tmp_path), str(steps), *meshes],
+                          env=_env(devices), capture_output=True, text=True, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(out.read_text())
+
+
+def _close(a, b):
+  assert a.keys() == b.keys()
+  np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def single_device(tmp_path_factory):
+  return _mesh_runs(tmp_path_factory.mktemp("one"), 1, 6, "1x1x1")["1x1x1"]
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+  return _mesh_runs(tmp_path_factory.mktemp("eight"), 8, 6, "8x1x1", "1x8x1", "1x1x8", "2x2x2")
+
+
+def test_every_mesh_gives_the_single_device_losses(eight_devices, single_device):
+  runs = eight_devices
+  for mesh, run in runs.items():
+    _close(run["losses"], single_device["losses"])
+  # The token embedding [vocab 512, embed 64] is really split: vocab over tensor, embed over fsdp.
+  assert runs["1x8x1"]["wte_spec"] == ["tensor", "fsdp"]
+  assert runs["1x8x1"]["wte_shard"] == [512, 8]
+  assert runs["1x1x8"]["wte_shard"] == [64, 64]
+  assert runs["2x2x2"]["wte_shard"] == [256, 32]
+  assert runs["8x1x1"]["wte_shard"] == [512, 64]  # data parallel: replicated
+
+
+def test_checkpoint_moves_between_meshes(tmp_path, single_device):
+  # Steps 1-3 on 2x2x2, then the same directory resumes on one device for steps 4-6.
+  _mesh_runs(tmp_path, 8, 3, "2x2x2")
+  os.rename(tmp_path / "run-2x2x2", tmp_path / "run-1x1x1")
+  resumed = _mesh_runs(tmp_path, 1, 6, "1x1x1")["1x1x1"]
+  _close(resumed["losses"], single_device["losses"])
+
+
+def test_two_processes_equal_one(tmp_path, eight_devices):
+  one = eight_devices["2x2x2"]["losses"]
+  workdir = tmp_path / "multi"
+  code = ("import sys, pathlib; sys.path.insert(0, 'tests'); from mesh_runs import sharding_config;"
+          "from llm.train import train; from llm import sharding; from absl import flags;"
+          "sharding.define_distributed_flags(); flags.FLAGS(sys.argv);"
+          "sharding.initialize_distributed();"
+          f"train(sharding_config(pathlib.Path({str(tmp_path)!r}), '2x2x2', 6), {str(workdir)!r})")
+  result = subprocess.run(
+      ["launch/local.sh", "2", sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+      text=True, env=dict(os.environ, DEVICES_PER_PROCESS="4"), timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  multi = {m["step"]: m["loss"] for m in read_metrics(workdir) if m["split"] == "train"}
+  _close({str(k): v for k, v in multi.items()}, one)
