@@ -1,0 +1,124 @@
+"""Speed, measured side by side in one process (never in a timed test).
+
+    python -m llm.bench train --config=configs/gpt_tiny.py [--steps=20]
+    python -m llm.bench generate --config=configs/gpt_tiny.py --config.model.max_len=512 \\
+        [--batch=1 --prompt_len=16 --new_tokens=256]
+
+`train` times the jitted train step on the config's data after one warm-up (compile) step.
+`generate` times prefill and decoding of a randomly initialised model of the config's shape, with
+and without the KV cache, and prints the ratio.
+"""
+
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from llm import config as config_lib, metrics, optim, sharding
+from llm import model as model_lib
+from llm.errors import UserError, exits_cleanly
+from llm.generate import _generate
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_integer("steps", 20, "train: timed steps.")
+  flags.DEFINE_integer("batch", 1, "generate: prompts per batch.")
+  flags.DEFINE_integer("prompt_len", 16, "generate: prompt tokens.")
+  flags.DEFINE_integer("new_tokens", 256, "generate: tokens to decode.")
+  flags.DEFINE_integer("repeats", 3, "generate: timed repeats (the best counts).")
+
+
+def _best_time(fn, repeats):
+  jax.block_until_ready(fn())  # compile
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def bench_train(cfg, steps: int) -> dict:
+  from llm.train import Run, make_train_step
+  config_lib.validate(cfg)
+  import tempfile
+  with tempfile.TemporaryDirectory() as workdir:
+    run = Run(cfg, workdir)
+  state, shardings = run.init_state()
+  step_fn = jax.jit(make_train_step(run.objective, run.tx, optim.lr_schedule(cfg.train)),
+                    in_shardings=(shardings, sharding.batch_sharding(run.mesh)),
+                    out_shardings=(shardings, None), donate_argnums=0)
+  batches = [sharding.global_batch(next(run.batches), run.mesh) for _ in range(steps + 1)]
+  with sharding.activate(run.mesh, cfg.mesh):
+    state, stats = step_fn(state, batches[0])
+    jax.block_until_ready(stats)
+    start = time.perf_counter()
+    for batch in batches[1:]:
+      state, stats = step_fn(state, batch)
+    jax.block_until_ready(stats)
+  seconds = (time.perf_counter() - start) / steps
+  tokens = cfg.train.batch_size * cfg.data.max_length
+  mcfg = run.model.cfg
+  n = sum(x.size for x in jax.tree.leaves(state["params"])) - mcfg.max_len * mcfg.d_model
+  flops = metrics.flops_per_token(n, mcfg.num_layers, mcfg.num_heads, mcfg.head_dim,
+                                  cfg.data.max_length) * tokens
+  peak = metrics.peak_flops(jax.devices()[0].device_kind, cfg.train.peak_flops)
+  return {"step_ms": 1e3 * seconds, "tokens_per_sec": tokens / seconds,
+          "mfu": flops / seconds / (peak * jax.device_count()) if peak else None}
+
+
+def bench_generate(cfg, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+  config_lib.validate(cfg)
+  model = model_lib.build(cfg.model, cfg.tokenizer.vocab_size)
+  if prompt_len + new_tokens > model.cfg.max_len:
+    raise UserError(f"prompt_len + new_tokens = {prompt_len + new_tokens} is more than "
+                    f"model.max_len={model.cfg.max_len}; raise --config.model.max_len")
+  params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0),
+                                                    jnp.zeros((1, 1), jnp.int32)))["params"])()
+  prompt = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (batch, prompt_len),
+                                             dtype=np.int32)
+  valid = np.ones_like(prompt, bool)
+
+  def run(n, use_cache):  # eot_id -1: never stops early
+    return lambda: _generate(model, params, prompt, valid, jax.random.PRNGKey(0), -1,
+                             max_new_tokens=n, temperature=0.0, top_k=0, top_p=1.0,
+                             use_cache=use_cache)
+
+  result = {}
+  for use_cache in (True, False):
+    name = "cached" if use_cache else "uncached"
+    prefill = _best_time(run(1, use_cache), repeats)
+    total = _best_time(run(new_tokens, use_cache), repeats)
+    result[f"{name}_prefill_tokens_per_sec"] = batch * prompt_len / prefill
+    result[f"{name}_decode_tokens_per_sec"] = batch * (new_tokens - 1) / max(total - prefill, 1e-9)
+  result["cached_over_uncached"] = (result["cached_decode_tokens_per_sec"] /
+                                    result["uncached_decode_tokens_per_sec"])
+  return result
+
+
+@exits_cleanly
+def main(argv):
+  logging.set_verbosity(logging.WARNING)
+  if len(argv) != 2 or argv[1] not in ("train", "generate") or FLAGS.config is None:
+    raise UserError("usage: python -m llm.bench train|generate --config=configs/FILE.py")
+  device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+  if argv[1] == "train":
+    result = bench_train(FLAGS.config, FLAGS.steps)
+  else:
+    result = bench_generate(FLAGS.config, FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens,
+                            FLAGS.repeats)
+  print(f"{argv[1]} on {device}:")
+  for key, value in result.items():
+    print(f"  {key}: {'n/a' if value is None else f'{value:,.4g}'}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
