@@ -50,10 +50,13 @@ def sample_logits(logits_BxV, rng, temperature: float, top_k: int, top_p: float)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "use_cache"))
+                                             "top_p", "use_cache", "on_token"))
 def _generate(model, params, prompt_BxP, valid_BxP, rng, eot_id, *, max_new_tokens, temperature,
-              top_k, top_p, use_cache):
-  """Left-padded prompts -> new tokens [B, max_new_tokens] (eot_id after a row's end-of-text)."""
+              top_k, top_p, use_cache, on_token=None):
+  """Left-padded prompts -> new tokens [B, max_new_tokens] (eot_id after a row's end-of-text).
+
+  `on_token(token_B)`, if given, is called on the host with each step's tokens as they come.
+  """
   B, P = prompt_BxP.shape
   T = P + max_new_tokens
   lengths_B = jnp.sum(valid_BxP, axis=1)
@@ -78,6 +81,8 @@ def _generate(model, params, prompt_BxP, valid_BxP, rng, eot_id, *, max_new_toke
     rng, key = jax.random.split(rng)
     token_B = jnp.where(done_B, eot_id, sample(logits_BxV, key))
     out_BxN = out_BxN.at[:, i].set(token_B)
+    if on_token is not None:
+      jax.debug.callback(on_token, token_B, ordered=True)
     done_B = done_B | (token_B == eot_id)
     if use_cache:
       logits_Bx1xV, mutated = model.apply(
@@ -118,8 +123,13 @@ class Generator:
 
   def generate(self, prompts: list[str], max_new_tokens: int = 100, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
-               stop: str | None = None, use_cache: bool = True) -> list[list[str]]:
-    """For each prompt, `num_samples` continuations (text after the prompt)."""
+               stop: str | None = None, use_cache: bool = True,
+               stream=None) -> list[list[str]]:
+    """For each prompt, `num_samples` continuations (text after the prompt).
+
+    `stream(text)`, for one prompt and one sample, receives the text piece by piece as it is
+    generated (up to the stop string).
+    """
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or num_samples < 1:
       raise UserError("sampling: use temperature >= 0, top_k >= 0, 0 < top_p <= 1 and "
                       "num_samples >= 1")
@@ -138,9 +148,24 @@ class Generator:
     new = _generate(self.model, self.params, prompt, valid, jax.random.PRNGKey(seed),
                     self.tokenizer.eot_id, max_new_tokens=max_new_tokens,
                     temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                    use_cache=use_cache)
+                    use_cache=use_cache,
+                    on_token=None if stream is None else self._streamer(stream, stop))
     texts = [self._text(row, stop) for row in np.asarray(new)]
     return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+  def _streamer(self, stream, stop):
+    ids, shown = [], [""]
+
+    def on_token(token_B):
+      if len(token_B) != 1:
+        raise UserError("streaming is for one prompt and one sample")
+      ids.append(int(token_B[0]))
+      text = self._text(ids, stop)
+      if text.startswith(shown[0]) and len(text) > len(shown[0]):
+        stream(text[len(shown[0]):])
+        shown[0] = text
+
+    return on_token
 
   def _text(self, ids, stop):
     ids = list(ids)
@@ -197,8 +222,15 @@ def main(argv):
       prompts = [line.rstrip("\n") for line in f if line.strip()]
   else:
     prompts = [FLAGS.prompt]
+  streaming = not FLAGS.prompt_file and FLAGS.num_samples == 1
+  if streaming:
+    print(prompts[0], end="", flush=True)
   outputs = gen.generate(prompts, FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
-                         FLAGS.num_samples, FLAGS.seed, FLAGS.stop, FLAGS.kv_cache)
+                         FLAGS.num_samples, FLAGS.seed, FLAGS.stop, FLAGS.kv_cache,
+                         stream=(lambda t: print(t, end="", flush=True)) if streaming else None)
+  if streaming:
+    print()
+    return
   for prompt, samples in zip(prompts, outputs):
     for i, text in enumerate(samples):
       if FLAGS.prompt_file:

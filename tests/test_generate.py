@@ -80,3 +80,9 @@ def test_cli(run_dir, tmp_path):
   result = subprocess.run([sys.executable, "-m", "llm.generate", f"--workdir={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True)
   assert result.returncode == 2 and "is not a run directory" in result.stderr
+
+
+def test_streaming_gives_the_text_piece_by_piece(gen):
+  pieces = []
+  text = gen.generate(PROMPTS[:1], max_new_tokens=12, temperature=0, stream=pieces.append)[0][0]
+  assert len(pieces) > 1 and "".join(pieces) == text
