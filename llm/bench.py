@@ -2,7 +2,7 @@
 
     python -m llm.bench train --config=configs/gpt_tiny.py [--steps=20]
     python -m llm.bench generate --config=configs/gpt_tiny.py --config.model.max_len=512 \\
-        [--batch=1 --prompt_len=16 --new_tokens=256]
+        [--batch=1 --prompt_len=16 --new_tokens=256] [--compare_hf]
 
 `train` times the jitted train step on the config's data after one warm-up (compile) step.
 `generate` times prefill and decoding of a randomly initialised model of the config's shape, with
@@ -33,6 +33,8 @@ def define_flags():
   flags.DEFINE_integer("prompt_len", 16, "generate: prompt tokens.")
   flags.DEFINE_integer("new_tokens", 256, "generate: tokens to decode.")
   flags.DEFINE_integer("repeats", 3, "generate: timed repeats (the best counts).")
+  flags.DEFINE_bool("compare_hf", False,
+                    "generate: also time transformers' GPT-2 generate (CPU torch), same shape.")
 
 
 def _best_time(fn, repeats):
@@ -74,7 +76,8 @@ def bench_train(cfg, steps: int) -> dict:
           "mfu": flops / seconds / (peak * jax.device_count()) if peak else None}
 
 
-def bench_generate(cfg, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def bench_generate(cfg, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+                   compare_hf: bool = False) -> dict:
   config_lib.validate(cfg)
   model = model_lib.build(cfg.model, cfg.tokenizer.vocab_size)
   if prompt_len + new_tokens > model.cfg.max_len:
@@ -100,7 +103,47 @@ def bench_generate(cfg, batch: int, prompt_len: int, new_tokens: int, repeats: i
     result[f"{name}_decode_tokens_per_sec"] = batch * (new_tokens - 1) / max(total - prefill, 1e-9)
   result["cached_over_uncached"] = (result["cached_decode_tokens_per_sec"] /
                                     result["uncached_decode_tokens_per_sec"])
+  if compare_hf:
+    hf = _hf_gpt2_decode(model.cfg, prompt, new_tokens, repeats)
+    result.update(hf)
+    result["cached_over_transformers"] = (result["cached_decode_tokens_per_sec"] /
+                                          hf["transformers_decode_tokens_per_sec"])
   return result
+
+
+def _hf_gpt2_decode(cfg, prompt, new_tokens: int, repeats: int) -> dict:
+  """transformers' GPT-2 `generate` (CPU torch, KV cache) on a model of the same shape."""
+  try:
+    import torch
+    import transformers
+  except ImportError:
+    raise UserError("--compare_hf needs torch and transformers "
+                    "(pip install torch==2.13.0 transformers)") from None
+  hf_cfg = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_len,
+                                   n_embd=cfg.d_model, n_layer=cfg.num_layers,
+                                   n_head=cfg.num_heads, n_inner=cfg.d_ff, bos_token_id=None,
+                                   eos_token_id=None)
+  model = transformers.GPT2LMHeadModel(hf_cfg).eval()
+  ids = torch.tensor(np.asarray(prompt), dtype=torch.long)
+
+  def run(n):
+    with torch.no_grad():
+      return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                            min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+  def best(n):
+    run(n)
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      run(n)
+      times.append(time.perf_counter() - start)
+    return min(times)
+
+  prefill, total = best(1), best(new_tokens)
+  batch, prompt_len = ids.shape
+  return {"transformers_prefill_tokens_per_sec": batch * prompt_len / prefill,
+          "transformers_decode_tokens_per_sec": batch * (new_tokens - 1) / (total - prefill)}
 
 
 @exits_cleanly
@@ -113,7 +156,7 @@ def main(argv):
     result = bench_train(FLAGS.config, FLAGS.steps)
   else:
     result = bench_generate(FLAGS.config, FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens,
-                            FLAGS.repeats)
+                            FLAGS.repeats, FLAGS.compare_hf)
   print(f"{argv[1]} on {device}:")
   for key, value in result.items():
     print(f"  {key}: {'n/a' if value is None else f'{value:,.4g}'}")
