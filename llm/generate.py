@@ -108,9 +108,14 @@ def _generate(model, params, prompt_BxP, valid_BxP, rng, eot_id, *, max_new_toke
 
 
 class Generator:
-  """Loads DIR (config, tokenizer, latest params) and turns prompts into text."""
+  """Loads DIR (config, tokenizer, latest params) and turns prompts into text.
 
-  def __init__(self, workdir: str):
+  On several devices the parameters are split over them by heads, MLP width and vocabulary
+  (tensor parallelism, through the run's logical axis rules); a model whose sizes do not divide
+  by the device count runs on the first device.
+  """
+
+  def __init__(self, workdir: str, devices=None):
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
       raise UserError(f"{workdir} is not a run directory (no config.json); train one with "
@@ -119,7 +124,14 @@ class Generator:
       self.cfg = ml_collections.ConfigDict(json.load(f))
     self.tokenizer = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))
     self.model = model_lib.build(self.cfg.model, self.tokenizer.vocab_size)
-    self.params = load_params(workdir, self.model)
+    devices = jax.devices() if devices is None else devices
+    m = self.model.cfg
+    if any(size % len(devices) for size in (m.num_heads, m.d_ff, m.vocab_size)):
+      devices = devices[:1]
+    self.mesh_cfg = ml_collections.ConfigDict(
+        {"data": 1, "fsdp": 1, "tensor": len(devices), "rules": self.cfg.mesh.rules})
+    self.mesh = sharding.make_mesh(self.mesh_cfg, devices)
+    self.params = load_params(workdir, self.model, self.mesh, self.mesh_cfg)
 
   def generate(self, prompts: list[str], max_new_tokens: int = 100, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
@@ -145,11 +157,12 @@ class Generator:
     valid = np.zeros((len(rows), longest), bool)
     for r, ids in enumerate(rows):  # left padding: every prompt ends at the same slot
       prompt[r, longest - len(ids):], valid[r, longest - len(ids):] = ids, True
-    new = _generate(self.model, self.params, prompt, valid, jax.random.PRNGKey(seed),
-                    self.tokenizer.eot_id, max_new_tokens=max_new_tokens,
-                    temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                    use_cache=use_cache,
-                    on_token=None if stream is None else self._streamer(stream, stop))
+    with sharding.activate(self.mesh, self.mesh_cfg):
+      new = _generate(self.model, self.params, prompt, valid, jax.random.PRNGKey(seed),
+                      self.tokenizer.eot_id, max_new_tokens=max_new_tokens,
+                      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                      use_cache=use_cache,
+                      on_token=None if stream is None else self._streamer(stream, stop))
     texts = [self._text(row, stop) for row in np.asarray(new)]
     return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
 
@@ -175,15 +188,16 @@ class Generator:
     return text.split(stop, 1)[0] if stop else text
 
 
-def load_params(workdir: str, model):
-  """The latest checkpoint's parameters, restored alone (no optimizer state)."""
+def load_params(workdir: str, model, mesh, mesh_cfg):
+  """The latest checkpoint's parameters alone (no optimizer state), sharded over `mesh`."""
   ckpt = checkpoint.Checkpointer(workdir, keep=1)
   step = ckpt.latest_step()
   if step is None:
     raise UserError(f"{workdir} has no checkpoint yet")
-  abstract = jax.eval_shape(
-      lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))))
-  params = ckpt.restore_params(step, abstract["params"])
+  boxed = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
+  shardings = sharding.logical_shardings(boxed, mesh, mesh_cfg)
+  params = ckpt.restore_params(step, checkpoint.abstract_like(nn.meta.unbox(boxed), shardings))
   ckpt.close()
   return params
 

@@ -38,6 +38,18 @@ def main(out, tmp, steps, *meshes):
         "wte_spec": [a if isinstance(a, (str, type(None))) else list(a) for a in wte.sharding.spec],
         "wte_shard": list(wte.addressable_shards[0].data.shape),
     }
+  if "2x2x2" in results:  # sampling with parameters split over all devices, and on one
+    import jax
+    from llm.generate import Generator
+    workdir = os.path.join(tmp, "run-2x2x2")
+    prompts = ["The for statement", "Class definitions"]
+    split, alone = Generator(workdir), Generator(workdir, jax.devices()[:1])
+    results["2x2x2"]["generate_spec"] = [
+        a if isinstance(a, (str, type(None))) else list(a)
+        for a in split.params["wte"]["embedding"].sharding.spec]
+    results["2x2x2"]["generate_equal"] = (
+        split.generate(prompts, max_new_tokens=8, temperature=0) ==
+        alone.generate(prompts, max_new_tokens=8, temperature=0))
   with open(out, "w") as f:
     json.dump(results, f)
 

@@ -57,6 +57,11 @@ def test_every_mesh_gives_the_single_device_losses(eight_devices, single_device)
   assert runs["8x1x1"]["wte_shard"] == [512, 64]  # data parallel: replicated
 
 
+def test_sampling_with_parameters_split_over_devices(eight_devices):
+  assert eight_devices["2x2x2"]["generate_spec"] == ["tensor", "fsdp"]
+  assert eight_devices["2x2x2"]["generate_equal"]
+
+
 def test_checkpoint_moves_between_meshes(tmp_path, single_device):
   # Steps 1-3 on 2x2x2, then the same directory resumes on one device for steps 4-6.
   _mesh_runs(tmp_path, 8, 3, "2x2x2")
