@@ -201,12 +201,14 @@ def train(cfg, workdir: str) -> dict:
     progress.update(1)
     if step % tr.eval_every == 0 or step == tr.steps:
       last_eval = evaluate(step)
-      progress.write(f"step {step}: eval loss {last_eval['loss']:.4f}, "
-                     f"perplexity {last_eval['perplexity']:.2f}") if run.is_main else None
-    if step % tr.checkpoint_every == 0 or step == tr.steps or ckpt.reached_preemption(step):
+      if run.is_main:
+        progress.write(f"step {step}: eval loss {last_eval['loss']:.4f}, "
+                       f"perplexity {last_eval['perplexity']:.2f}")
+    preempted = ckpt.reached_preemption(step)
+    if step % tr.checkpoint_every == 0 or step == tr.steps or preempted:
       ckpt.save(step, state, run.batches.state())
-      if ckpt.reached_preemption(step):
-        break
+    if preempted:
+      break
     if step % tr.eval_every == 0 or step % tr.checkpoint_every == 0:
       timer = None  # throughput counts training steps only
   progress.close()
