@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llm import config as config_lib, metrics, optim, sharding
+from llm import config as config_lib, metrics, sharding
 from llm import model as model_lib
 from llm.errors import UserError, exits_cleanly
 from llm.generate import _generate
@@ -48,15 +48,12 @@ def _best_time(fn, repeats):
 
 
 def bench_train(cfg, steps: int) -> dict:
-  from llm.train import Run, make_train_step
-  config_lib.validate(cfg)
   import tempfile
-  with tempfile.TemporaryDirectory() as workdir:
+  from llm.train import Run
+  with tempfile.TemporaryDirectory() as workdir:  # a run that writes nothing
     run = Run(cfg, workdir)
   state, shardings = run.init_state()
-  step_fn = jax.jit(make_train_step(run.objective, run.tx, optim.lr_schedule(cfg.train)),
-                    in_shardings=(shardings, sharding.batch_sharding(run.mesh)),
-                    out_shardings=(shardings, None), donate_argnums=0)
+  step_fn = run.jit_train_step(shardings)
   batches = [sharding.global_batch(next(run.batches), run.mesh) for _ in range(steps + 1)]
   with sharding.activate(run.mesh, cfg.mesh):
     state, stats = step_fn(state, batches[0])
@@ -66,13 +63,9 @@ def bench_train(cfg, steps: int) -> dict:
       state, stats = step_fn(state, batch)
     jax.block_until_ready(stats)
   seconds = (time.perf_counter() - start) / steps
-  tokens = cfg.train.batch_size * cfg.data.max_length
-  mcfg = run.model.cfg
-  n = sum(x.size for x in jax.tree.leaves(state["params"])) - mcfg.max_len * mcfg.d_model
-  flops = metrics.flops_per_token(n, mcfg.num_layers, mcfg.num_heads, mcfg.head_dim,
-                                  cfg.data.max_length) * tokens
+  flops = run.flops_per_step(sum(x.size for x in jax.tree.leaves(state["params"])))
   peak = metrics.peak_flops(jax.devices()[0].device_kind, cfg.train.peak_flops)
-  return {"step_ms": 1e3 * seconds, "tokens_per_sec": tokens / seconds,
+  return {"step_ms": 1e3 * seconds, "tokens_per_sec": run.tokens_per_step / seconds,
           "mfu": flops / seconds / (peak * jax.device_count()) if peak else None}
 
 

@@ -86,6 +86,23 @@ class Run:
       state = jax.jit(lambda: nn.meta.unbox(boxed_state()), out_shardings=shardings)()
     return state, shardings
 
+  def jit_train_step(self, state_shardings):
+    """The train step, compiled for the state's shardings, with the old state donated."""
+    step = make_train_step(self.objective, self.tx, optim.lr_schedule(self.cfg.train))
+    return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(self.mesh)),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.cfg.train.batch_size * self.cfg.data.max_length
+
+  def flops_per_step(self, num_params: int) -> float:
+    """Training FLOPs of one optimizer step, for MFU."""
+    m, length = self.model.cfg, self.cfg.data.max_length
+    non_embedding = num_params - m.max_len * m.d_model  # position embeddings do no matmul
+    return metrics.flops_per_token(non_embedding, m.num_layers, m.num_heads, m.head_dim,
+                                   length) * self.tokens_per_step
+
 
 def make_train_step(objective: objectives.Objective, tx: optax.GradientTransformation,
                     schedule: optax.Schedule):
@@ -148,19 +165,13 @@ def train(cfg, workdir: str) -> dict:
     run.tokenizer.save(os.path.join(workdir, "tokenizer"))
   writer = metrics.MetricsWriter(workdir, enabled=run.is_main)
   num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-  mcfg = run.model.cfg
-  non_embedding = num_params - mcfg.max_len * mcfg.d_model  # position embeddings do no matmul
-  tokens_per_step = tr.batch_size * cfg.data.max_length
-  flops = metrics.flops_per_token(non_embedding, mcfg.num_layers, mcfg.num_heads, mcfg.head_dim,
-                                  cfg.data.max_length) * tokens_per_step
+  tokens_per_step, flops = run.tokens_per_step, run.flops_per_step(num_params)
   peak = metrics.peak_flops(jax.devices()[0].device_kind, tr.peak_flops)
   if run.is_main:
     print(f"{num_params:,} parameters; {tokens_per_step:,} tokens per step; starting at step "
           f"{start}" + ("" if peak else "; MFU needs --config.train.peak_flops on this device"))
 
-  train_step = jax.jit(make_train_step(run.objective, run.tx, optim.lr_schedule(tr)),
-                       in_shardings=(state_shardings, sharding.batch_sharding(run.mesh)),
-                       out_shardings=(state_shardings, None), donate_argnums=0)
+  train_step = run.jit_train_step(state_shardings)
   eval_step = jax.jit(lambda params, batch: run.objective.loss(params, batch, None, False),
                       in_shardings=(state_shardings["params"], sharding.batch_sharding(run.mesh, 0)))
   eval_data = [sharding.global_batch(b, run.mesh, batch_dim=0) for b in run.eval_batches]
