@@ -64,3 +64,4 @@ def abstract_like(tree, shardings):
   """ShapeDtypeStructs with the target shardings: what orbax restores into."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
                       shardings)
+

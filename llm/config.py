@@ -7,6 +7,7 @@ an entry point starts, so a wrong value stops the run at once with a line naming
 import ml_collections
 
 from llm.errors import UserError
+from llm.model.layers import ACTIVATIONS
 
 # Logical axis name -> mesh axes. A mesh axis is used at most once per array; rules are tried in
 # order, so activations ('batch', 'length', 'embed') take `fsdp` for the batch and leave 'embed'
@@ -45,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = True
   m.use_bias = True
   m.ln_eps = 1e-5
+  m.activation = "gelu_tanh"  # "gelu" (exact) or "relu"
   m.attention_impl = "xla"  # or "cudnn" (GPU, half precision)
 
   c.tokenizer = t = ml_collections.ConfigDict()
@@ -106,6 +108,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(m.vocab_size >= 0, "model.vocab_size", "use 0 (the tokenizer's) or a size", m.vocab_size)
   _check(0.0 <= m.dropout < 1.0, "model.dropout", "use a value in [0, 1)", m.dropout)
   _check(m.dtype in DTYPES, "model.dtype", f"use one of {DTYPES}", m.dtype)
+  _check(m.activation in ACTIVATIONS, "model.activation", f"use one of {tuple(ACTIVATIONS)}",
+         m.activation)
   _check(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
          f"use one of {ATTENTION_IMPLS}", m.attention_impl)
   _check(t.kind in TOKENIZER_KINDS, "tokenizer.kind", f"use one of {TOKENIZER_KINDS}", t.kind)

@@ -14,16 +14,12 @@ import json
 import os
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from llm import checkpoint, sharding
-from llm import model as model_lib
-from llm import tokenizer as tokenizer_lib
+from llm import rundir, sharding
 from llm.errors import UserError, exits_cleanly
 
 # ---------------------------------------------------------------------------------------------
@@ -50,12 +46,15 @@ def sample_logits(logits_BxV, rng, temperature: float, top_k: int, top_p: float)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "use_cache", "on_token"))
+                                             "top_p", "use_cache", "on_token",
+                                             "num_tokens"))
 def _generate(model, params, prompt_BxP, valid_BxP, rng, eot_id, *, max_new_tokens, temperature,
-              top_k, top_p, use_cache, on_token=None):
+              top_k, top_p, use_cache, on_token=None, num_tokens=None):
   """Left-padded prompts -> new tokens [B, max_new_tokens] (eot_id after a row's end-of-text).
 
-  `on_token(token_B)`, if given, is called on the host with each step's tokens as they come.
+  `num_tokens`: the tokenizer's vocabulary, when the model's is padded past it (padding rows
+  are never sampled). `on_token(token_B)`, if given, is called on the host with each step's
+  tokens as they come.
   """
   B, P = prompt_BxP.shape
   T = P + max_new_tokens
@@ -79,7 +78,7 @@ def _generate(model, params, prompt_BxP, valid_BxP, rng, eot_id, *, max_new_toke
   def step(carry):
     i, cache, logits_BxV, out_BxN, done_B, rng = carry
     rng, key = jax.random.split(rng)
-    token_B = jnp.where(done_B, eot_id, sample(logits_BxV, key))
+    token_B = jnp.where(done_B, eot_id, sample(logits_BxV[:, :num_tokens], key))
     out_BxN = out_BxN.at[:, i].set(token_B)
     if on_token is not None:
       jax.debug.callback(on_token, token_B, ordered=True)
@@ -108,30 +107,12 @@ def _generate(model, params, prompt_BxP, valid_BxP, rng, eot_id, *, max_new_toke
 
 
 class Generator:
-  """Loads DIR (config, tokenizer, latest params) and turns prompts into text.
-
-  On several devices the parameters are split over them by heads, MLP width and vocabulary
-  (tensor parallelism, through the run's logical axis rules); a model whose sizes do not divide
-  by the device count runs on the first device.
-  """
+  """A run directory (see rundir.load) that turns prompts into text."""
 
   def __init__(self, workdir: str, devices=None):
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-      raise UserError(f"{workdir} is not a run directory (no config.json); train one with "
-                      f"python -m llm.train --workdir={workdir}")
-    with open(path) as f:
-      self.cfg = ml_collections.ConfigDict(json.load(f))
-    self.tokenizer = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))
-    self.model = model_lib.build(self.cfg.model, self.tokenizer.vocab_size)
-    devices = jax.devices() if devices is None else devices
-    m = self.model.cfg
-    if any(size % len(devices) for size in (m.num_heads, m.d_ff, m.vocab_size)):
-      devices = devices[:1]
-    self.mesh_cfg = ml_collections.ConfigDict(
-        {"data": 1, "fsdp": 1, "tensor": len(devices), "rules": self.cfg.mesh.rules})
-    self.mesh = sharding.make_mesh(self.mesh_cfg, devices)
-    self.params = load_params(workdir, self.model, self.mesh, self.mesh_cfg)
+    run = rundir.load(workdir, devices)
+    self.cfg, self.tokenizer, self.model, self.params = run.cfg, run.tokenizer, run.model, run.params
+    self.mesh, self.mesh_cfg = run.mesh, run.mesh_cfg
 
   def generate(self, prompts: list[str], max_new_tokens: int = 100, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
@@ -161,7 +142,7 @@ class Generator:
       new = _generate(self.model, self.params, prompt, valid, jax.random.PRNGKey(seed),
                       self.tokenizer.eot_id, max_new_tokens=max_new_tokens,
                       temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                      use_cache=use_cache,
+                      use_cache=use_cache, num_tokens=self.tokenizer.vocab_size,
                       on_token=None if stream is None else self._streamer(stream, stop))
     texts = [self._text(row, stop) for row in np.asarray(new)]
     return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
@@ -186,20 +167,6 @@ class Generator:
       ids = ids[:ids.index(self.tokenizer.eot_id)]
     text = self.tokenizer.decode(ids)
     return text.split(stop, 1)[0] if stop else text
-
-
-def load_params(workdir: str, model, mesh, mesh_cfg):
-  """The latest checkpoint's parameters alone (no optimizer state), sharded over `mesh`."""
-  ckpt = checkpoint.Checkpointer(workdir, keep=1)
-  step = ckpt.latest_step()
-  if step is None:
-    raise UserError(f"{workdir} has no checkpoint yet")
-  boxed = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
-  shardings = sharding.logical_shardings(boxed, mesh, mesh_cfg)
-  params = ckpt.restore_params(step, checkpoint.abstract_like(nn.meta.unbox(boxed), shardings))
-  ckpt.close()
-  return params
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@
 
 import json
 import os
-import shutil
 from collections.abc import Iterable, Sequence
 
 from llm.errors import UserError
@@ -109,34 +108,89 @@ class SentencePieceTokenizer(Tokenizer):
     return "sp-" + hashlib.sha256(self._proto).hexdigest()[:16]
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's reversible map from bytes to printable characters, in which its files are written."""
+  printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+  shifted = [b for b in range(256) if b not in printable]
+  return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(shifted)}}
+
+
 class GPT2Tokenizer(Tokenizer):
-  """GPT-2 byte-level BPE (50,257 tokens; <|endoftext|> is 50256) through tiktoken."""
+  """GPT-2 byte-level BPE (50,257 tokens; <|endoftext|> is 50256), encoded by tiktoken.
+
+  Reads OpenAI's `encoder.json` + `vocab.bpe`, Hugging Face's `vocab.json` + `merges.txt`, or a
+  `tokenizer.json`; with no folder, tiktoken's own copy (downloaded once). Saves OpenAI's pair.
+  """
   kind = "gpt2"
   FILES = ("encoder.json", "vocab.bpe")
-  TIKTOKEN_MARKER = "tiktoken.json"
+  HF_FILES = ("vocab.json", "merges.txt")
 
   def __init__(self, directory: str | None = None):
     import tiktoken
-    self._directory = directory
-    if directory is None:  # tiktoken's own copy, downloaded once and cached
+    if directory is None:
       try:
-        self._enc = tiktoken.get_encoding("gpt2")
+        enc = tiktoken.get_encoding("gpt2")
       except Exception as e:  # network errors come in many types
         raise UserError(f"could not fetch tiktoken's gpt2 encoding ({type(e).__name__}); offline, "
                         "set tokenizer.path to a folder with encoder.json and vocab.bpe") from None
+      self.vocab, self.merges = self._files_from_ranks(enc._mergeable_ranks)
+      self.vocab[ENDOFTEXT] = enc.eot_token
     else:
-      from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-      paths = [os.path.join(directory, name) for name in self.FILES]
-      missing = [p for p in paths if not os.path.isfile(p)]
-      if missing:
-        raise UserError(f"tokenizer.path: GPT-2 BPE needs {', '.join(self.FILES)}; "
-                        f"missing {', '.join(missing)}")
-      ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=paths[1], encoder_json_file=paths[0])
-      self._enc = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                    special_tokens={ENDOFTEXT: len(ranks)})
+      self.vocab, self.merges = self._read_files(directory)
+    if len(self.vocab) < 257:
+      raise UserError(f"tokenizer: {directory} holds {len(self.vocab)} tokens, fewer than GPT-2's "
+                      "256 bytes + <|endoftext|>")
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    specials = {t: i for t, i in self.vocab.items() if t.startswith("<|") and t.endswith("|>")}
+    ranks = {bytes(byte_of[c] for c in t): i for t, i in self.vocab.items() if t not in specials}
+    for n, (a, b) in enumerate(self.merges):
+      if self.vocab.get(a + b) != 256 + n:
+        raise UserError(f"tokenizer: merge {n} ({a} {b}) does not make token {256 + n}; "
+                        "only GPT-2-style BPE files (ids in merge order) are supported")
+    self._enc = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                  special_tokens=specials)
     self.vocab_size = self._enc.n_vocab
-    self.eot_id = self._enc.eot_token
+    self.eot_id = specials.get(ENDOFTEXT, self.vocab_size - 1)
     self.pad_id = self.eot_id  # GPT-2 has no pad token; padding positions carry no loss
+
+  @classmethod
+  def _read_files(cls, directory: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    for vocab_name, merges_name in (cls.FILES, cls.HF_FILES):
+      vocab_path, merges_path = (os.path.join(directory, n) for n in (vocab_name, merges_name))
+      if os.path.isfile(vocab_path) and os.path.isfile(merges_path):
+        with open(vocab_path, encoding="utf-8") as f:
+          vocab = json.load(f)
+        with open(merges_path, encoding="utf-8") as f:
+          lines = f.read().split("\n")
+        merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#v")]
+        return vocab, merges
+    path = os.path.join(directory, "tokenizer.json")
+    if os.path.isfile(path):
+      with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+      model = spec["model"]
+      specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+      merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+      return {**model["vocab"], **specials}, merges
+    raise UserError(f"tokenizer: {directory} has neither encoder.json + vocab.bpe, vocab.json + "
+                    "merges.txt nor tokenizer.json")
+
+  @staticmethod
+  def _files_from_ranks(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """tiktoken keeps only token ranks: recover the merge that made each token."""
+    char = _bytes_to_unicode()
+    text = lambda piece: "".join(char[b] for b in piece)
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+      if len(token) == 1:
+        continue
+      parts = [token[i:i + 1] for i in range(len(token))]
+      while len(parts) > 2:  # BPE with the merges made before this token: ends in two parts
+        i = min(range(len(parts) - 1),
+                key=lambda i: ranks.get(parts[i] + parts[i + 1], 1 << 30))
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+      merges.append((text(parts[0]), text(parts[1])))
+    return {text(t): r for t, r in ranks.items()}, merges
 
   def encode(self, text):
     return self._enc.encode(text, allowed_special="all")
@@ -147,17 +201,18 @@ class GPT2Tokenizer(Tokenizer):
   def decode(self, ids):
     return self._enc.decode([int(i) for i in ids])
 
-  def save(self, directory):
+  def save(self, directory, names=FILES):
+    """OpenAI's file names by default; `HF_FILES` for a Hugging Face folder."""
     os.makedirs(directory, exist_ok=True)
-    if self._directory is not None:
-      for name in self.FILES:
-        shutil.copyfile(os.path.join(self._directory, name), os.path.join(directory, name))
-      return
-    with open(os.path.join(directory, self.TIKTOKEN_MARKER), "w") as f:
-      json.dump({"encoding": "gpt2"}, f)  # tiktoken's own copy: loaded again by name
+    with open(os.path.join(directory, names[0]), "w", encoding="utf-8") as f:
+      json.dump(self.vocab, f, ensure_ascii=False)
+    with open(os.path.join(directory, names[1]), "w", encoding="utf-8") as f:
+      f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
 
   def fingerprint(self):
-    return "gpt2"
+    import hashlib
+    digest = hashlib.sha256(json.dumps([self.vocab, self.merges], sort_keys=True).encode())
+    return "gpt2-" + digest.hexdigest()[:16]
 
 
 def build(cfg, texts: Iterable[str] | None, directory: str) -> Tokenizer:
@@ -179,7 +234,7 @@ def build(cfg, texts: Iterable[str] | None, directory: str) -> Tokenizer:
   if t.kind == "gpt2":
     if t.path and not os.path.isdir(t.path):
       raise UserError(f"tokenizer.path={t.path!r}: GPT-2 BPE wants a folder holding "
-                      "encoder.json and vocab.bpe")
+                      "encoder.json + vocab.bpe or vocab.json + merges.txt")
     tok = GPT2Tokenizer(t.path or None)
     tok.save(directory)
     return tok
@@ -190,8 +245,7 @@ def load(directory: str) -> Tokenizer:
   """The tokenizer a run saved in DIR/tokenizer/."""
   if os.path.isfile(os.path.join(directory, SentencePieceTokenizer.MODEL_FILE)):
     return SentencePieceTokenizer(os.path.join(directory, SentencePieceTokenizer.MODEL_FILE))
-  if os.path.isfile(os.path.join(directory, "encoder.json")):
+  if any(os.path.isfile(os.path.join(directory, name))
+         for name in GPT2Tokenizer.FILES + GPT2Tokenizer.HF_FILES + ("tokenizer.json",)):
     return GPT2Tokenizer(directory)
-  if os.path.isfile(os.path.join(directory, GPT2Tokenizer.TIKTOKEN_MARKER)):
-    return GPT2Tokenizer(None)
   raise UserError(f"no tokenizer files in {directory}")

@@ -25,6 +25,7 @@ def transformer_config(model_cfg, vocab_size: int) -> TransformerConfig:
       tie_embeddings=model_cfg.tie_embeddings,
       use_bias=model_cfg.use_bias,
       ln_eps=model_cfg.ln_eps,
+      activation=model_cfg.activation,
       attention_impl=model_cfg.attention_impl,
   )
 

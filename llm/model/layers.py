@@ -28,11 +28,20 @@ class TransformerConfig:
   tie_embeddings: bool = True
   use_bias: bool = True
   ln_eps: float = 1e-5
+  activation: str = "gelu_tanh"  # a key of ACTIVATIONS
   attention_impl: str = "xla"
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+
+# GPT-2 uses GELU's tanh approximation ("gelu_new" in transformers); BERT the exact one.
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
 
 
 def dense_init(std: float = 0.02):
@@ -149,7 +158,7 @@ class MLP(nn.Module):
     cfg = self.cfg
     h_BxLxF = Dense((cfg.d_model, cfg.d_ff), ("embed", "mlp"), use_bias=cfg.use_bias,
                     dtype=cfg.dtype, name="wi")(x_BxLxD)
-    h_BxLxF = nn.with_logical_constraint(jax.nn.gelu(h_BxLxF, approximate=True),
+    h_BxLxF = nn.with_logical_constraint(ACTIVATIONS[cfg.activation](h_BxLxF),
                                          ("batch", "length", "mlp"))
     out_BxLxD = Dense((cfg.d_ff, cfg.d_model), ("mlp", "embed"), use_bias=cfg.use_bias,
                       std=self.out_std, dtype=cfg.dtype, name="wo")(h_BxLxF)

@@ -1,0 +1,336 @@
+"""Moves models between Hugging Face folders and run directories.
+
+    python -m llm.convert --from_hf=gpt2 --workdir=runs/gpt2          # HF GPT-2 -> run directory
+    python -m llm.convert --workdir=runs/gpt2 --to_hf=out/gpt2        # run directory -> HF GPT-2
+
+`--from_hf` takes a local folder (config.json, model.safetensors, vocab.json + merges.txt or
+tokenizer.json) or a hub name, downloaded where the network allows. The run directory it writes
+is what llm.generate, llm.evaluate and fine-tuning (`init_from`) read; a Hugging Face folder is
+also accepted as `init_from` directly.
+
+Layouts. Hugging Face GPT-2 stores its linear maps as Conv1D weights [in, out] and the query, key
+and value maps fused into one `c_attn` [D, 3D]; here each is a Dense kernel split by heads
+(query [D, N, H], out [N, H, D]).
+"""
+
+import json
+import os
+
+import numpy as np
+from absl import app, flags, logging
+
+from llm import checkpoint, config as config_lib, rundir
+from llm import model as model_lib
+from llm import tokenizer as tokenizer_lib
+from llm.errors import UserError, exits_cleanly
+
+HF_WEIGHTS = "model.safetensors"
+HF_WEIGHTS_INDEX = "model.safetensors.index.json"
+HF_TORCH_WEIGHTS = "pytorch_model.bin"
+# transformers' names for the GELU variants (all tanh approximations but "gelu").
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                  "gelu_fast": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+# Buffers older transformers versions saved with the weights: the causal mask, not parameters.
+_GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+# ---------------------------------------------------------------------------------------------
+# Reading a Hugging Face folder
+
+
+def resolve_hf(name_or_path: str) -> str:
+  """A local folder as it is; otherwise a hub name, downloaded into the hub cache."""
+  if os.path.isdir(name_or_path):
+    return name_or_path
+  if os.path.exists(name_or_path) or name_or_path.startswith((".", "/")):
+    raise UserError(f"--from_hf={name_or_path}: not a folder")
+  try:
+    from huggingface_hub import snapshot_download
+    return snapshot_download(name_or_path, allow_patterns=[
+        "config.json", HF_WEIGHTS, HF_WEIGHTS_INDEX, "model-*.safetensors", "vocab.json",
+        "merges.txt", "tokenizer.json", "vocab.txt"])
+  except Exception as e:  # offline, unknown name, gated repository: many error types
+    raise UserError(f"could not download {name_or_path!r} from the Hugging Face hub "
+                    f"({type(e).__name__}); offline, pass a local folder to --from_hf") from None
+
+
+def read_hf_config(directory: str) -> dict:
+  path = os.path.join(directory, "config.json")
+  if not os.path.isfile(path):
+    raise UserError(f"{directory} has no config.json: not a Hugging Face model folder")
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_hf_tensors(directory: str, allow_torch_bin: bool = False) -> dict[str, np.ndarray]:
+  """Every tensor of the checkpoint as float32 numpy arrays, by its Hugging Face name."""
+  from safetensors import safe_open
+  index = os.path.join(directory, HF_WEIGHTS_INDEX)
+  if os.path.isfile(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  elif os.path.isfile(os.path.join(directory, HF_WEIGHTS)):
+    files = [HF_WEIGHTS]
+  elif os.path.isfile(os.path.join(directory, HF_TORCH_WEIGHTS)):
+    if not allow_torch_bin:
+      raise UserError(f"{directory} holds only {HF_TORCH_WEIGHTS}, a pickle that can run code "
+                      "when read; pass --allow_torch_bin to read it with torch.load("
+                      "weights_only=True), or convert it to safetensors first")
+    import torch
+    state = torch.load(os.path.join(directory, HF_TORCH_WEIGHTS), map_location="cpu",
+                       weights_only=True)
+    return {k: v.float().numpy() for k, v in state.items()}
+  else:
+    raise UserError(f"{directory} has no {HF_WEIGHTS} (nor {HF_TORCH_WEIGHTS})")
+  tensors = {}
+  for name in files:
+    # "flax" reads bfloat16 too, which numpy alone cannot.
+    with safe_open(os.path.join(directory, name), framework="flax") as f:
+      for key in f.keys():
+        tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+  return tensors
+
+
+class _Tensors:
+  """Hands out checkpoint tensors by name, checking shapes; says which tensor is wrong."""
+
+  def __init__(self, tensors: dict[str, np.ndarray], directory: str, ignore=()):
+    self.tensors, self.directory = tensors, directory
+    self.unused = {k for k in tensors if not k.endswith(tuple(ignore))}
+
+  def take(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    if name not in self.tensors:
+      raise UserError(f"{self.directory}: tensor {name} is missing (config.json expects it with "
+                      f"shape {shape})")
+    x = self.tensors[name]
+    if x.shape != shape:
+      raise UserError(f"{self.directory}: tensor {name} has shape {x.shape}, but config.json "
+                      f"implies {shape}")
+    self.unused.discard(name)
+    return x
+
+  def check_all_used(self) -> None:
+    if self.unused:
+      raise UserError(f"{self.directory}: tensor {sorted(self.unused)[0]} does not belong to the "
+                      f"model config.json describes ({len(self.unused)} such tensors)")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT-2
+
+
+def gpt2_model_config(hf: dict) -> dict:
+  """The `model` section of a run config for a transformers GPT2Config."""
+  if hf.get("model_type") != "gpt2":
+    raise UserError(f"config.json has model_type={hf.get('model_type')!r}; this converter reads "
+                    "gpt2")
+  for key, default in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                       ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+    if hf.get(key, default) != default:
+      raise UserError(f"config.json sets {key}={hf[key]!r}, which this GPT-2 does not implement")
+  activation = hf.get("activation_function", "gelu_new")
+  if activation not in HF_ACTIVATIONS:
+    raise UserError(f"config.json: activation_function={activation!r} is not one of "
+                    f"{sorted(HF_ACTIVATIONS)}")
+  d_model = hf["n_embd"]
+  return dict(kind="gpt", num_layers=hf["n_layer"], num_heads=hf["n_head"], d_model=d_model,
+              d_ff=hf.get("n_inner") or 4 * d_model,
+              max_len=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
+              tie_embeddings=hf.get("tie_word_embeddings", True), use_bias=True,
+              ln_eps=hf.get("layer_norm_epsilon", 1e-5), activation=HF_ACTIVATIONS[activation],
+              dropout=0.0)
+
+
+def gpt2_params_from_hf(tensors: dict[str, np.ndarray], m, directory: str = "checkpoint") -> dict:
+  """Hugging Face GPT-2 tensors -> this GPT's parameter tree (model config `m`)."""
+  # Saved from GPT2LMHeadModel the names start with "transformer."; from GPT2Model they do not.
+  tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+  t = _Tensors(tensors, directory, ignore=_GPT2_BUFFERS)
+  D, N, H, F, V = m.d_model, m.num_heads, m.head_dim, m.d_ff, m.vocab_size
+
+  def ln(prefix):
+    return {"scale": t.take(prefix + ".weight", (D,)), "bias": t.take(prefix + ".bias", (D,))}
+
+  params = {"wte": {"embedding": t.take("wte.weight", (V, D))},
+            "wpe": {"embedding": t.take("wpe.weight", (m.max_len, D))},
+            "ln_f": ln("ln_f")}
+  for i in range(m.num_layers):
+    h = f"h.{i}."
+    qkv_w = np.split(t.take(h + "attn.c_attn.weight", (D, 3 * D)), 3, axis=1)
+    qkv_b = np.split(t.take(h + "attn.c_attn.bias", (3 * D,)), 3)
+    attn = {name: {"kernel": w.reshape(D, N, H), "bias": b.reshape(N, H)}
+            for name, w, b in zip(("query", "key", "value"), qkv_w, qkv_b)}
+    attn["out"] = {"kernel": t.take(h + "attn.c_proj.weight", (D, D)).reshape(N, H, D),
+                   "bias": t.take(h + "attn.c_proj.bias", (D,))}
+    params[f"block_{i}"] = {
+        "ln_attn": ln(h + "ln_1"), "attn": attn, "ln_mlp": ln(h + "ln_2"),
+        "mlp": {"wi": {"kernel": t.take(h + "mlp.c_fc.weight", (D, F)),
+                       "bias": t.take(h + "mlp.c_fc.bias", (F,))},
+                "wo": {"kernel": t.take(h + "mlp.c_proj.weight", (F, D)),
+                       "bias": t.take(h + "mlp.c_proj.bias", (D,))}}}
+  if not m.tie_embeddings:
+    params["lm_head"] = {"kernel": t.take("lm_head.weight", (V, D)).T}
+  else:
+    t.unused.discard("lm_head.weight")  # some tied checkpoints store the copy as well
+  t.check_all_used()
+  return params
+
+
+def gpt2_params_to_hf(params, m, vocab_size: int) -> dict[str, np.ndarray]:
+  """The inverse of `gpt2_params_from_hf`; rows past `vocab_size` (padding) are dropped."""
+  p = {k: _numpy(v) for k, v in _flatten(params).items()}
+  D = m.d_model
+  out = {"transformer.wte.weight": p["wte/embedding"][:vocab_size],
+         "transformer.wpe.weight": p["wpe/embedding"]}
+  for ours, theirs in (("ln_f", "ln_f"),) + tuple(
+      (f"block_{i}/{a}", f"h.{i}.{b}") for i in range(m.num_layers)
+      for a, b in (("ln_attn", "ln_1"), ("ln_mlp", "ln_2"))):
+    out[f"transformer.{theirs}.weight"] = p[f"{ours}/scale"]
+    out[f"transformer.{theirs}.bias"] = p[f"{ours}/bias"]
+  for i in range(m.num_layers):
+    b, h = f"block_{i}/", f"transformer.h.{i}."
+    qkv = ("query", "key", "value")
+    out[h + "attn.c_attn.weight"] = np.concatenate(
+        [p[f"{b}attn/{n}/kernel"].reshape(D, D) for n in qkv], axis=1)
+    out[h + "attn.c_attn.bias"] = np.concatenate([p[f"{b}attn/{n}/bias"].reshape(D) for n in qkv])
+    out[h + "attn.c_proj.weight"] = p[f"{b}attn/out/kernel"].reshape(D, D)
+    out[h + "attn.c_proj.bias"] = p[f"{b}attn/out/bias"]
+    out[h + "mlp.c_fc.weight"], out[h + "mlp.c_fc.bias"] = p[f"{b}mlp/wi/kernel"], p[
+        f"{b}mlp/wi/bias"]
+    out[h + "mlp.c_proj.weight"], out[h + "mlp.c_proj.bias"] = p[f"{b}mlp/wo/kernel"], p[
+        f"{b}mlp/wo/bias"]
+  if not m.tie_embeddings:
+    out["lm_head.weight"] = p["lm_head/kernel"][:, :vocab_size].T
+  return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def gpt2_hf_config(model_cfg, vocab_size: int, eot_id: int) -> dict:
+  if not model_cfg.use_bias:
+    raise UserError("transformers' GPT-2 always has biases; this run has model.use_bias=False")
+  activation = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[model_cfg.activation]
+  return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab_size,
+          "n_positions": model_cfg.max_len, "n_embd": model_cfg.d_model,
+          "n_layer": model_cfg.num_layers, "n_head": model_cfg.num_heads,
+          "n_inner": model_cfg.d_ff, "activation_function": activation,
+          "layer_norm_epsilon": model_cfg.ln_eps,
+          "tie_word_embeddings": model_cfg.tie_embeddings, "resid_pdrop": model_cfg.dropout,
+          "embd_pdrop": model_cfg.dropout, "attn_pdrop": model_cfg.dropout,
+          "bos_token_id": eot_id, "eos_token_id": eot_id, "torch_dtype": "float32"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole folders
+
+
+def load_hf(name_or_path: str, allow_torch_bin: bool = False):
+  """A Hugging Face folder (or hub name) -> (model section values, tokenizer, params)."""
+  directory = resolve_hf(name_or_path)
+  hf = read_hf_config(directory)
+  model_values = gpt2_model_config(hf)
+  tokenizer = tokenizer_lib.GPT2Tokenizer(directory)
+  model_cfg = config_lib.base_config().model
+  model_cfg.update(model_values)
+  m = model_lib.transformer_config(model_cfg, tokenizer.vocab_size)
+  if m.vocab_size != model_values["vocab_size"]:
+    raise UserError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but "
+                    f"config.json's vocab_size is {model_values['vocab_size']}")
+  params = gpt2_params_from_hf(read_hf_tensors(directory, allow_torch_bin), m, directory)
+  return model_values, tokenizer, params
+
+
+def write_run(workdir: str, cfg, tokenizer, params) -> None:
+  """A run directory holding `params` as its step-0 checkpoint."""
+  if os.path.exists(os.path.join(workdir, "checkpoints")):
+    raise UserError(f"{workdir} already holds checkpoints; convert into a new --workdir")
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer.save(os.path.join(workdir, "tokenizer"))
+  ckpt = checkpoint.Checkpointer(workdir, keep=1)
+  ckpt.save(0, {"params": params}, {"step": 0})
+  ckpt.close()
+  with open(os.path.join(workdir, "config.json"), "w") as f:  # last: DIR is complete
+    f.write(cfg.to_json_best_effort(indent=2))
+
+
+def from_hf(name_or_path: str, workdir: str, allow_torch_bin: bool = False) -> None:
+  model_values, tokenizer, params = load_hf(name_or_path, allow_torch_bin)
+  cfg = config_lib.base_config()
+  cfg.model.update(model_values)
+  cfg.tokenizer.kind = "gpt2"
+  cfg.data.max_length = cfg.data.stride = min(cfg.data.max_length, cfg.model.max_len)
+  write_run(workdir, cfg, tokenizer, params)
+  num_params = sum(x.size for x in _flatten(params).values())
+  print(f"wrote {workdir}: GPT-2 with {num_params:,} parameters ({cfg.model.num_layers} layers, "
+        f"width {cfg.model.d_model}, context {cfg.model.max_len})")
+
+
+def to_hf(workdir: str, out: str) -> None:
+  """DIR -> a folder that transformers.AutoModelForCausalLM.from_pretrained reads."""
+  import jax
+  from safetensors.numpy import save_file
+  cfg = rundir.read_config(workdir)
+  if cfg.model.kind != "gpt":
+    raise UserError(f"--to_hf writes GPT-2; {workdir} holds model.kind={cfg.model.kind!r}")
+  run = rundir.load(workdir, jax.devices()[:1])
+  tokenizer = run.tokenizer
+  hf_config = gpt2_hf_config(cfg.model, tokenizer.vocab_size, tokenizer.eot_id)
+  tensors = gpt2_params_to_hf(run.params, run.model.cfg, tokenizer.vocab_size)
+  os.makedirs(out, exist_ok=True)
+  save_file(tensors, os.path.join(out, HF_WEIGHTS), metadata={"format": "pt"})
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2)
+  if isinstance(tokenizer, tokenizer_lib.GPT2Tokenizer):
+    tokenizer.save(out, names=tokenizer_lib.GPT2Tokenizer.HF_FILES)
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+      json.dump({"tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg.model.max_len,
+                 "bos_token": tokenizer_lib.ENDOFTEXT, "eos_token": tokenizer_lib.ENDOFTEXT,
+                 "unk_token": tokenizer_lib.ENDOFTEXT, "add_prefix_space": False}, f, indent=2)
+  else:
+    tokenizer.save(out)
+    print(f"note: the run's {tokenizer.kind} tokenizer is saved as it is; transformers' "
+          "AutoTokenizer does not read it")
+  print(f"wrote {out}: config.json, {HF_WEIGHTS} ({len(tensors)} tensors) and tokenizer files")
+
+
+def _flatten(tree, prefix=""):
+  flat = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      flat.update(_flatten(v, f"{prefix}{k}/"))
+    else:
+      flat[prefix + k] = v
+  return flat
+
+
+def _numpy(x):
+  return np.asarray(x, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_string("from_hf", None, "Hugging Face folder or hub name to read.")
+  flags.DEFINE_string("to_hf", None, "Folder to write a Hugging Face model into.")
+  flags.DEFINE_string("workdir", None, "Run directory: written by --from_hf, read by --to_hf.")
+  flags.DEFINE_bool("allow_torch_bin", False,
+                    "Read pytorch_model.bin (a pickle) when there is no safetensors file.")
+
+
+@exits_cleanly
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  if not FLAGS.workdir or bool(FLAGS.from_hf) == bool(FLAGS.to_hf):
+    raise UserError("usage: python -m llm.convert --from_hf=PATH_OR_NAME --workdir=DIR, or "
+                    "python -m llm.convert --workdir=DIR --to_hf=OUT")
+  if FLAGS.from_hf:
+    from_hf(FLAGS.from_hf, FLAGS.workdir, FLAGS.allow_torch_bin)
+  else:
+    to_hf(FLAGS.workdir, FLAGS.to_hf)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

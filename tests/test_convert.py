@@ -1,0 +1,182 @@
+"""GPT-2 to and from Hugging Face: parity with transformers on small random models, offline."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+torch = pytest.importorskip("torch")  # a test dependency: requirements-test.txt installs it
+transformers = pytest.importorskip("transformers")
+
+VARIED_TEXT = ("Héllo wörld! 你好, мир 🙂  tabs\tand   spaces\n\n\nnumbers 3.14159 1,000,000 "
+               "x=42;y = -7 it's we'll they're <|endoftext|>next document   trailing  ")
+
+
+def save_hf_gpt2(directory, shared_data, seed=0, init=0.02, **config):
+  """A random GPT2LMHeadModel with the GPT-2 tokenizer, saved the way transformers saves."""
+  from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+  torch.manual_seed(seed)
+  cfg = GPT2Config(vocab_size=50257, initializer_range=init, **config)
+  model = GPT2LMHeadModel(cfg).eval()
+  model.save_pretrained(directory)
+  gpt2 = os.path.join(shared_data, "gpt2")
+  GPT2TokenizerFast(vocab=os.path.join(gpt2, "encoder.json"),
+                    merges=os.path.join(gpt2, "vocab.bpe")).save_pretrained(directory)
+  return model
+
+
+def hf_logits(model, ids):
+  with torch.no_grad():
+    return model(torch.tensor(ids)).logits.numpy()
+
+
+def our_logits(workdir, ids):
+  from llm import rundir
+  run = rundir.load(workdir)
+  return np.asarray(run.model.apply({"params": run.params}, ids))
+
+
+SHAPES = {
+    "untied": dict(n_layer=2, n_head=4, n_embd=64, n_positions=48, tie_word_embeddings=False),
+    "tied": dict(n_layer=3, n_head=2, n_embd=32, n_positions=40, n_inner=48,
+                 layer_norm_epsilon=1e-6, activation_function="gelu"),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_converted_logits_equal_transformers_and_export_reloads(tmp_path, shared_data, shape):
+  from llm import convert
+  hf_dir, run_dir, out_dir = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
+  reference = save_hf_gpt2(hf_dir, shared_data, **SHAPES[shape])
+  convert.from_hf(str(hf_dir), str(run_dir))
+  ids = np.random.default_rng(0).integers(0, 50257, (2, 24))
+  expected = hf_logits(reference, ids)
+  np.testing.assert_allclose(our_logits(str(run_dir), ids), expected, atol=1e-4, rtol=0)
+
+  convert.to_hf(str(run_dir), str(out_dir))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out_dir).eval()
+  np.testing.assert_allclose(hf_logits(reloaded, ids), expected, atol=1e-4, rtol=0)
+  assert reloaded.config.tie_word_embeddings == (shape == "tied")
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out_dir)
+  assert hf_tok(VARIED_TEXT)["input_ids"] == hf_tok.encode(VARIED_TEXT)  # loads and encodes
+  from llm import tokenizer as tokenizer_lib
+  assert tokenizer_lib.load(str(run_dir / "tokenizer")).encode(VARIED_TEXT) == hf_tok.encode(
+      VARIED_TEXT)
+
+
+def test_vocabulary_padding_is_dropped_on_export(tmp_path, shared_data):
+  """A checkpoint padded to 50304 rows imports; the export has the tokenizer's 50257 again."""
+  from transformers import GPT2Config, GPT2LMHeadModel
+  from llm import convert
+  torch.manual_seed(1)
+  padded = GPT2LMHeadModel(GPT2Config(vocab_size=50304, n_layer=1, n_head=2, n_embd=32,
+                                      n_positions=32)).eval()
+  save_hf_gpt2(tmp_path / "hf", shared_data)  # the tokenizer files
+  padded.save_pretrained(tmp_path / "hf")
+  convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+  ids = np.random.default_rng(1).integers(0, 50257, (1, 16))
+  np.testing.assert_allclose(our_logits(str(tmp_path / "run"), ids), hf_logits(padded, ids),
+                             atol=1e-4, rtol=0)
+  convert.to_hf(str(tmp_path / "run"), str(tmp_path / "out"))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+  assert reloaded.config.vocab_size == 50257
+  np.testing.assert_allclose(hf_logits(reloaded, ids), hf_logits(padded, ids)[..., :50257],
+                             atol=1e-4, rtol=0)
+
+
+def test_greedy_generation_matches_transformers(tmp_path, shared_data):
+  from llm import convert
+  from llm.generate import Generator
+  # A wide initialisation spreads the logits, so argmax is not decided by rounding.
+  reference = save_hf_gpt2(tmp_path / "hf", shared_data, seed=3, init=0.3, n_layer=2, n_head=2,
+                           n_embd=32, n_positions=64)
+  convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+  gen = Generator(str(tmp_path / "run"))
+  prompt = "The quick brown fox"
+  ids = gen.tokenizer.encode(prompt)
+  with torch.no_grad():
+    out = reference.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24,
+                             eos_token_id=50256, pad_token_id=50256)
+  new_ids = out[0, len(ids):].tolist()
+  if 50256 in new_ids:
+    new_ids = new_ids[:new_ids.index(50256)]
+  assert len(new_ids) >= 8
+  [[text]] = gen.generate([prompt], max_new_tokens=24, temperature=0.0)
+  assert text == gen.tokenizer.decode(new_ids)
+
+
+def test_gpt2_bpe_equals_transformers_tokenizer(shared_data):
+  from transformers import GPT2TokenizerFast
+  from llm.tokenizer import GPT2Tokenizer
+  gpt2 = os.path.join(shared_data, "gpt2")
+  ours = GPT2Tokenizer(gpt2)
+  theirs = GPT2TokenizerFast(vocab=os.path.join(gpt2, "encoder.json"),
+                             merges=os.path.join(gpt2, "vocab.bpe"))
+  for text in (VARIED_TEXT, VARIED_TEXT * 3, " leading space", "\n\n", "a" * 300, ""):
+    ids = ours.encode(text)
+    assert ids == theirs.encode(text)
+    assert ours.decode(ids) == theirs.decode(ids) == text
+  assert ours.encode("<|endoftext|>") == [50256]
+
+
+def test_evaluate_equals_transformers_loss(tmp_path, shared_data):
+  """llm.evaluate's loss is transformers' mean next-token loss over the same windows."""
+  from llm import convert, evaluate, rundir
+  reference = save_hf_gpt2(tmp_path / "hf", shared_data, n_layer=1, n_head=2, n_embd=32,
+                           n_positions=32)
+  convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+  text = (VARIED_TEXT + " ") * 8
+  (tmp_path / "story.txt").write_text(text)
+  run = rundir.load(str(tmp_path / "run"))
+  result = evaluate.evaluate_lm(run, str(tmp_path / "story.txt"), max_length=32, batch_size=3,
+                                cache_dir=str(tmp_path / "cache"))
+  stream = run.tokenizer.encode(text) + [run.tokenizer.eot_id]
+  windows = [torch.tensor([stream[s:s + 33]]) for s in range(0, len(stream) - 32, 32)]
+  with torch.no_grad():  # labels = inputs: transformers shifts them itself
+    losses = [reference(w[:, :-1], labels=w[:, :-1]).loss.item() * 31 +
+              -reference(w[:, :-1]).logits[0, -1].log_softmax(-1)[w[0, -1]].item()
+              for w in windows]  # + the window's last target, which transformers drops
+  assert result["tokens"] == 32 * len(windows)
+  np.testing.assert_allclose(result["loss"], sum(losses) / result["tokens"], rtol=1e-5)
+  assert abs(result["loss"] - np.log(50257)) < 0.5  # a random model: about ln(V)
+
+
+def _rewrite(directory, change):
+  from safetensors.numpy import load_file, save_file
+  path = os.path.join(directory, "model.safetensors")
+  tensors = load_file(path)
+  change(tensors)
+  save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_missing_or_mismatched_tensor_is_named(tmp_path, shared_data):
+  from llm import convert
+  from llm.errors import UserError
+  save_hf_gpt2(tmp_path / "hf", shared_data, n_layer=2, n_head=2, n_embd=32, n_positions=32)
+  missing = "transformer.h.1.mlp.c_fc.bias"
+  _rewrite(tmp_path / "hf", lambda t: t.pop(missing))
+  with pytest.raises(UserError, match="tensor h.1.mlp.c_fc.bias is missing"):
+    convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+  save_hf_gpt2(tmp_path / "hf2", shared_data, n_layer=2, n_head=2, n_embd=32, n_positions=32)
+  _rewrite(tmp_path / "hf2", lambda t: t.update(
+      {"transformer.h.0.attn.c_proj.weight": np.zeros((32, 16), np.float32)}))
+  with pytest.raises(UserError, match=r"tensor h.0.attn.c_proj.weight has shape \(32, 16\)"):
+    convert.from_hf(str(tmp_path / "hf2"), str(tmp_path / "run"))
+
+  # The command line says the same in one line, exit code 2.
+  proc = subprocess.run([sys.executable, "-m", "llm.convert", f"--from_hf={tmp_path / 'hf'}",
+                         f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
+                        text=True)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      f"error: {tmp_path / 'hf'}: tensor h.1.mlp.c_fc.bias is missing (config.json expects it "
+      "with shape (128,))"]
+  with open(tmp_path / "hf2" / "config.json") as f:
+    assert json.load(f)["n_layer"] == 2  # the input folder is left as it was
