@@ -52,15 +52,15 @@ def bench_train(cfg, steps: int) -> dict:
   from llm.train import Run
   with tempfile.TemporaryDirectory() as workdir:  # a run that writes nothing
     run = Run(cfg, workdir)
-  state, shardings = run.init_state()
-  step_fn = run.jit_train_step(shardings)
+  state, shardings, frozen, frozen_shardings = run.init_state()
+  step_fn = run.jit_train_step(shardings, frozen_shardings)
   batches = [sharding.global_batch(next(run.batches), run.mesh) for _ in range(steps + 1)]
   with sharding.activate(run.mesh, cfg.mesh):
-    state, stats = step_fn(state, batches[0])
+    state, stats = step_fn(state, frozen, batches[0])
     jax.block_until_ready(stats)
     start = time.perf_counter()
     for batch in batches[1:]:
-      state, stats = step_fn(state, batch)
+      state, stats = step_fn(state, frozen, batch)
     jax.block_until_ready(stats)
   seconds = (time.perf_counter() - start) / steps
   flops = run.flops_per_step(sum(x.size for x in jax.tree.leaves(state["params"])))

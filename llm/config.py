@@ -22,6 +22,8 @@ DEFAULT_RULES = (
     ("length", None),
 )
 
+TASK_KINDS = ("lm", "classify", "instruct")
+DATA_FORMATS = ("", "text", "json", "csv", "tsv", "parquet")
 TOKENIZER_KINDS = ("sentencepiece", "gpt2", "wordpiece")
 MODEL_KINDS = ("gpt",)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -31,7 +33,12 @@ ATTENTION_IMPLS = ("xla", "cudnn")
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.init_from = ""  # a run directory to start from (fine-tuning)
+  c.init_from = ""  # a run directory or Hugging Face folder to start from (fine-tuning)
+
+  c.task = ta = ml_collections.ConfigDict()
+  ta.kind = "lm"  # "lm": next-token pre-training; "classify"; "instruct" (Alpaca records)
+  ta.labels = ""  # classify: class names in order, comma-separated; empty: sorted from the data
+  ta.mask_prompt = True  # instruct: only the response (and its end-of-text) is a target
 
   c.model = m = ml_collections.ConfigDict()
   m.kind = "gpt"
@@ -60,10 +67,15 @@ def base_config() -> ml_collections.ConfigDict:
   d.hf_name = ""  # a hub data set
   d.hf_config = ""
   d.split = "train"
+  d.format = ""  # empty: from the file extension; or text, json, csv, tsv, parquet
+  d.columns = ""  # column names of a CSV/TSV file without a header row, comma-separated
   d.text_field = "text"
-  d.max_length = 256  # tokens per training window (inputs); a window holds max_length + 1
+  d.label_field = "label"  # classify
+  d.balance = False  # classify: undersample every class to the smallest one's size
+  d.max_length = 256  # tokens per training window (inputs) or longest record; 0: the context
   d.stride = 256  # tokens between the starts of consecutive windows
   d.val_fraction = 0.1
+  d.test_fraction = 0.0  # classify, instruct: held out for the final test evaluation
   d.cache_dir = ""  # tokenized data; empty: ~/.cache/llm
 
   c.train = tr = ml_collections.ConfigDict()
@@ -82,7 +94,13 @@ def base_config() -> ml_collections.ConfigDict:
   tr.eval_batches = 20
   tr.checkpoint_every = 500
   tr.keep_checkpoints = 3
+  tr.trainable = "all"  # "all", "head" (the output head) or "last:K" (K blocks, final norm, head)
   tr.peak_flops = 0.0  # per device, for MFU; 0: look the device up in a table
+
+  c.lora = lo = ml_collections.ConfigDict()
+  lo.rank = 0  # 0: off; otherwise base weights freeze and rank-r adapters train
+  lo.alpha = 16.0  # the adapters' update is scaled by alpha / rank
+  lo.targets = r"(attn/(query|key|value|out)|mlp/(wi|wo))/kernel"  # regex over parameter paths
 
   c.mesh = me = ml_collections.ConfigDict()
   me.data = -1  # -1: the devices the other axes leave
@@ -123,6 +141,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(d.stride >= 1, "data.stride", "use a positive number of tokens", d.stride)
   _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", "use a value in (0, 1)",
          d.val_fraction)
+  _check(d.format in DATA_FORMATS, "data.format", f"use one of {DATA_FORMATS}", d.format)
+  _check(0.0 <= d.test_fraction < 1.0 and d.val_fraction + d.test_fraction < 1.0,
+         "data.test_fraction", f"use a value in [0, 1 - data.val_fraction={d.val_fraction})",
+         d.test_fraction)
+  _check(c.task.kind in TASK_KINDS, "task.kind", f"use one of {TASK_KINDS}", c.task.kind)
+  _check(tr.trainable in ("all", "head") or (
+      tr.trainable.startswith("last:") and tr.trainable[5:].isdigit()), "train.trainable",
+         'use "all", "head" or "last:K" (K blocks, the final norm and the head)', tr.trainable)
+  _check(c.lora.rank >= 0, "lora.rank", "use 0 (off) or a positive rank", c.lora.rank)
+  _check(c.lora.rank == 0 or tr.trainable == "all", "train.trainable",
+         "with lora.rank > 0 the adapters (and a task head) train; leave train.trainable=all",
+         tr.trainable)
   _check(tr.steps >= 1, "train.steps", "use a positive integer", tr.steps)
   _check(tr.grad_accum >= 1, "train.grad_accum", "use a positive integer", tr.grad_accum)
   _check(tr.batch_size >= 1 and tr.batch_size % tr.grad_accum == 0, "train.batch_size",

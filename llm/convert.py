@@ -2,6 +2,7 @@
 
     python -m llm.convert --from_hf=gpt2 --workdir=runs/gpt2          # HF GPT-2 -> run directory
     python -m llm.convert --workdir=runs/gpt2 --to_hf=out/gpt2        # run directory -> HF GPT-2
+    python -m llm.convert --workdir=runs/lora --merge_lora --out=runs/merged   # self-contained
 
 `--from_hf` takes a local folder (config.json, model.safetensors, vocab.json + merges.txt or
 tokenizer.json) or a hub name, downloaded where the network allows. The run directory it writes
@@ -290,6 +291,18 @@ def to_hf(workdir: str, out: str) -> None:
   print(f"wrote {out}: config.json, {HF_WEIGHTS} ({len(tensors)} tensors) and tokenizer files")
 
 
+def merge_lora(workdir: str, out: str) -> None:
+  """A fine-tuned run (LoRA adapters, or frozen weights kept in its init_from) -> a run
+  directory holding the whole merged model, needing nothing else."""
+  import jax
+  run = rundir.load(workdir, jax.devices()[:1])
+  cfg = run.cfg
+  cfg.lora.rank, cfg.init_from, cfg.train.trainable = 0, "", "all"
+  write_run(out, cfg, run.tokenizer, run.params)
+  print(f"wrote {out}: {sum(x.size for x in jax.tree.leaves(run.params)):,} parameters, "
+        "adapters merged")
+
+
 def _flatten(tree, prefix=""):
   flat = {}
   for k, v in tree.items():
@@ -314,6 +327,8 @@ def define_flags():
   flags.DEFINE_string("from_hf", None, "Hugging Face folder or hub name to read.")
   flags.DEFINE_string("to_hf", None, "Folder to write a Hugging Face model into.")
   flags.DEFINE_string("workdir", None, "Run directory: written by --from_hf, read by --to_hf.")
+  flags.DEFINE_bool("merge_lora", False, "Write --workdir's model, adapters merged, to --out.")
+  flags.DEFINE_string("out", None, "Run directory written by --merge_lora.")
   flags.DEFINE_bool("allow_torch_bin", False,
                     "Read pytorch_model.bin (a pickle) when there is no safetensors file.")
 
@@ -322,10 +337,13 @@ def define_flags():
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  if not FLAGS.workdir or bool(FLAGS.from_hf) == bool(FLAGS.to_hf):
-    raise UserError("usage: python -m llm.convert --from_hf=PATH_OR_NAME --workdir=DIR, or "
-                    "python -m llm.convert --workdir=DIR --to_hf=OUT")
-  if FLAGS.from_hf:
+  if not FLAGS.workdir or [bool(FLAGS.from_hf), bool(FLAGS.to_hf), FLAGS.merge_lora].count(
+      True) != 1 or FLAGS.merge_lora != bool(FLAGS.out):
+    raise UserError("usage: python -m llm.convert --from_hf=PATH_OR_NAME --workdir=DIR, "
+                    "--workdir=DIR --to_hf=OUT, or --workdir=DIR --merge_lora --out=DIR2")
+  if FLAGS.merge_lora:
+    merge_lora(FLAGS.workdir, FLAGS.out)
+  elif FLAGS.from_hf:
     from_hf(FLAGS.from_hf, FLAGS.workdir, FLAGS.allow_torch_bin)
   else:
     to_hf(FLAGS.workdir, FLAGS.to_hf)

@@ -6,11 +6,16 @@
       -> windows of max_length + 1 tokens every `stride` tokens (the book's sliding window)
       -> batches: inputs = window[:-1], targets = window[1:], weights = 1
 
-A batch is a dict of numpy arrays shaped [grad_accum, micro_batch, length] holding this process's
+Fine-tuning reads records instead (text + label for classification; Alpaca instruction, input,
+output for instruction tuning), split into train / validation / test by fractions and seed, and
+padded to one length.
+
+A batch is a dict of numpy arrays shaped [grad_accum, micro_batch, ...] holding this process's
 share of the global batch. Batch k of the run is a pure function of (seed, k), so the iterator's
 whole state is k: it goes into the checkpoint and a resumed run continues exactly.
 """
 
+import csv
 import glob
 import hashlib
 import os
@@ -30,7 +35,7 @@ def embedded_corpus():
   return datasets.Dataset.from_dict({"text": [topics[k] for k in sorted(topics)]})
 
 
-def _local_files(path: str) -> list[str]:
+def _local_files(path: str, fmt: str = "") -> list[str]:
   if os.path.isdir(path):
     files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
                    if os.path.splitext(f)[1].lower() in EXTENSIONS)
@@ -40,18 +45,21 @@ def _local_files(path: str) -> list[str]:
     files = [path] if os.path.isfile(path) else []
   if not files:
     raise UserError(f"data.path={path!r}: no such file (or no {'/'.join(EXTENSIONS)} files there)")
+  if fmt:  # the user says what the files are, whatever their names
+    return files
   kinds = {os.path.splitext(f)[1].lower() for f in files}
   unknown = kinds - set(EXTENSIONS)
   if unknown:
     raise UserError(f"data.path: cannot read {'/'.join(sorted(unknown))} files; "
-                    f"use one of {', '.join(EXTENSIONS)}")
+                    f"use one of {', '.join(EXTENSIONS)} or set data.format")
   if len({EXTENSIONS[k] for k in kinds}) > 1 or kinds == {".csv", ".tsv"}:
     raise UserError(f"data.path: files of one format please, found {', '.join(sorted(kinds))}")
   return files
 
 
-def load_documents(data_cfg):
-  """A `datasets.Dataset` with one document per row, from the hub, local files or the corpus."""
+def load_documents(data_cfg, fields=None):
+  """A `datasets.Dataset` with one document (or record) per row, from the hub, local files or
+  the embedded corpus; `fields` (default: the text field) must be among its columns."""
   import datasets
   datasets.logging.set_verbosity_error()
   datasets.disable_progress_bars()
@@ -60,12 +68,17 @@ def load_documents(data_cfg):
       ds = datasets.load_dataset(data_cfg.hf_name, data_cfg.hf_config or None,
                                  split=data_cfg.split)
     elif data_cfg.path:
-      files = _local_files(data_cfg.path)
+      fmt = data_cfg.get("format", "")
+      files = _local_files(data_cfg.path, fmt)
       ext = os.path.splitext(files[0])[1].lower()
-      kwargs = {"sample_by": "document"} if EXTENSIONS[ext] == "text" else {}
-      if ext == ".tsv":
-        kwargs["delimiter"] = "\t"
-      ds = datasets.load_dataset(EXTENSIONS[ext], data_files=files, split="train", **kwargs)
+      fmt = fmt or ("tsv" if ext == ".tsv" else EXTENSIONS[ext])
+      kwargs = {"sample_by": "document"} if fmt == "text" else {}
+      if fmt == "tsv":  # tab-separated values carry no quoting: a quote is text
+        kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+      if fmt in ("csv", "tsv") and data_cfg.get("columns", ""):  # a file without a header row
+        kwargs["column_names"] = [c.strip() for c in data_cfg.columns.split(",")]
+      ds = datasets.load_dataset("csv" if fmt == "tsv" else fmt, data_files=files, split="train",
+                                 **kwargs)
     else:
       return embedded_corpus()
   except UserError:
@@ -76,9 +89,11 @@ def load_documents(data_cfg):
     hint = ("check the name, the network (HF_DATASETS_OFFLINE) or use data.path"
             if data_cfg.hf_name else "check that the file is well-formed")
     raise UserError(f"could not read data from {where!r}: {first[:300]}; {hint}") from None
-  if data_cfg.text_field not in ds.column_names:
-    raise UserError(f"data.text_field={data_cfg.text_field!r} is not a column of the data; "
-                    f"columns: {', '.join(ds.column_names)}")
+  for field in fields or (data_cfg.text_field,):
+    if field not in ds.column_names:
+      raise UserError(f"the data has no field {field!r} (columns: {', '.join(ds.column_names)}); "
+                      "set data.text_field / data.label_field, or data.columns for a CSV/TSV "
+                      "file without a header row")
   return ds
 
 
@@ -143,38 +158,34 @@ def _lm_example(tokens: np.ndarray, starts: np.ndarray, max_length: int) -> dict
           "weights": np.ones(windows[..., 1:].shape, np.float32)}
 
 
-class LMBatches:
-  """Shuffled windows, epoch after epoch; batch k is fixed by (seed, k).
+class Batches:
+  """Examples 0..n-1 in a fresh shuffle every epoch; batch k is fixed by (seed, k).
 
-  Every process computes the same global order and reads only its own share of each batch.
+  `take(indices)` makes the examples (a dict of arrays, first dim = example). Every process
+  computes the same global order and takes only its own share of each batch.
   """
 
-  def __init__(self, tokens, max_length, stride, batch_size, grad_accum, seed,
-               process_index=0, process_count=1):
-    self.tokens, self.max_length = tokens, max_length
-    self.starts = window_starts(len(tokens), max_length, stride)
-    if len(self.starts) == 0:
-      raise UserError(f"the training text has {len(tokens)} tokens, fewer than one window of "
-                      f"data.max_length + 1 = {max_length + 1}; use more text or a smaller "
-                      f"data.max_length")
+  def __init__(self, num_examples, take, batch_size, grad_accum, seed, process_index=0,
+               process_count=1):
     if batch_size % (grad_accum * process_count):
       raise UserError(f"train.batch_size={batch_size} must divide into train.grad_accum="
                       f"{grad_accum} micro-batches over {process_count} processes")
+    self.num_examples, self.take = num_examples, take
     self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
     self.process_index, self.process_count = process_index, process_count
     self.step = 0  # batches handed out so far: the iterator's whole state
     self._epoch, self._order = -1, None
 
   def __len__(self):
-    return len(self.starts)
+    return self.num_examples
 
-  def _window(self, g: int) -> int:
-    """The start of the g-th window of the run: a fresh permutation every epoch."""
-    epoch, i = divmod(g, len(self.starts))
+  def _example(self, g: int) -> int:
+    """The example behind the run's g-th draw: a fresh permutation every epoch."""
+    epoch, i = divmod(g, self.num_examples)
     if epoch != self._epoch:
       self._epoch = epoch
-      self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.starts))
-    return self.starts[self._order[i]]
+      self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+    return self._order[i]
 
   def __iter__(self):
     return self
@@ -185,9 +196,9 @@ class LMBatches:
     first = self.step * self.batch_size
     g = [first + a * micro + self.process_index * local + j
          for a in range(self.grad_accum) for j in range(local)]
-    batch = _lm_example(self.tokens, np.array([self._window(i) for i in g]), self.max_length)
+    batch = self.take(np.array([self._example(i) for i in g]))
     self.step += 1
-    return {k: v.reshape(self.grad_accum, local, -1) for k, v in batch.items()}
+    return {k: v.reshape(self.grad_accum, local, *v.shape[1:]) for k, v in batch.items()}
 
   def state(self) -> dict:
     return {"step": self.step}
@@ -196,25 +207,150 @@ class LMBatches:
     self.step = int(state["step"])
 
 
-def eval_batches(tokens, max_length, batch_size, num_batches, process_index=0,
-                 process_count=1) -> list[dict]:
-  """The validation part cut into back-to-back windows: the same batches at every evaluation.
+def fixed_batches(num_examples, take, batch_size, num_batches, process_index=0,
+                  process_count=1) -> list[dict]:
+  """The first `num_batches` batches of examples in order: the same at every evaluation.
 
-  The last batch is filled up with zero-weight windows, so every window counts exactly once.
+  The last batch is filled up with zero-weight examples, so every example counts exactly once.
   """
-  starts = window_starts(len(tokens), max_length, max_length)
-  if len(starts) == 0:
-    raise UserError(f"the validation part has {len(tokens)} tokens, fewer than one window of "
-                    f"{max_length + 1}; raise data.val_fraction or use more text")
-  starts = starts[:num_batches * batch_size]
-  n = -(-len(starts) // batch_size) * batch_size
-  weight = np.arange(n) < len(starts)
-  starts = np.resize(starts, n)  # cycles: the filler windows carry weight 0
+  n = min(num_examples, num_batches * batch_size)
+  padded = -(-n // batch_size) * batch_size
   local = batch_size // process_count
   batches = []
-  for b in range(n // batch_size):
-    rows = slice(b * batch_size + process_index * local, b * batch_size + (process_index + 1) * local)
-    example = _lm_example(tokens, starts[rows], max_length)
-    example["weights"] *= weight[rows, None]
+  for b in range(padded // batch_size):
+    rows = np.arange(b * batch_size + process_index * local,
+                     b * batch_size + (process_index + 1) * local)
+    example = take(rows % n)  # the filler cycles back to the first examples ...
+    real = (rows < n).astype(np.float32)  # ... with weight 0
+    example["weights"] = example["weights"] * real.reshape(-1, *[1] * (
+        example["weights"].ndim - 1))
     batches.append(example)
   return batches
+
+
+def lm_batches(tokens, max_length, stride, batch_size, grad_accum, seed, process_index=0,
+               process_count=1) -> Batches:
+  """Training windows of the token stream, shuffled."""
+  starts = window_starts(len(tokens), max_length, stride)
+  if len(starts) == 0:
+    raise UserError(f"the training text has {len(tokens)} tokens, fewer than one window of "
+                    f"data.max_length + 1 = {max_length + 1}; use more text or a smaller "
+                    f"data.max_length")
+  return Batches(len(starts), lambda idx: _lm_example(tokens, starts[idx], max_length),
+                 batch_size, grad_accum, seed, process_index, process_count)
+
+
+def eval_batches(tokens, max_length, batch_size, num_batches, process_index=0,
+                 process_count=1) -> list[dict]:
+  """The validation tokens cut into back-to-back windows."""
+  starts = window_starts(len(tokens), max_length, max_length)
+  if len(starts) == 0:
+    raise UserError(f"the evaluation text has {len(tokens)} tokens, fewer than one window of "
+                    f"{max_length + 1}; use more text (or raise data.val_fraction)")
+  return fixed_batches(len(starts), lambda idx: _lm_example(tokens, starts[idx], max_length),
+                       batch_size, num_batches, process_index, process_count)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning records
+
+SPLITS = ("train", "eval", "test")
+
+
+def split_indices(num: int, val_fraction: float, test_fraction: float, seed: int,
+                  what: str = "examples") -> dict[str, np.ndarray]:
+  """A seeded shuffle of 0..num-1 cut into train / eval (validation) / test."""
+  order = np.random.default_rng([seed, 1]).permutation(num)
+  n_val, n_test = int(round(num * val_fraction)), int(round(num * test_fraction))
+  parts = {"train": order[:num - n_val - n_test], "eval": order[num - n_val - n_test:num - n_test],
+           "test": order[num - n_test:]}
+  for name, fraction in (("train", 1.0), ("eval", val_fraction), ("test", test_fraction)):
+    if fraction > 0 and len(parts[name]) == 0:
+      label = {"train": "training", "eval": "validation", "test": "test"}[name]
+      raise UserError(f"the {label} split is empty ({num} {what}; data.val_fraction="
+                      f"{val_fraction}, data.test_fraction={test_fraction}); use more data or "
+                      "larger fractions")
+  return parts
+
+
+def label_ids(values, labels: list[str]) -> np.ndarray:
+  """Label values (names, or ids 0..N-1) -> class ids, by the order of `labels`."""
+  index = {name: i for i, name in enumerate(labels)}
+  ids = np.empty(len(values), np.int32)
+  for row, value in enumerate(values):
+    key = str(value).strip()
+    if key not in index and not (key.isdigit() and int(key) < len(labels)):
+      raise UserError(f"data: row {row} has label {value!r}, which is not one of task.labels="
+                      f"{','.join(labels)} (nor an id below {len(labels)})")
+    ids[row] = index[key] if key in index else int(key)
+  return ids
+
+
+def label_names(values) -> list[str]:
+  """The classes found in the data: sorted names, or 0..max for integer labels."""
+  keys = sorted({str(v).strip() for v in values})
+  if all(k.isdigit() for k in keys):
+    return [str(i) for i in range(max(int(k) for k in keys) + 1)]
+  return keys
+
+
+def balance(labels: np.ndarray, seed: int) -> np.ndarray:
+  """Row indices keeping every class at the smallest class's size (random undersampling)."""
+  rng = np.random.default_rng([seed, 2])
+  counts = np.bincount(labels)
+  smallest = counts[counts > 0].min()
+  keep = [rng.choice(np.flatnonzero(labels == c), smallest, replace=False)
+          for c in range(len(counts)) if counts[c]]
+  return np.sort(np.concatenate(keep))
+
+
+def _pad(rows: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  tokens = np.full((len(rows), length), pad_id, np.int32)
+  valid = np.zeros((len(rows), length), bool)
+  for r, ids in enumerate(rows):
+    tokens[r, :len(ids)], valid[r, :len(ids)] = ids, True
+  return tokens, valid
+
+
+def classification_examples(texts: list[str], labels: np.ndarray, tokenizer,
+                            max_length: int) -> dict:
+  """Right-padded token ids (truncated to max_length; padded to the longest text or
+  max_length), their validity mask, the class ids and weight 1 per example."""
+  rows = [ids[:max_length] or [tokenizer.pad_id] for ids in tokenizer.encode_batch(texts)]
+  tokens, valid = _pad(rows, max(map(len, rows)), tokenizer.pad_id)
+  return {"tokens": tokens, "valid": valid, "labels": labels.astype(np.int32),
+          "weights": np.ones(len(rows), np.float32)}
+
+
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
+  """The Alpaca template, up to where the response starts."""
+  prompt = ("Below is an instruction that describes a task. Write a response that "
+            f"appropriately completes the request.\n\n### Instruction:\n{instruction}")
+  if input_text:
+    prompt += f"\n\n### Input:\n{input_text}"
+  return prompt + "\n\n### Response:\n"
+
+
+def instruction_examples(records, tokenizer, max_length: int, mask_prompt: bool) -> dict:
+  """Prompt + response + end-of-text, as LM inputs/targets/weights padded with end-of-text.
+
+  Targets are the response and its end-of-text (and the prompt unless `mask_prompt`); padding
+  is never a target. Sequences are cut to max_length + 1 tokens.
+  """
+  eot = tokenizer.eot_id
+  prompts = tokenizer.encode_batch([alpaca_prompt(r["instruction"], r.get("input") or "")
+                                    for r in records])
+  responses = tokenizer.encode_batch([r["output"] for r in records])
+  rows = [(p + r + [eot])[:max_length + 1] for p, r in zip(prompts, responses)]
+  length = max(map(len, rows)) - 1
+  seq, _ = _pad(rows, length + 1, eot)
+  weights = np.zeros((len(rows), length), np.float32)
+  for i, (p, row) in enumerate(zip(prompts, rows)):
+    first = len(p) - 1 if mask_prompt else 0  # the target at position len(p) - 1 is the response's first token
+    weights[i, first:len(row) - 1] = 1.0
+  return {"inputs": seq[:, :-1], "targets": seq[:, 1:], "weights": weights}
+
+
+def take_rows(arrays: dict):
+  """`take` for examples held in memory."""
+  return lambda idx: {k: v[idx] for k, v in arrays.items()}

@@ -1,17 +1,26 @@
-"""Evaluates a run directory (trained here or converted) on text.
+"""Evaluates a run directory (trained here, fine-tuned or converted).
 
-    python -m llm.evaluate --workdir=runs/gpt2 --data.path=the-verdict.txt
+    python -m llm.evaluate --workdir=runs/gpt2 --data.path=the-verdict.txt   # a language model
+    python -m llm.evaluate --workdir=runs/spam                                # a classifier
+    python -m llm.evaluate --workdir=runs/instruct                            # instruction tuning
 
-prints the loss and perplexity of every token of the file, read in back-to-back windows of
-`--max_length` tokens (default: the model's context).
+A language model: the loss and perplexity of every token of the file, read in back-to-back
+windows of `--max_length` tokens (default: the model's context). A classifier: accuracy,
+per-class precision / recall / F1 and the confusion matrix on its validation and test splits
+(the run's own data and seed, or --data.path). An instruction-tuned model: the loss on those
+splits, and its responses to the test split written to a JSON lines file beside the references,
+ready for judging.
 """
+
+import json
+import os
 
 import ml_collections
 import jax
 import numpy as np
 from absl import app, flags, logging
 
-from llm import data, objectives, rundir, sharding
+from llm import data, objectives, rundir, sharding, tasks
 from llm.errors import UserError, exits_cleanly
 
 
@@ -34,6 +43,60 @@ def evaluate_lm(run: rundir.Run, path: str, text_field: str = "text", max_length
   return {**objective.summarize(totals), "tokens": int(totals["weight"])}
 
 
+def evaluate_splits(run: rundir.Run, data_path: str = "") -> dict:
+  """A fine-tuning run's metrics on its validation ("eval") and test splits."""
+  cfg = run.cfg
+  if data_path:
+    cfg.data.path, cfg.data.hf_name = data_path, ""
+  docs = data.load_documents(cfg.data, tasks.fields(cfg))
+  task = tasks.build(cfg, docs, run.tokenizer)
+  step = jax.jit(lambda params, batch: task.objective.loss(params, batch, None, False))
+  results = {}
+  with sharding.activate(run.mesh, run.mesh_cfg):
+    for split, batches in task.evals.items():
+      sums = [step(run.params, b) for b in batches]
+      results[split] = task.objective.summarize(objectives.add_sums(sums))
+  return results
+
+
+def write_responses(workdir: str, out: str, max_new_tokens: int, batch_size: int) -> int:
+  """An instruction-tuned run's greedy responses to its test split, as JSON lines."""
+  from llm.generate import Generator
+  gen = Generator(workdir)
+  cfg = gen.cfg
+  docs = data.load_documents(cfg.data, tasks.fields(cfg))
+  test = data.split_indices(len(docs), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed,
+                            what="records")["test"]
+  if not len(test):
+    raise UserError(f"{workdir} has no test split (data.test_fraction=0)")
+  records = [docs[int(i)] for i in test]
+  with open(out, "w") as f:
+    for b in range(0, len(records), batch_size):
+      chunk = records[b:b + batch_size]
+      prompts = [data.alpaca_prompt(r["instruction"], r.get("input") or "") for r in chunk]
+      room = gen.model.cfg.max_len - max(len(gen.tokenizer.encode(p)) for p in prompts)
+      responses = gen.generate(prompts, max_new_tokens=max(min(max_new_tokens, room), 1),
+                               temperature=0.0)
+      for r, [response] in zip(chunk, responses):
+        f.write(json.dumps({"instruction": r["instruction"], "input": r.get("input") or "",
+                            "output": r["output"], "response": response.strip()}) + "\n")
+  return len(records)
+
+
+def _print_split(split: str, result: dict) -> None:
+  line = f"{split}: loss {result['loss']:.4f}"
+  if "accuracy" in result:
+    line += f"  accuracy {result['accuracy']:.4f}"
+  if "perplexity" in result:
+    line += f"  perplexity {result['perplexity']:.2f}"
+  print(line)
+  for name, m in result.get("per_class", {}).items():
+    print(f"  {name:>12}: precision {m['precision']:.4f}  recall {m['recall']:.4f}  "
+          f"f1 {m['f1']:.4f}  ({m['support']} examples)")
+  if "confusion" in result:
+    print(f"  confusion (rows: true, columns: predicted): {result['confusion']}")
+
+
 FLAGS = flags.FLAGS
 
 
@@ -42,19 +105,34 @@ def define_flags():
   flags.DEFINE_string("data.path", None, "Text to evaluate on: a file, glob or folder.")
   flags.DEFINE_string("data.text_field", "text", "Column holding the text (JSON/CSV data).")
   flags.DEFINE_integer("max_length", 0, "Tokens per window (0: the model's context).")
-  flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
+  flags.DEFINE_integer("batch_size", 8, "Windows (or prompts) per forward pass.")
+  flags.DEFINE_string("output", None, "Instruction runs: where the test responses go "
+                      "(default DIR/test_responses.jsonl).")
+  flags.DEFINE_integer("max_new_tokens", 256, "Instruction runs: longest response.")
 
 
 @exits_cleanly
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  if not FLAGS.workdir or not FLAGS["data.path"].value:
-    raise UserError("usage: python -m llm.evaluate --workdir=DIR --data.path=FILE")
-  result = evaluate_lm(rundir.load(FLAGS.workdir), FLAGS["data.path"].value,
-                       FLAGS["data.text_field"].value, FLAGS.max_length, FLAGS.batch_size)
-  print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
-        f"({result['tokens']:,} tokens)")
+  if not FLAGS.workdir:
+    raise UserError("usage: python -m llm.evaluate --workdir=DIR [--data.path=FILE]")
+  data_path = FLAGS["data.path"].value
+  kind = rundir.read_config(FLAGS.workdir).task.kind
+  if kind == "lm":
+    if not data_path:
+      raise UserError("a language model is evaluated on text: pass --data.path=FILE")
+    result = evaluate_lm(rundir.load(FLAGS.workdir), data_path, FLAGS["data.text_field"].value,
+                         FLAGS.max_length, FLAGS.batch_size)
+    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
+          f"({result['tokens']:,} tokens)")
+    return
+  for split, result in evaluate_splits(rundir.load(FLAGS.workdir), data_path).items():
+    _print_split(split, result)
+  if kind == "instruct":
+    out = FLAGS.output or os.path.join(FLAGS.workdir, "test_responses.jsonl")
+    n = write_responses(FLAGS.workdir, out, FLAGS.max_new_tokens, FLAGS.batch_size)
+    print(f"wrote {n} test responses to {out}")
 
 
 if __name__ == "__main__":

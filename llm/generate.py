@@ -20,6 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from llm import rundir, sharding
+from llm.data import alpaca_prompt
 from llm.errors import UserError, exits_cleanly
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +112,8 @@ class Generator:
 
   def __init__(self, workdir: str, devices=None):
     run = rundir.load(workdir, devices)
+    if run.cfg.task.kind == "classify":
+      raise UserError(f"{workdir} is a classifier; use python -m llm.classify --workdir={workdir}")
     self.cfg, self.tokenizer, self.model, self.params = run.cfg, run.tokenizer, run.model, run.params
     self.mesh, self.mesh_cfg = run.mesh, run.mesh_cfg
 
@@ -179,6 +182,9 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "Run directory to sample from.")
   flags.DEFINE_string("prompt", "", "Text to continue.")
   flags.DEFINE_string("prompt_file", None, "One prompt per line; JSON lines out, one per sample.")
+  flags.DEFINE_string("instruction", None, "An instruction, put in the Alpaca template; prints "
+                      "only the response.")
+  flags.DEFINE_string("input", "", "The instruction's input (optional).")
   flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate at most.")
   flags.DEFINE_float("temperature", 1.0, "0: greedy.")
   flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0: all).")
@@ -196,6 +202,13 @@ def main(argv):
   if not FLAGS.workdir:
     raise UserError("usage: python -m llm.generate --workdir=DIR --prompt=TEXT")
   gen = Generator(FLAGS.workdir)
+  if FLAGS.instruction is not None:
+    [[response]] = gen.generate([alpaca_prompt(FLAGS.instruction, FLAGS.input)],
+                                FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
+                                seed=FLAGS.seed, stop=FLAGS.stop, use_cache=FLAGS.kv_cache,
+                                stream=lambda t: print(t, end="", flush=True))
+    print()
+    return
   if FLAGS.prompt_file:
     if not os.path.isfile(FLAGS.prompt_file):
       raise UserError(f"--prompt_file: no such file {FLAGS.prompt_file}")

@@ -1,4 +1,5 @@
-"""Opens a run directory for inference: its config, tokenizer, model and latest parameters.
+"""Opens a run directory for inference: its config, tokenizer, model and latest parameters
+(for a fine-tuned run, the checkpoint's trainable part joined with its init_from base).
 
     run = rundir.load("runs/gpt_tiny")
     logits = run.model.apply({"params": run.params}, tokens)
@@ -14,10 +15,9 @@ import os
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from llm import checkpoint, config as config_lib, sharding
+from llm import config as config_lib, finetune, sharding, tasks
 from llm import model as model_lib
 from llm import tokenizer as tokenizer_lib
 from llm.errors import UserError
@@ -53,26 +53,13 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 def load(workdir: str, devices=None) -> Run:
   cfg = read_config(workdir)
   tokenizer = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))
-  model = model_lib.build(cfg.model, tokenizer.vocab_size)
+  model = tasks.build_model(cfg, tokenizer.vocab_size)
   devices = jax.devices() if devices is None else devices
-  m = model.cfg
+  m = model_lib.shape_of(model)
   if any(size % len(devices) for size in (m.num_heads, m.d_ff, m.vocab_size)):
     devices = devices[:1]
   mesh_cfg = ml_collections.ConfigDict(
       {"data": 1, "fsdp": 1, "tensor": len(devices), "rules": cfg.mesh.rules})
   mesh = sharding.make_mesh(mesh_cfg, devices)
-  return Run(cfg, tokenizer, model, load_params(workdir, model, mesh, mesh_cfg), mesh, mesh_cfg)
-
-
-def load_params(workdir: str, model, mesh, mesh_cfg):
-  """The latest checkpoint's parameters alone (no optimizer state), sharded over `mesh`."""
-  ckpt = checkpoint.Checkpointer(workdir, keep=1)
-  step = ckpt.latest_step()
-  if step is None:
-    raise UserError(f"{workdir} has no checkpoint yet")
-  boxed = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
-  shardings = sharding.logical_shardings(boxed, mesh, mesh_cfg)
-  params = ckpt.restore_params(step, checkpoint.abstract_like(nn.meta.unbox(boxed), shardings))
-  ckpt.close()
-  return params
+  params = finetune.run_params(cfg, model, workdir, mesh, mesh_cfg)
+  return Run(cfg, tokenizer, model, params, mesh, mesh_cfg)

@@ -5,12 +5,12 @@
 Running the same command again resumes from the latest checkpoint in --workdir.
 """
 
+import functools
 import json
 import os
 import tempfile
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +18,8 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llm import checkpoint, config as config_lib, data, metrics, objectives, optim, sharding
+from llm import checkpoint, config as config_lib, data, finetune, metrics, objectives, optim
+from llm import sharding, tasks
 from llm import model as model_lib
 from llm import tokenizer as tokenizer_lib
 from llm.errors import UserError, exits_cleanly
@@ -37,83 +38,99 @@ class Run:
   """Everything a run is made of, built from the config before anything is written to DIR."""
 
   def __init__(self, cfg, workdir: str):
-    config_lib.validate(cfg)
     self.cfg, self.workdir = cfg, workdir
+    self.source = finetune.Source(cfg.init_from) if cfg.init_from else None
+    if self.source:  # the architecture is the source's; dropout stays the run's choice
+      cfg.model.update({k: v for k, v in self.source.model_values.items() if k != "dropout"})
+    if cfg.data.max_length == 0:
+      cfg.data.max_length = cfg.model.max_len
+    config_lib.validate(cfg)
     self.mesh = sharding.make_mesh(cfg.mesh)
     self.is_main = jax.process_index() == 0
 
-    docs = data.load_documents(cfg.data)
+    docs = data.load_documents(cfg.data, tasks.fields(cfg))
     saved_tokenizer = os.path.join(workdir, "tokenizer")
     if os.path.isdir(saved_tokenizer):  # resuming: the run keeps its own tokenizer
       self.tokenizer = tokenizer_lib.load(saved_tokenizer)
+    elif self.source:
+      self.tokenizer = self.source.tokenizer
     else:
       with tempfile.TemporaryDirectory() as tmp:
-        self.tokenizer = tokenizer_lib.build(
-            cfg, data.texts(docs, cfg.data.text_field, cfg.tokenizer.train_chars), tmp)
-    tokens = data.token_stream(docs, self.tokenizer, cfg.data.text_field, cfg.data.cache_dir)
-    train_tokens, val_tokens = data.split(tokens, cfg.data.val_fraction)
-    d, tr = cfg.data, cfg.train
-    where = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    self.batches = data.LMBatches(train_tokens, d.max_length, d.stride, tr.batch_size,
-                                  tr.grad_accum, cfg.seed, **where)
-    self.eval_batches = data.eval_batches(val_tokens, d.max_length,
-                                          tr.batch_size // tr.grad_accum, tr.eval_batches,
-                                          **where)
+        self.tokenizer = tokenizer_lib.build(cfg, tasks.texts(cfg, docs), tmp)
     if cfg.model.vocab_size and cfg.model.vocab_size < self.tokenizer.vocab_size:
       raise UserError(f"config: model.vocab_size={cfg.model.vocab_size} is smaller than the "
                       f"tokenizer's {self.tokenizer.vocab_size}; use 0 or a larger size")
-    self.model = model_lib.build(cfg.model, self.tokenizer.vocab_size)
-    self.objective = objectives.causal_lm(self.model)
-    self.tx = optim.build(tr)
+    self.task = tasks.build(cfg, docs, self.tokenizer, process_index=jax.process_index(),
+                            process_count=jax.process_count())
+    self.model, self.objective, self.batches = self.task.model, self.task.objective, self.task.batches
+    self.trainable = finetune.is_trainable(cfg, model_lib.shape_of(self.model).num_layers)
+    self.tx = optim.build(cfg.train)
     if self.is_main:
-      print(f"{len(train_tokens):,} training tokens in {len(self.batches):,} windows, "
-            f"{len(self.eval_batches)} evaluation batches; {jax.device_count()} devices as "
-            f"mesh {dict(self.mesh.shape)}")
+      print(f"{self.task.summary}; {jax.device_count()} devices as mesh {dict(self.mesh.shape)}")
 
   def init_state(self):
-    """The train state, created already sharded: eval_shape -> shardings -> jit(init)."""
-    root = jax.random.PRNGKey(self.cfg.seed)
-    params_key, dropout_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+    """(train state, its shardings, frozen parameters, their shardings), created sharded.
 
-    def boxed_state():
-      params = self.model.init({"params": params_key}, jnp.zeros((1, 1), jnp.int32))["params"]
+    The state holds the trainable parameters and their optimizer state; frozen parameters are
+    an input of every step, never saved.
+    """
+    cfg = self.cfg
+    params, param_shardings, boxed = finetune.init_params(cfg, self.model, self.mesh, cfg.mesh,
+                                                          self.source)
+    trainable, frozen = finetune.split(params, self.trainable)
+    boxed_trainable = finetune.split(boxed, self.trainable)[0]
+    if not jax.tree.leaves(trainable):
+      raise UserError(f"train.trainable={cfg.train.trainable!r} leaves nothing to train in this "
+                      "model")
+    frozen_shardings = finetune.split(param_shardings, self.trainable)[1]
+    dropout_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
+
+    def new_state(params):
       return {"step": jnp.zeros((), jnp.int32), "params": params,
               "opt_state": self.tx.init(params), "rng": dropout_key}
 
-    with sharding.activate(self.mesh, self.cfg.mesh):
-      abstract = jax.eval_shape(boxed_state)
-      shardings = sharding.logical_shardings(abstract, self.mesh, self.cfg.mesh)
-      state = jax.jit(lambda: nn.meta.unbox(boxed_state()), out_shardings=shardings)()
-    return state, shardings
+    with sharding.activate(self.mesh, cfg.mesh):
+      shardings = sharding.logical_shardings(jax.eval_shape(new_state, boxed_trainable),
+                                             self.mesh, cfg.mesh)
+      state = jax.jit(new_state, out_shardings=shardings)(trainable)
+    return state, shardings, frozen, frozen_shardings
 
-  def jit_train_step(self, state_shardings):
+  def jit_train_step(self, state_shardings, frozen_shardings):
     """The train step, compiled for the state's shardings, with the old state donated."""
-    step = make_train_step(self.objective, self.tx, optim.lr_schedule(self.cfg.train))
-    return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(self.mesh)),
+    step = make_train_step(self.objective, self.tx, optim.lr_schedule(self.cfg.train),
+                           functools.partial(finetune.assemble, self.cfg))
+    return jax.jit(step, in_shardings=(state_shardings, frozen_shardings,
+                                       sharding.batch_sharding(self.mesh)),
                    out_shardings=(state_shardings, None), donate_argnums=0)
 
   @property
   def tokens_per_step(self) -> int:
-    return self.cfg.train.batch_size * self.cfg.data.max_length
+    first = jax.tree.leaves(self.batches.take(np.zeros(1, int)))[0]
+    return self.cfg.train.batch_size * (first.shape[1] if first.ndim > 1 else 1)
 
   def flops_per_step(self, num_params: int) -> float:
     """Training FLOPs of one optimizer step, for MFU."""
-    m, length = self.model.cfg, self.cfg.data.max_length
+    m = model_lib.shape_of(self.model)
+    length = self.tokens_per_step // self.cfg.train.batch_size
     non_embedding = num_params - m.max_len * m.d_model  # position embeddings do no matmul
     return metrics.flops_per_token(non_embedding, m.num_layers, m.num_heads, m.head_dim,
                                    length) * self.tokens_per_step
 
 
 def make_train_step(objective: objectives.Objective, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule):
-  """One optimizer step over a batch of [grad_accum, micro_batch, ...] arrays."""
+                    schedule: optax.Schedule, assemble=lambda trainable, frozen: trainable):
+  """One optimizer step over a batch of [grad_accum, micro_batch, ...] arrays.
 
-  def train_step(state, batch):
+  Gradients flow to the state's (trainable) parameters only; `assemble(trainable, frozen)`
+  makes the model's parameters from both.
+  """
+
+  def train_step(state, frozen, batch):
     dropout_rng = jax.random.fold_in(state["rng"], state["step"])
 
     def grads_and_sums(params, micro_batch, rng):
       def loss(p):
-        sums = objective.loss(p, micro_batch, rng, True)
+        sums = objective.loss(assemble(p, frozen), micro_batch, rng, True)
         return sums["loss"], sums
       return jax.grad(loss, has_aux=True)(params)
 
@@ -143,7 +160,7 @@ def make_train_step(objective: objectives.Objective, tx: optax.GradientTransform
 def train(cfg, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last evaluation's metrics."""
   run = Run(cfg, workdir)
-  state, state_shardings = run.init_state()
+  state, state_shardings, frozen, frozen_shardings = run.init_state()
   tr = cfg.train
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.Checkpointer(workdir, tr.keep_checkpoints)
@@ -164,24 +181,31 @@ def train(cfg, workdir: str) -> dict:
       f.write(cfg.to_json_best_effort(indent=2))
     run.tokenizer.save(os.path.join(workdir, "tokenizer"))
   writer = metrics.MetricsWriter(workdir, enabled=run.is_main)
-  num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  num_trainable, num_frozen = finetune.count(state["params"]), finetune.count(frozen)
+  num_params = num_trainable + num_frozen
   tokens_per_step, flops = run.tokens_per_step, run.flops_per_step(num_params)
   peak = metrics.peak_flops(jax.devices()[0].device_kind, tr.peak_flops)
   if run.is_main:
-    print(f"{num_params:,} parameters; {tokens_per_step:,} tokens per step; starting at step "
-          f"{start}" + ("" if peak else "; MFU needs --config.train.peak_flops on this device"))
+    trained = (f"{num_trainable:,} of {num_params:,} parameters train"
+               if num_frozen else f"{num_params:,} parameters")
+    print(f"{trained}; {tokens_per_step:,} tokens per step; starting at step {start}"
+          + ("" if peak else "; MFU needs --config.train.peak_flops on this device"))
 
-  train_step = run.jit_train_step(state_shardings)
-  eval_step = jax.jit(lambda params, batch: run.objective.loss(params, batch, None, False),
-                      in_shardings=(state_shardings["params"], sharding.batch_sharding(run.mesh, 0)))
-  eval_data = [sharding.global_batch(b, run.mesh, batch_dim=0) for b in run.eval_batches]
+  train_step = run.jit_train_step(state_shardings, frozen_shardings)
+  assemble = functools.partial(finetune.assemble, cfg)
+  eval_step = jax.jit(
+      lambda params, frozen, batch: run.objective.loss(assemble(params, frozen), batch, None,
+                                                       False),
+      in_shardings=(state_shardings["params"], frozen_shardings,
+                    sharding.batch_sharding(run.mesh, 0)))
+  eval_data = {split: [sharding.global_batch(b, run.mesh, batch_dim=0) for b in batches]
+               for split, batches in run.task.evals.items()}
 
-  def evaluate(step):
+  def evaluate(step, split="eval"):
     with sharding.activate(run.mesh, cfg.mesh):
-      sums = [eval_step(state["params"], b) for b in eval_data]
-    totals = jax.tree.map(lambda *xs: float(sum(np.asarray(x) for x in xs)), *sums)
-    result = run.objective.summarize(totals)
-    writer.write({"step": step, "split": "eval", **result})
+      sums = [eval_step(state["params"], frozen, b) for b in eval_data[split]]
+    result = run.objective.summarize(objectives.add_sums(sums))
+    writer.write({"step": step, "split": split, **result})
     return result
 
   progress = _progress_bar(run.is_main, start, tr.steps)
@@ -189,7 +213,7 @@ def train(cfg, workdir: str) -> dict:
   for step in range(start + 1, tr.steps + 1):
     batch = sharding.global_batch(next(run.batches), run.mesh, batch_dim=1)
     with sharding.activate(run.mesh, cfg.mesh):
-      state, stats = train_step(state, batch)
+      state, stats = train_step(state, frozen, batch)
     if timer is None:  # the first step compiles: time from its end
       jax.block_until_ready(stats)
       timer, timer_step = time.perf_counter(), step
@@ -210,11 +234,14 @@ def train(cfg, workdir: str) -> dict:
         raise UserError(f"the loss became {stats['loss']} at step {step}; lower train.lr or "
                         f"check the data (the last checkpoint is intact)")
     progress.update(1)
-    if step % tr.eval_every == 0 or step == tr.steps:
+    if (step % tr.eval_every == 0 or step == tr.steps) and "eval" in eval_data:
       last_eval = evaluate(step)
       if run.is_main:
-        progress.write(f"step {step}: eval loss {last_eval['loss']:.4f}, "
-                       f"perplexity {last_eval['perplexity']:.2f}")
+        progress.write(f"step {step}: eval {_headline(last_eval)}")
+    if step == tr.steps and "test" in eval_data:
+      test = evaluate(step, "test")
+      if run.is_main:
+        progress.write(f"step {step}: test {_headline(test)}")
     preempted = ckpt.reached_preemption(step)
     if step % tr.checkpoint_every == 0 or step == tr.steps or preempted:
       ckpt.save(step, state, run.batches.state())
@@ -226,6 +253,11 @@ def train(cfg, workdir: str) -> dict:
   ckpt.close()
   writer.close()
   return last_eval
+
+
+def _headline(result: dict) -> str:
+  keys = ("loss", "perplexity", "accuracy")
+  return ", ".join(f"{k} {result[k]:.4f}" for k in keys if k in result)
 
 
 def _progress_bar(enabled: bool, start: int, total: int):

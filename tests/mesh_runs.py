@@ -31,7 +31,7 @@ def main(out, tmp, steps, *meshes):
     cfg = sharding_config(pathlib.Path(tmp), mesh, int(steps))
     workdir = os.path.join(tmp, f"run-{mesh}")
     train(cfg, workdir)
-    state, _ = Run(cfg, workdir).init_state()
+    state = Run(cfg, workdir).init_state()[0]
     wte = state["params"]["wte"]["embedding"]
     results[mesh] = {
         "losses": {m["step"]: m["loss"] for m in read_metrics(workdir) if m["split"] == "train"},

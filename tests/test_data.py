@@ -10,7 +10,7 @@ def test_windows_follow_the_stride():
   starts = data.window_starts(len(tokens), max_length=4, stride=3)
   # Windows of 5 tokens (4 inputs + 1 shifted target) starting every 3 tokens, as in the book.
   assert starts.tolist() == [0, 3, 6, 9, 12, 15]
-  batches = data.LMBatches(tokens, 4, 3, batch_size=6, grad_accum=1, seed=0)
+  batches = data.lm_batches(tokens, 4, 3, batch_size=6, grad_accum=1, seed=0)
   batch = next(batches)
   rows = sorted(map(tuple, batch["inputs"][0]))
   assert rows == [tuple(range(s, s + 4)) for s in starts]
@@ -21,13 +21,13 @@ def test_windows_follow_the_stride():
 
 def test_batches_depend_only_on_seed_and_position():
   tokens = np.arange(1000)
-  a = data.LMBatches(tokens, 8, 8, batch_size=4, grad_accum=2, seed=1)
+  a = data.lm_batches(tokens, 8, 8, batch_size=4, grad_accum=2, seed=1)
   first = [next(a) for _ in range(32)]  # crosses epochs: 124 windows, 4 per batch
-  b = data.LMBatches(tokens, 8, 8, batch_size=4, grad_accum=2, seed=1)
+  b = data.lm_batches(tokens, 8, 8, batch_size=4, grad_accum=2, seed=1)
   b.restore(a.state() | {"step": 17})
   assert all((next(b)["inputs"] == first[k]["inputs"]).all() for k in range(17, 32))
   assert first[0]["inputs"].shape == (2, 2, 8)
-  c = data.LMBatches(tokens, 8, 8, batch_size=4, grad_accum=2, seed=2)
+  c = data.lm_batches(tokens, 8, 8, batch_size=4, grad_accum=2, seed=2)
   assert not (next(c)["inputs"] == first[0]["inputs"]).all()
   # Each epoch visits every window once, in a new order.
   epoch = np.concatenate([f["inputs"][..., 0].ravel() for f in first])
@@ -36,8 +36,8 @@ def test_batches_depend_only_on_seed_and_position():
 
 def test_processes_read_disjoint_shares_of_the_global_batch():
   tokens = np.arange(1000)
-  whole = next(data.LMBatches(tokens, 8, 8, batch_size=8, grad_accum=2, seed=0))
-  parts = [next(data.LMBatches(tokens, 8, 8, batch_size=8, grad_accum=2, seed=0,
+  whole = next(data.lm_batches(tokens, 8, 8, batch_size=8, grad_accum=2, seed=0))
+  parts = [next(data.lm_batches(tokens, 8, 8, batch_size=8, grad_accum=2, seed=0,
                                process_index=p, process_count=2)) for p in range(2)]
   assert (np.concatenate([p["inputs"] for p in parts], axis=1) == whole["inputs"]).all()
 
@@ -51,8 +51,8 @@ def test_eval_batches_count_every_window_once():
 
 def test_too_little_text_fails_clearly():
   with pytest.raises(UserError, match="fewer than one window"):
-    data.LMBatches(np.arange(10), 16, 16, batch_size=2, grad_accum=1, seed=0)
-  with pytest.raises(UserError, match="validation part"):
+    data.lm_batches(np.arange(10), 16, 16, batch_size=2, grad_accum=1, seed=0)
+  with pytest.raises(UserError, match="evaluation text has 3 tokens"):
     data.eval_batches(np.arange(3), 16, 2, 2)
 
 

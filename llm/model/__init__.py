@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 
 from llm.model.gpt import GPT
+from llm.model.heads import Classifier
 from llm.model.layers import TransformerConfig
 
 FAMILIES = {"gpt": GPT}
@@ -30,5 +31,12 @@ def transformer_config(model_cfg, vocab_size: int) -> TransformerConfig:
   )
 
 
-def build(model_cfg, vocab_size: int):
-  return FAMILIES[model_cfg.kind](transformer_config(model_cfg, vocab_size))
+def build(model_cfg, vocab_size: int, num_classes: int = 0):
+  """The family's model; with `num_classes`, that model under a classification head."""
+  backbone = FAMILIES[model_cfg.kind](transformer_config(model_cfg, vocab_size))
+  return Classifier(backbone, num_classes) if num_classes else backbone
+
+
+def shape_of(model) -> TransformerConfig:
+  """The transformer's shape, for a family model or one under a task head."""
+  return model.backbone.cfg if isinstance(model, Classifier) else model.cfg

@@ -42,6 +42,13 @@ class GPT(nn.Module):
       x_BxLxD = block(x_BxLxD, valid_BxL, deterministic, decode)
     return self.ln_f(x_BxLxD)
 
+  def features(self, tokens_BxL, valid_BxL, deterministic=True):
+    """One vector per sequence for task heads: the last non-padding token's hidden state
+    (the only position that has read the whole right-padded text)."""
+    x_BxLxD = self.hidden(tokens_BxL, None, valid_BxL, deterministic)
+    last_B = jnp.sum(valid_BxL, axis=1) - 1
+    return x_BxLxD[jnp.arange(x_BxLxD.shape[0]), last_B]
+
   def logits(self, x_BxLxD):
     if self.cfg.tie_embeddings:
       logits_BxLxV = self.wte.attend(x_BxLxD)

@@ -1,0 +1,61 @@
+"""Labels text with a fine-tuned classifier.
+
+    python -m llm.classify --workdir=runs/spam --text="You won a prize! Call now" --text="See you"
+
+prints, per text, the most likely label and its probability.
+"""
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from llm import data, rundir, sharding, tasks
+from llm.errors import UserError, exits_cleanly
+
+
+class TextClassifier:
+
+  def __init__(self, workdir: str, devices=None):
+    self.run = rundir.load(workdir, devices)
+    if self.run.cfg.task.kind != "classify":
+      raise UserError(f"{workdir} is a task.kind={self.run.cfg.task.kind!r} run, not a "
+                      "classifier; use python -m llm.generate")
+    self.labels = tasks.labels(self.run.cfg)
+    model = self.run.model
+    self._probs = jax.jit(lambda params, tokens, valid: jax.nn.softmax(
+        model.apply({"params": params}, tokens, valid)))
+
+  def probabilities(self, texts: list[str]) -> np.ndarray:
+    """[len(texts), num_classes], each row summing to 1."""
+    run = self.run
+    examples = data.classification_examples(texts, np.zeros(len(texts), np.int32),
+                                            run.tokenizer, run.cfg.data.max_length)
+    with sharding.activate(run.mesh, run.mesh_cfg):
+      return np.asarray(self._probs(run.params, examples["tokens"], examples["valid"]))
+
+  def classify(self, texts: list[str]) -> list[tuple[str, float]]:
+    probs = self.probabilities(texts)
+    return [(self.labels[i], float(p[i])) for p, i in zip(probs, probs.argmax(1))]
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_string("workdir", None, "A classification run directory.")
+  flags.DEFINE_multi_string("text", [], "Text to classify (repeat for several).")
+
+
+@exits_cleanly
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  if not FLAGS.workdir or not FLAGS.text:
+    raise UserError('usage: python -m llm.classify --workdir=DIR --text="..." [--text="..."]')
+  for text, (label, prob) in zip(FLAGS.text, TextClassifier(FLAGS.workdir).classify(FLAGS.text)):
+    print(f"{label}\t{prob:.4f}\t{text}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

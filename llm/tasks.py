@@ -1,0 +1,109 @@
+"""What a run trains, chosen by `task.kind`: the model, its objective and its data.
+
+- lm: next-token prediction on windows of the token stream (pre-training).
+- classify: a head on the backbone's one vector per sequence; text + label records.
+- instruct: next-token prediction on Alpaca records, the prompt masked out of the loss.
+
+The train loop sees a Task and nothing else of the kind it trains.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import numpy as np
+
+from llm import data, objectives
+from llm import model as model_lib
+from llm.errors import UserError
+
+INSTRUCTION_FIELDS = ("instruction", "output")  # and "input", which may be missing
+
+
+@dataclasses.dataclass
+class Task:
+  model: nn.Module
+  objective: objectives.Objective
+  batches: data.Batches  # training batches, resumable
+  evals: dict  # split -> fixed batches; "eval" runs every train.eval_every, "test" at the end
+  summary: str  # one line about the data, printed at start
+
+
+def fields(cfg) -> tuple[str, ...]:
+  """The columns the task reads from each record."""
+  if cfg.task.kind == "classify":
+    return cfg.data.text_field, cfg.data.label_field
+  if cfg.task.kind == "instruct":
+    return INSTRUCTION_FIELDS
+  return (cfg.data.text_field,)
+
+
+def texts(cfg, docs):
+  """Text to train a tokenizer on, when the run has none."""
+  if cfg.task.kind == "instruct":
+    docs = docs.map(lambda r: {"text": data.alpaca_prompt(r["instruction"], r.get("input") or "")
+                               + r["output"]}, remove_columns=docs.column_names)
+    return data.texts(docs, "text", cfg.tokenizer.train_chars)
+  return data.texts(docs, cfg.data.text_field, cfg.tokenizer.train_chars)
+
+
+def labels(cfg) -> list[str]:
+  return [name.strip() for name in cfg.task.labels.split(",") if name.strip()]
+
+
+def build_model(cfg, vocab_size: int) -> nn.Module:
+  num_classes = len(labels(cfg)) if cfg.task.kind == "classify" else 0
+  return model_lib.build(cfg.model, vocab_size, num_classes)
+
+
+def build(cfg, docs, tokenizer, cache_dir: str = "", process_index=0, process_count=1) -> Task:
+  """The task of `cfg` on `docs`. A classification run without task.labels gets the data's
+  classes written into cfg.task.labels (and so into DIR/config.json)."""
+  tr, d = cfg.train, cfg.data
+  micro = tr.batch_size // tr.grad_accum
+  where = dict(process_index=process_index, process_count=process_count)
+
+  if cfg.task.kind == "lm":
+    tokens = data.token_stream(docs, tokenizer, d.text_field, cache_dir or d.cache_dir)
+    train_tokens, val_tokens = data.split(tokens, d.val_fraction)
+    batches = data.lm_batches(train_tokens, d.max_length, d.stride, tr.batch_size,
+                              tr.grad_accum, cfg.seed, **where)
+    evals = {"eval": data.eval_batches(val_tokens, d.max_length, micro, tr.eval_batches,
+                                       **where)}
+    model = build_model(cfg, tokenizer.vocab_size)
+    return Task(model, objectives.causal_lm(model), batches, evals,
+                f"{len(train_tokens):,} training tokens in {len(batches):,} windows")
+
+  if cfg.task.kind == "classify":
+    values = docs[d.label_field]
+    if not cfg.task.labels:
+      cfg.task.labels = ",".join(data.label_names(values))
+    names = labels(cfg)
+    if len(names) < 2:
+      raise UserError(f"task.labels={cfg.task.labels!r}: a classifier needs at least 2 classes")
+    label_ids = data.label_ids(values, names)
+    rows = data.balance(label_ids, cfg.seed) if d.balance else np.arange(len(label_ids))
+    examples = data.classification_examples([docs[int(i)][d.text_field] or "" for i in rows],
+                                            label_ids[rows], tokenizer, d.max_length)
+    model = build_model(cfg, tokenizer.vocab_size)
+    objective = objectives.classification(model, names)
+    counts = np.bincount(examples["labels"], minlength=len(names))
+    what = ", ".join(f"{n} {c}" for n, c in zip(names, counts))
+  else:  # instruct
+    records = [dict(r) for r in docs]
+    examples = data.instruction_examples(records, tokenizer, d.max_length, cfg.task.mask_prompt)
+    model = build_model(cfg, tokenizer.vocab_size)
+    objective = objectives.causal_lm(model)
+    what = "instructions"
+
+  parts = data.split_indices(len(examples["weights"]), d.val_fraction, d.test_fraction, cfg.seed,
+                             what="records")
+  subset = {name: {k: v[idx] for k, v in examples.items()} for name, idx in parts.items()}
+  batches = data.Batches(len(parts["train"]), data.take_rows(subset["train"]), tr.batch_size,
+                         tr.grad_accum, cfg.seed, **where)
+  evals = {name: data.fixed_batches(len(idx), data.take_rows(subset[name]), micro, len(idx),
+                                    **where)
+           for name, idx in parts.items() if name != "train" and len(idx)}
+  length = examples["tokens" if "tokens" in examples else "inputs"].shape[1]
+  return Task(model, objective, batches, evals,
+              f"{len(examples['weights']):,} records ({what}), padded to {length} tokens: "
+              + ", ".join(f"{len(idx)} {name}" for name, idx in parts.items()))
