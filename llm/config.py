@@ -4,6 +4,8 @@ Experiment files in configs/ call `base_config()` and change what they need. `va
 an entry point starts, so a wrong value stops the run at once with a line naming the key.
 """
 
+import re
+
 import ml_collections
 
 from llm.errors import UserError
@@ -135,7 +137,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "use at least 260 (256 byte pieces + specials)", t.vocab_size)
   _check(not (d.path and d.hf_name), "data.hf_name", "set data.path or data.hf_name, not both",
          d.hf_name)
-  _check(d.max_length >= 1, "data.max_length", "use a positive integer", d.max_length)
+  _check(d.max_length >= 0, "data.max_length", "use 0 (the model's context) or a length",
+         d.max_length)
   _check(d.max_length <= m.max_len, "data.max_length",
          f"must be at most model.max_len={m.max_len}", d.max_length)
   _check(d.stride >= 1, "data.stride", "use a positive number of tokens", d.stride)
@@ -150,6 +153,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
       tr.trainable.startswith("last:") and tr.trainable[5:].isdigit()), "train.trainable",
          'use "all", "head" or "last:K" (K blocks, the final norm and the head)', tr.trainable)
   _check(c.lora.rank >= 0, "lora.rank", "use 0 (off) or a positive rank", c.lora.rank)
+  try:
+    re.compile(c.lora.targets)
+  except re.error as e:
+    _check(False, "lora.targets", f"use a valid regular expression ({e})", c.lora.targets)
   _check(c.lora.rank == 0 or tr.trainable == "all", "train.trainable",
          "with lora.rank > 0 the adapters (and a task head) train; leave train.trainable=all",
          tr.trainable)

@@ -105,8 +105,9 @@ class Run:
 
   @property
   def tokens_per_step(self) -> int:
-    first = jax.tree.leaves(self.batches.take(np.zeros(1, int)))[0]
-    return self.cfg.train.batch_size * (first.shape[1] if first.ndim > 1 else 1)
+    example = self.batches.take(np.zeros(1, int))
+    length = max(x.shape[1] if x.ndim > 1 else 1 for x in example.values())
+    return self.cfg.train.batch_size * length
 
   def flops_per_step(self, num_params: int) -> float:
     """Training FLOPs of one optimizer step, for MFU."""

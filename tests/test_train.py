@@ -130,4 +130,5 @@ def test_shipped_configs_are_valid():
       config_lib.validate(module.get_config(variant))
 
 
-VARIANTS = {"gpt_small.py": ("tiny",)}
+VARIANTS = {"gpt_small.py": ("tiny",), "finetune_classify.py": ("lora",),
+            "finetune_instruct.py": ("lora",)}
