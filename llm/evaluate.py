@@ -43,12 +43,17 @@ def evaluate_lm(run: rundir.Run, path: str, text_field: str = "text", max_length
   return {**objective.summarize(totals), "tokens": int(totals["weight"])}
 
 
+def _records(cfg, data_path: str = ""):
+  """The run's own records, or those at `data_path` read the same way."""
+  if data_path:
+    cfg.data.path, cfg.data.hf_name = data_path, ""
+  return data.load_documents(cfg.data, tasks.fields(cfg))
+
+
 def evaluate_splits(run: rundir.Run, data_path: str = "") -> dict:
   """A fine-tuning run's metrics on its validation ("eval") and test splits."""
   cfg = run.cfg
-  if data_path:
-    cfg.data.path, cfg.data.hf_name = data_path, ""
-  docs = data.load_documents(cfg.data, tasks.fields(cfg))
+  docs = _records(cfg, data_path)
   task = tasks.build(cfg, docs, run.tokenizer)
   step = jax.jit(lambda params, batch: task.objective.loss(params, batch, None, False))
   results = {}
@@ -59,16 +64,17 @@ def evaluate_splits(run: rundir.Run, data_path: str = "") -> dict:
   return results
 
 
-def write_responses(workdir: str, out: str, max_new_tokens: int, batch_size: int) -> int:
+def write_responses(run: rundir.Run, out: str, max_new_tokens: int, batch_size: int,
+                    data_path: str = "") -> int:
   """An instruction-tuned run's greedy responses to its test split, as JSON lines."""
   from llm.generate import Generator
-  gen = Generator(workdir)
-  cfg = gen.cfg
-  docs = data.load_documents(cfg.data, tasks.fields(cfg))
+  gen = Generator("", run=run)
+  cfg = run.cfg
+  docs = _records(cfg, data_path)
   test = data.split_indices(len(docs), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed,
                             what="records")["test"]
   if not len(test):
-    raise UserError(f"{workdir} has no test split (data.test_fraction=0)")
+    raise UserError("this run has no test split (data.test_fraction=0)")
   records = [docs[int(i)] for i in test]
   with open(out, "w") as f:
     for b in range(0, len(records), batch_size):
@@ -127,11 +133,12 @@ def main(argv):
     print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
           f"({result['tokens']:,} tokens)")
     return
-  for split, result in evaluate_splits(rundir.load(FLAGS.workdir), data_path).items():
+  run = rundir.load(FLAGS.workdir)
+  for split, result in evaluate_splits(run, data_path).items():
     _print_split(split, result)
   if kind == "instruct":
     out = FLAGS.output or os.path.join(FLAGS.workdir, "test_responses.jsonl")
-    n = write_responses(FLAGS.workdir, out, FLAGS.max_new_tokens, FLAGS.batch_size)
+    n = write_responses(run, out, FLAGS.max_new_tokens, FLAGS.batch_size, data_path)
     print(f"wrote {n} test responses to {out}")
 
 

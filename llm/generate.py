@@ -110,8 +110,8 @@ def _generate(model, params, prompt_BxP, valid_BxP, rng, eot_id, *, max_new_toke
 class Generator:
   """A run directory (see rundir.load) that turns prompts into text."""
 
-  def __init__(self, workdir: str, devices=None):
-    run = rundir.load(workdir, devices)
+  def __init__(self, workdir: str, devices=None, run: rundir.Run | None = None):
+    run = run or rundir.load(workdir, devices)
     if run.cfg.task.kind == "classify":
       raise UserError(f"{workdir} is a classifier; use python -m llm.classify --workdir={workdir}")
     self.cfg, self.tokenizer, self.model, self.params = run.cfg, run.tokenizer, run.model, run.params

@@ -205,6 +205,17 @@ def test_instruction_lora_freezes_the_base_and_merges(tmp_path, base_run, shared
     np.testing.assert_array_equal(merged[path], tuned[path], err_msg=path)
   assert rundir.read_config(str(tmp_path / "merged")).init_from == ""
 
+  # The test split's responses, beside their references, ready for judging.
+  from llm import evaluate
+  out = tmp_path / "responses.jsonl"
+  assert evaluate.write_responses(rundir.load(workdir), str(out), max_new_tokens=3,
+                                  batch_size=8) == 20
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert len(rows) == 20 and set(rows[0]) == {"instruction", "input", "output", "response"}
+  with open(shared_data + "/instructions/instruction-examples.json") as f:
+    references = {(r["instruction"], r["output"]) for r in json.load(f)}
+  assert all((r["instruction"], r["output"]) in references for r in rows)
+
   # Instructions through the command line: the prompt is formatted, only the response printed.
   proc = subprocess.run([sys.executable, "-m", "llm.generate", f"--workdir={workdir}",
                          "--instruction=Name a colour.", "--max_new_tokens=5",
