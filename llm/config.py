@@ -24,10 +24,10 @@ DEFAULT_RULES = (
     ("length", None),
 )
 
-TASK_KINDS = ("lm", "classify", "instruct")
+TASK_KINDS = ("lm", "mlm", "classify", "instruct")
 DATA_FORMATS = ("", "text", "json", "csv", "tsv", "parquet")
 TOKENIZER_KINDS = ("sentencepiece", "gpt2", "wordpiece")
-MODEL_KINDS = ("gpt",)
+MODEL_KINDS = ("gpt", "bert")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "cudnn")
 
@@ -38,7 +38,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ""  # a run directory or Hugging Face folder to start from (fine-tuning)
 
   c.task = ta = ml_collections.ConfigDict()
-  ta.kind = "lm"  # "lm": next-token pre-training; "classify"; "instruct" (Alpaca records)
+  ta.kind = "lm"  # "lm": next-token pre-training; "mlm": BERT's masked LM + next sentence;
+  #                 "classify"; "instruct" (Alpaca records)
+  ta.mask_rate = 0.15  # mlm: share of tokens selected (80% [MASK], 10% random, 10% kept)
+  ta.mlm_weight = 1.0  # mlm: loss = mlm_weight * MLM + nsp_weight * NSP
+  ta.nsp_weight = 1.0
   ta.labels = ""  # classify: class names in order, comma-separated; empty: sorted from the data
   ta.mask_prompt = True  # instruct: only the response (and its end-of-text) is a target
 
@@ -56,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.use_bias = True
   m.ln_eps = 1e-5
   m.activation = "gelu_tanh"  # "gelu" (exact) or "relu"
+  m.pre_ln = True  # False: LayerNorm after each residual (BERT)
   m.attention_impl = "xla"  # or "cudnn" (GPU, half precision)
 
   c.tokenizer = t = ml_collections.ConfigDict()
@@ -63,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.path = ""  # existing tokenizer files; empty: train one on the run's text
   t.vocab_size = 4096  # size of a trained tokenizer
   t.train_chars = 20_000_000  # text read to train a tokenizer
+  t.lowercase = True  # wordpiece: lower-case and strip accents (an "uncased" vocabulary)
 
   c.data = d = ml_collections.ConfigDict()
   d.path = ""  # local file, glob or folder
@@ -96,7 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
   tr.eval_batches = 20
   tr.checkpoint_every = 500
   tr.keep_checkpoints = 3
-  tr.trainable = "all"  # "all", "head" (the output head) or "last:K" (K blocks, final norm, head)
+  tr.trainable = "all"  # "all", "head" (the output head) or "last:K" (K blocks, the final norm
+  #                       or pooler, and the head)
   tr.peak_flops = 0.0  # per device, for MFU; 0: look the device up in a table
 
   c.lora = lo = ml_collections.ConfigDict()
@@ -149,6 +156,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "data.test_fraction", f"use a value in [0, 1 - data.val_fraction={d.val_fraction})",
          d.test_fraction)
   _check(c.task.kind in TASK_KINDS, "task.kind", f"use one of {TASK_KINDS}", c.task.kind)
+  _check(c.task.kind != "mlm" or m.kind == "bert", "task.kind",
+         "masked-LM pre-training needs model.kind=bert", c.task.kind)
+  _check(c.task.kind not in ("lm", "instruct") or m.kind == "gpt", "task.kind",
+         "next-token training needs model.kind=gpt", c.task.kind)
+  _check(m.kind != "bert" or t.kind == "wordpiece", "tokenizer.kind",
+         "BERT needs the wordpiece tokenizer ([CLS], [SEP], [MASK])", t.kind)
+  _check(0.0 < c.task.mask_rate < 1.0, "task.mask_rate", "use a value in (0, 1)",
+         c.task.mask_rate)
   _check(tr.trainable in ("all", "head") or (
       tr.trainable.startswith("last:") and tr.trainable[5:].isdigit()), "train.trainable",
          'use "all", "head" or "last:K" (K blocks, the final norm and the head)', tr.trainable)

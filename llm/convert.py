@@ -1,17 +1,18 @@
-"""Moves models between Hugging Face folders and run directories.
+"""Moves models between Hugging Face folders and run directories: GPT-2 and BERT.
 
     python -m llm.convert --from_hf=gpt2 --workdir=runs/gpt2          # HF GPT-2 -> run directory
     python -m llm.convert --workdir=runs/gpt2 --to_hf=out/gpt2        # run directory -> HF GPT-2
     python -m llm.convert --workdir=runs/lora --merge_lora --out=runs/merged   # self-contained
 
-`--from_hf` takes a local folder (config.json, model.safetensors, vocab.json + merges.txt or
-tokenizer.json) or a hub name, downloaded where the network allows. The run directory it writes
+`--from_hf` takes a local folder (config.json, model.safetensors, the tokenizer's files: GPT-2's
+vocab.json + merges.txt or tokenizer.json, BERT's vocab.txt) or a hub name, downloaded where the network allows. The run directory it writes
 is what llm.generate, llm.evaluate and fine-tuning (`init_from`) read; a Hugging Face folder is
 also accepted as `init_from` directly.
 
 Layouts. Hugging Face GPT-2 stores its linear maps as Conv1D weights [in, out] and the query, key
-and value maps fused into one `c_attn` [D, 3D]; here each is a Dense kernel split by heads
-(query [D, N, H], out [N, H, D]).
+and value maps fused into one `c_attn` [D, 3D]; BERT stores nn.Linear weights [out, in]. Here
+each is a Dense kernel [in, out] split by heads (query [D, N, H], out [N, H, D]). A BERT
+checkpoint without pre-training heads (BertModel) loads as an encoder with fresh MLM/NSP heads.
 """
 
 import json
@@ -219,22 +220,179 @@ def gpt2_hf_config(model_cfg, vocab_size: int, eot_id: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# BERT
+
+# transformers' BERT names -> this BERT's, per block ("attention.self.query" -> attn/query ...).
+_BERT_BLOCK = {"attention.self.query": "attn/query", "attention.self.key": "attn/key",
+               "attention.self.value": "attn/value", "attention.output.dense": "attn/out",
+               "intermediate.dense": "mlp/wi", "output.dense": "mlp/wo"}
+_BERT_NORMS = {"attention.output.LayerNorm": "ln_attn", "output.LayerNorm": "ln_mlp"}
+_BERT_BUFFERS = ("position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+
+
+def bert_model_config(hf: dict) -> dict:
+  if hf.get("position_embedding_type", "absolute") != "absolute":
+    raise UserError(f"config.json: position_embedding_type={hf['position_embedding_type']!r}; "
+                    "this BERT has absolute positions")
+  activation = hf.get("hidden_act", "gelu")
+  if activation not in HF_ACTIVATIONS:
+    raise UserError(f"config.json: hidden_act={activation!r} is not one of "
+                    f"{sorted(HF_ACTIVATIONS)}")
+  return dict(kind="bert", num_layers=hf["num_hidden_layers"],
+              num_heads=hf["num_attention_heads"], d_model=hf["hidden_size"],
+              d_ff=hf["intermediate_size"], max_len=hf["max_position_embeddings"],
+              vocab_size=hf["vocab_size"], tie_embeddings=True, use_bias=True,
+              ln_eps=hf.get("layer_norm_eps", 1e-12), activation=HF_ACTIVATIONS[activation],
+              pre_ln=False, dropout=0.0)
+
+
+def bert_params_from_hf(tensors: dict[str, np.ndarray], m, directory: str = "checkpoint") -> dict:
+  """transformers BertForPreTraining / BertModel tensors -> this BERT's parameters (heads the
+  checkpoint lacks are left out)."""
+  tensors = {k.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight").replace(
+      "LayerNorm.beta", "LayerNorm.bias"): v for k, v in tensors.items()}
+  t = _Tensors(tensors, directory, ignore=_BERT_BUFFERS)
+  D, N, H, F, V = m.d_model, m.num_heads, m.head_dim, m.d_ff, m.vocab_size
+
+  def ln(prefix):
+    return {"scale": t.take(prefix + ".weight", (D,)), "bias": t.take(prefix + ".bias", (D,))}
+
+  def dense(prefix, kernel_shape, bias_shape):  # nn.Linear keeps [out, in]
+    n_out = int(np.prod(bias_shape))
+    n_in = int(np.prod(kernel_shape)) // n_out
+    return {"kernel": t.take(prefix + ".weight", (n_out, n_in)).T.reshape(kernel_shape),
+            "bias": t.take(prefix + ".bias", (n_out,)).reshape(bias_shape)}
+
+  e = "embeddings."
+  params = {"wte": {"embedding": t.take(e + "word_embeddings.weight", (V, D))},
+            "wpe": {"embedding": t.take(e + "position_embeddings.weight", (m.max_len, D))},
+            "wse": {"embedding": t.take(e + "token_type_embeddings.weight",
+                                        (m.type_vocab_size, D))},
+            "ln_emb": ln(e + "LayerNorm")}
+  shapes = {"attn/query": ((D, N, H), (N, H)), "attn/key": ((D, N, H), (N, H)),
+            "attn/value": ((D, N, H), (N, H)), "attn/out": ((N, H, D), (D,)),
+            "mlp/wi": ((D, F), (F,)), "mlp/wo": ((F, D), (D,))}
+  for i in range(m.num_layers):
+    block = {}
+    for theirs, ours in _BERT_BLOCK.items():
+      module, leaf = ours.split("/")
+      block.setdefault(module, {})[leaf] = dense(f"encoder.layer.{i}.{theirs}", *shapes[ours])
+    for theirs, ours in _BERT_NORMS.items():
+      block[ours] = ln(f"encoder.layer.{i}.{theirs}")
+    params[f"block_{i}"] = block
+  if "pooler.dense.weight" in tensors:
+    params["pooler"] = dense("pooler.dense", (D, D), (D,))
+  if "cls.predictions.bias" in tensors:
+    params["mlm_dense"] = dense("cls.predictions.transform.dense", (D, D), (D,))
+    params["mlm_ln"] = ln("cls.predictions.transform.LayerNorm")
+    params["mlm_bias"] = t.take("cls.predictions.bias", (V,))
+  if "cls.seq_relationship.weight" in tensors:
+    params["nsp"] = dense("cls.seq_relationship", (D, 2), (2,))
+  t.check_all_used()
+  return params
+
+
+def bert_params_to_hf(params, m, vocab_size: int) -> dict[str, np.ndarray]:
+  """The inverse of `bert_params_from_hf`, as BertForPreTraining names them."""
+  p = {k: _numpy(v) for k, v in _flatten(params).items()}
+  out = {"bert.embeddings.word_embeddings.weight": p["wte/embedding"][:vocab_size],
+         "bert.embeddings.position_embeddings.weight": p["wpe/embedding"],
+         "bert.embeddings.token_type_embeddings.weight": p["wse/embedding"]}
+
+  def ln(ours, theirs):
+    out[theirs + ".weight"], out[theirs + ".bias"] = p[ours + "/scale"], p[ours + "/bias"]
+
+  def dense(ours, theirs):  # [in..., out...] -> nn.Linear's [out, in]
+    bias = p[ours + "/bias"].reshape(-1)
+    out[theirs + ".weight"] = p[ours + "/kernel"].reshape(-1, bias.size).T
+    out[theirs + ".bias"] = bias
+
+  ln("ln_emb", "bert.embeddings.LayerNorm")
+  for i in range(m.num_layers):
+    for theirs, ours in _BERT_BLOCK.items():
+      dense(f"block_{i}/{ours}", f"bert.encoder.layer.{i}.{theirs}")
+    for theirs, ours in _BERT_NORMS.items():
+      ln(f"block_{i}/{ours}", f"bert.encoder.layer.{i}.{theirs}")
+  dense("pooler", "bert.pooler.dense")
+  dense("mlm_dense", "cls.predictions.transform.dense")
+  ln("mlm_ln", "cls.predictions.transform.LayerNorm")
+  out["cls.predictions.bias"] = p["mlm_bias"][:vocab_size]
+  dense("nsp", "cls.seq_relationship")
+  return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def bert_hf_config(model_cfg, tokenizer) -> dict:
+  if model_cfg.pre_ln or not model_cfg.use_bias:
+    raise UserError("transformers' BERT is post-LN with biases; this run has model.pre_ln="
+                    f"{model_cfg.pre_ln}, model.use_bias={model_cfg.use_bias}")
+  activation = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[model_cfg.activation]
+  return {"architectures": ["BertForPreTraining"], "model_type": "bert",
+          "vocab_size": tokenizer.vocab_size, "hidden_size": model_cfg.d_model,
+          "num_hidden_layers": model_cfg.num_layers,
+          "num_attention_heads": model_cfg.num_heads, "intermediate_size": model_cfg.d_ff,
+          "max_position_embeddings": model_cfg.max_len, "type_vocab_size": 2,
+          "hidden_act": activation, "layer_norm_eps": model_cfg.ln_eps,
+          "hidden_dropout_prob": model_cfg.dropout, "attention_probs_dropout_prob":
+          model_cfg.dropout, "pad_token_id": tokenizer.pad_id, "torch_dtype": "float32"}
+
+
+# ---------------------------------------------------------------------------------------------
 # Whole folders
+
+
+FAMILIES = {"gpt2": (gpt2_model_config, gpt2_params_from_hf),
+            "bert": (bert_model_config, bert_params_from_hf)}
+
+
+def hf_model_values(hf: dict) -> dict:
+  """The `model` section of a run config for a transformers config.json."""
+  if hf.get("model_type") not in FAMILIES:
+    raise UserError(f"config.json has model_type={hf.get('model_type')!r}; this converter reads "
+                    f"{', '.join(FAMILIES)}")
+  return FAMILIES[hf["model_type"]][0](hf)
+
+
+def hf_tokenizer(directory: str, hf: dict) -> tokenizer_lib.Tokenizer:
+  if hf["model_type"] == "bert":  # vocab.txt, or the vocabulary inside tokenizer.json
+    settings = os.path.join(directory, "tokenizer_config.json")
+    lowercase = json.load(open(settings)).get("do_lower_case", True) if os.path.isfile(
+        settings) else True
+    if os.path.isfile(os.path.join(directory, "vocab.txt")):
+      return tokenizer_lib.WordPieceTokenizer.from_file(os.path.join(directory, "vocab.txt"),
+                                                        lowercase)
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(path):
+      raise UserError(f"{directory} has neither vocab.txt nor tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+      spec = json.load(f)
+    lowercase = (spec.get("normalizer") or {}).get("lowercase", lowercase)
+    return tokenizer_lib.WordPieceTokenizer(spec["model"]["vocab"], lowercase)
+  return tokenizer_lib.GPT2Tokenizer(directory)
 
 
 def load_hf(name_or_path: str, allow_torch_bin: bool = False):
   """A Hugging Face folder (or hub name) -> (model section values, tokenizer, params)."""
+  import flax.linen as nn
+  import jax
   directory = resolve_hf(name_or_path)
   hf = read_hf_config(directory)
-  model_values = gpt2_model_config(hf)
-  tokenizer = tokenizer_lib.GPT2Tokenizer(directory)
+  model_values = hf_model_values(hf)
+  tokenizer = hf_tokenizer(directory, hf)
   model_cfg = config_lib.base_config().model
   model_cfg.update(model_values)
-  m = model_lib.transformer_config(model_cfg, tokenizer.vocab_size)
-  if m.vocab_size != model_values["vocab_size"]:
+  model = model_lib.build(model_cfg, tokenizer.vocab_size)
+  if model.cfg.vocab_size != model_values["vocab_size"]:
     raise UserError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but "
                     f"config.json's vocab_size is {model_values['vocab_size']}")
-  params = gpt2_params_from_hf(read_hf_tensors(directory, allow_torch_bin), m, directory)
+  params = FAMILIES[hf["model_type"]][1](read_hf_tensors(directory, allow_torch_bin), model.cfg,
+                                         directory)
+  fresh = _flatten(nn.meta.unbox(jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), np.zeros((1, 1), np.int32))["params"])))
+  missing = sorted({p.split("/")[0] for p in fresh} - set(params))
+  if missing:  # heads the checkpoint does not have (a BertModel): fresh ones
+    print(f"note: {directory} has no {', '.join(missing)}; these start fresh")
+    init = nn.meta.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 1), np.int32))["params"])
+    params.update({name: jax.device_get(init[name]) for name in missing})
   return model_values, tokenizer, params
 
 
@@ -255,25 +413,33 @@ def from_hf(name_or_path: str, workdir: str, allow_torch_bin: bool = False) -> N
   model_values, tokenizer, params = load_hf(name_or_path, allow_torch_bin)
   cfg = config_lib.base_config()
   cfg.model.update(model_values)
-  cfg.tokenizer.kind = "gpt2"
+  cfg.tokenizer.kind = tokenizer.kind
+  if tokenizer.kind == "wordpiece":
+    cfg.tokenizer.lowercase = tokenizer.lowercase
+    cfg.task.kind = "mlm"
   cfg.data.max_length = cfg.data.stride = min(cfg.data.max_length, cfg.model.max_len)
   write_run(workdir, cfg, tokenizer, params)
   num_params = sum(x.size for x in _flatten(params).values())
-  print(f"wrote {workdir}: GPT-2 with {num_params:,} parameters ({cfg.model.num_layers} layers, "
-        f"width {cfg.model.d_model}, context {cfg.model.max_len})")
+  print(f"wrote {workdir}: {cfg.model.kind.upper()} with {num_params:,} parameters "
+        f"({cfg.model.num_layers} layers, width {cfg.model.d_model}, context {cfg.model.max_len})")
 
 
 def to_hf(workdir: str, out: str) -> None:
-  """DIR -> a folder that transformers.AutoModelForCausalLM.from_pretrained reads."""
+  """DIR -> a folder that transformers reads: AutoModelForCausalLM for GPT-2,
+  BertForPreTraining (or AutoModel) for BERT."""
   import jax
   from safetensors.numpy import save_file
   cfg = rundir.read_config(workdir)
-  if cfg.model.kind != "gpt":
-    raise UserError(f"--to_hf writes GPT-2; {workdir} holds model.kind={cfg.model.kind!r}")
+  if cfg.task.kind == "classify":
+    raise UserError(f"--to_hf writes language models; {workdir} is a classifier")
   run = rundir.load(workdir, jax.devices()[:1])
   tokenizer = run.tokenizer
-  hf_config = gpt2_hf_config(cfg.model, tokenizer.vocab_size, tokenizer.eot_id)
-  tensors = gpt2_params_to_hf(run.params, run.model.cfg, tokenizer.vocab_size)
+  if cfg.model.kind == "bert":
+    hf_config = bert_hf_config(cfg.model, tokenizer)
+    tensors = bert_params_to_hf(run.params, run.model.cfg, tokenizer.vocab_size)
+  else:
+    hf_config = gpt2_hf_config(cfg.model, tokenizer.vocab_size, tokenizer.eot_id)
+    tensors = gpt2_params_to_hf(run.params, run.model.cfg, tokenizer.vocab_size)
   os.makedirs(out, exist_ok=True)
   save_file(tensors, os.path.join(out, HF_WEIGHTS), metadata={"format": "pt"})
   with open(os.path.join(out, "config.json"), "w") as f:
@@ -284,6 +450,11 @@ def to_hf(workdir: str, out: str) -> None:
       json.dump({"tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg.model.max_len,
                  "bos_token": tokenizer_lib.ENDOFTEXT, "eos_token": tokenizer_lib.ENDOFTEXT,
                  "unk_token": tokenizer_lib.ENDOFTEXT, "add_prefix_space": False}, f, indent=2)
+  elif isinstance(tokenizer, tokenizer_lib.WordPieceTokenizer):
+    tokenizer.save(out)
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+      json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": tokenizer.lowercase,
+                 "model_max_length": cfg.model.max_len}, f, indent=2)
   else:
     tokenizer.save(out)
     print(f"note: the run's {tokenizer.kind} tokenizer is saved as it is; transformers' "

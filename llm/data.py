@@ -19,6 +19,7 @@ import csv
 import glob
 import hashlib
 import os
+import re
 
 import numpy as np
 
@@ -161,8 +162,9 @@ def _lm_example(tokens: np.ndarray, starts: np.ndarray, max_length: int) -> dict
 class Batches:
   """Examples 0..n-1 in a fresh shuffle every epoch; batch k is fixed by (seed, k).
 
-  `take(indices)` makes the examples (a dict of arrays, first dim = example). Every process
-  computes the same global order and takes only its own share of each batch.
+  `take(indices, epochs)` makes the examples (a dict of arrays, first dim = example); the epoch
+  lets an example change from one epoch to the next (BERT's masking). Every process computes
+  the same global order and takes only its own share of each batch.
   """
 
   def __init__(self, num_examples, take, batch_size, grad_accum, seed, process_index=0,
@@ -196,7 +198,7 @@ class Batches:
     first = self.step * self.batch_size
     g = [first + a * micro + self.process_index * local + j
          for a in range(self.grad_accum) for j in range(local)]
-    batch = self.take(np.array([self._example(i) for i in g]))
+    batch = self.take(np.array([self._example(i) for i in g]), np.array(g) // self.num_examples)
     self.step += 1
     return {k: v.reshape(self.grad_accum, local, *v.shape[1:]) for k, v in batch.items()}
 
@@ -220,7 +222,7 @@ def fixed_batches(num_examples, take, batch_size, num_batches, process_index=0,
   for b in range(padded // batch_size):
     rows = np.arange(b * batch_size + process_index * local,
                      b * batch_size + (process_index + 1) * local)
-    example = take(rows % n)  # the filler cycles back to the first examples ...
+    example = take(rows % n, np.zeros_like(rows))  # the filler cycles back to the first ...
     real = (rows < n).astype(np.float32)  # ... with weight 0
     example["weights"] = example["weights"] * real.reshape(-1, *[1] * (
         example["weights"].ndim - 1))
@@ -236,7 +238,7 @@ def lm_batches(tokens, max_length, stride, batch_size, grad_accum, seed, process
     raise UserError(f"the training text has {len(tokens)} tokens, fewer than one window of "
                     f"data.max_length + 1 = {max_length + 1}; use more text or a smaller "
                     f"data.max_length")
-  return Batches(len(starts), lambda idx: _lm_example(tokens, starts[idx], max_length),
+  return Batches(len(starts), lambda idx, _: _lm_example(tokens, starts[idx], max_length),
                  batch_size, grad_accum, seed, process_index, process_count)
 
 
@@ -247,7 +249,7 @@ def eval_batches(tokens, max_length, batch_size, num_batches, process_index=0,
   if len(starts) == 0:
     raise UserError(f"the evaluation text has {len(tokens)} tokens, fewer than one window of "
                     f"{max_length + 1}; use more text (or raise data.val_fraction)")
-  return fixed_batches(len(starts), lambda idx: _lm_example(tokens, starts[idx], max_length),
+  return fixed_batches(len(starts), lambda idx, _: _lm_example(tokens, starts[idx], max_length),
                        batch_size, num_batches, process_index, process_count)
 
 
@@ -312,11 +314,19 @@ def _pad(rows: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, n
   return tokens, valid
 
 
+def with_specials(ids: list[int], tokenizer, max_length: int) -> list[int]:
+  """A text's ids as the model reads them: [CLS] ids [SEP] for WordPiece (BERT), else as they
+  are; cut to max_length."""
+  if tokenizer.kind == "wordpiece":
+    return [tokenizer.cls_id] + ids[:max_length - 2] + [tokenizer.sep_id]
+  return ids[:max_length] or [tokenizer.pad_id]
+
+
 def classification_examples(texts: list[str], labels: np.ndarray, tokenizer,
                             max_length: int) -> dict:
   """Right-padded token ids (truncated to max_length; padded to the longest text or
   max_length), their validity mask, the class ids and weight 1 per example."""
-  rows = [ids[:max_length] or [tokenizer.pad_id] for ids in tokenizer.encode_batch(texts)]
+  rows = [with_specials(ids, tokenizer, max_length) for ids in tokenizer.encode_batch(texts)]
   tokens, valid = _pad(rows, max(map(len, rows)), tokenizer.pad_id)
   return {"tokens": tokens, "valid": valid, "labels": labels.astype(np.int32),
           "weights": np.ones(len(rows), np.float32)}
@@ -353,4 +363,110 @@ def instruction_examples(records, tokenizer, max_length: int, mask_prompt: bool)
 
 def take_rows(arrays: dict):
   """`take` for examples held in memory."""
-  return lambda idx: {k: v[idx] for k, v in arrays.items()}
+  return lambda idx, _: {k: v[idx] for k, v in arrays.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT pre-training: sentence pairs and masking
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+IS_NEXT, RANDOM_NEXT = 0, 1  # next-sentence labels, as transformers' BertForPreTraining
+
+
+def sentences(text: str) -> list[str]:
+  """A document cut at line breaks and after . ! ? followed by space."""
+  return [s.strip() for s in _SENTENCE_END.split(text or "") if s.strip()]
+
+
+def _segments(doc_sentence_ids: list[list[int]], target: int) -> list[list[int]]:
+  """Consecutive sentences joined until each piece holds at least `target` tokens."""
+  pieces, current = [], []
+  for ids in doc_sentence_ids:
+    current = current + ids
+    if len(current) >= target:
+      pieces.append(current)
+      current = []
+  if current:
+    pieces.append(current)
+  return pieces
+
+
+class SentencePairs:
+  """[CLS] A [SEP] B [SEP] pairs for next-sentence prediction.
+
+  Documents are cut into pieces of consecutive sentences (at least half a pair's length each);
+  example i is piece A_i, and in each epoch B is drawn from (seed, epoch, i): the piece after
+  A_i half of the time, a piece of another document otherwise. A pair too long loses tokens
+  from its longer side.
+  """
+
+  def __init__(self, texts: list[str], tokenizer, max_length: int, seed: int):
+    self.tokenizer, self.max_length, self.seed = tokenizer, max_length, seed
+    self.docs = []
+    for text in texts:
+      sentence_ids = [ids for ids in tokenizer.encode_batch(sentences(text)) if ids]
+      self.docs.append(_segments(sentence_ids, (max_length - 3) // 2))
+    self.anchors = [(d, k) for d, pieces in enumerate(self.docs) for k in range(len(pieces) - 1)]
+    if sum(1 for d in self.docs if d) < 2 or not self.anchors:
+      raise UserError(f"next-sentence prediction needs at least 2 documents, one of them with 2 "
+                      f"pieces of {(max_length - 3) // 2} tokens; use more text or a smaller "
+                      "data.max_length")
+    self.non_empty = [d for d, pieces in enumerate(self.docs) if pieces]
+
+  def __len__(self):
+    return len(self.anchors)
+
+  def take(self, indices: np.ndarray, epochs: np.ndarray) -> dict:
+    """Arrays tokens, segments, valid [n, max_length]; nsp_labels, weights [n]."""
+    tok, L = self.tokenizer, self.max_length
+    rows, labels = [], []
+    for i, epoch in zip(indices, epochs):
+      rng = np.random.default_rng([self.seed, 3, int(epoch), int(i)])
+      d, k = self.anchors[int(i)]
+      a = list(self.docs[d][k])
+      others = [o for o in self.non_empty if o != d]
+      if rng.random() < 0.5 or not others:
+        b, label = list(self.docs[d][k + 1]), IS_NEXT
+      else:
+        other = self.docs[others[rng.integers(len(others))]]
+        b, label = list(other[rng.integers(len(other))]), RANDOM_NEXT
+      while len(a) + len(b) > L - 3:
+        (a if len(a) >= len(b) else b).pop()
+      rows.append(([tok.cls_id] + a + [tok.sep_id] + b + [tok.sep_id], len(a) + 2))
+      labels.append(label)
+    tokens, valid = _pad([r for r, _ in rows], L, tok.pad_id)
+    segments = (np.arange(L)[None, :] >= np.array([n for _, n in rows])[:, None]) & valid
+    return {"tokens": tokens, "segments": segments.astype(np.int32), "valid": valid,
+            "nsp_labels": np.array(labels, np.int32), "weights": np.ones(len(rows), np.float32)}
+
+
+def max_predictions(max_length: int, rate: float) -> int:
+  return max(1, int(np.ceil(rate * max_length)) + 1)
+
+
+def mask_tokens(examples: dict, indices: np.ndarray, epochs: np.ndarray, tokenizer, rate: float,
+                seed: int) -> dict:
+  """BERT's masking of each example, drawn from (seed, epoch, example): `rate` of the
+  non-special tokens are selected; of those 80% become [MASK], 10% a random token, 10% stay.
+
+  Adds mlm_positions, mlm_ids (the original tokens) and mlm_weights [n, P] to the examples.
+  """
+  tokens = examples["tokens"].copy()
+  n, L = tokens.shape
+  P = max_predictions(L, rate)
+  positions = np.zeros((n, P), np.int32)
+  ids = np.zeros((n, P), np.int32)
+  weights = np.zeros((n, P), np.float32)
+  specials = np.isin(tokens, list(tokenizer.special_ids)) | ~examples["valid"]
+  for r in range(n):
+    rng = np.random.default_rng([seed, 4, int(epochs[r]), int(indices[r])])
+    candidates = np.flatnonzero(~specials[r])
+    k = min(max(1, int(round(rate * len(candidates)))), P, len(candidates))
+    chosen = np.sort(rng.choice(candidates, k, replace=False))
+    positions[r, :k], ids[r, :k], weights[r, :k] = chosen, tokens[r, chosen], 1.0
+    draw = rng.random(k)
+    tokens[r, chosen[draw < 0.8]] = tokenizer.mask_id
+    random = chosen[(draw >= 0.8) & (draw < 0.9)]
+    tokens[r, random] = rng.integers(0, tokenizer.vocab_size, len(random))
+  return {**examples, "tokens": tokens, "mlm_positions": positions, "mlm_ids": ids,
+          "mlm_weights": weights}

@@ -43,8 +43,9 @@ class Source:
       if not os.path.isdir(path) and os.path.exists(path):
         raise UserError(f"init_from={path!r} is not a run directory nor a model folder")
       directory = convert.resolve_hf(path)
-      self.model_values = convert.gpt2_model_config(convert.read_hf_config(directory))
-      self.tokenizer = tokenizer_lib.GPT2Tokenizer(directory)
+      hf = convert.read_hf_config(directory)
+      self.model_values = convert.hf_model_values(hf)
+      self.tokenizer = convert.hf_tokenizer(directory, hf)
       self._params = lambda: convert.load_hf(directory)[2]
 
   def params(self):
@@ -74,7 +75,8 @@ def is_trainable(cfg, num_layers: int):
   top = set(HEADS)
   if cfg.train.trainable.startswith("last:"):
     k = int(cfg.train.trainable[5:])
-    top |= {"ln_f"} | {f"block_{i}" for i in range(max(num_layers - k, 0), num_layers)}
+    # the final norm (GPT) or the pooler (BERT) sit between the last block and the head
+    top |= {"ln_f", "pooler"} | {f"block_{i}" for i in range(max(num_layers - k, 0), num_layers)}
   return lambda path: any(s in top for s in segments(path))
 
 

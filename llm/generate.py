@@ -114,6 +114,9 @@ class Generator:
     run = run or rundir.load(workdir, devices)
     if run.cfg.task.kind == "classify":
       raise UserError(f"{workdir} is a classifier; use python -m llm.classify --workdir={workdir}")
+    if run.cfg.model.kind != "gpt":
+      raise UserError(f"{workdir} holds a {run.cfg.model.kind.upper()} encoder, which does not "
+                      f"generate text; use python -m llm.embed or fine-tune a classifier")
     self.cfg, self.tokenizer, self.model, self.params = run.cfg, run.tokenizer, run.model, run.params
     self.mesh, self.mesh_cfg = run.mesh, run.mesh_cfg
 

@@ -1,7 +1,9 @@
 """Losses, one per task. The train loop sees only an Objective: it never knows the task.
 
-An objective's `loss` returns sums over the batch (`loss`, `weight`, and any task counts), so
+An objective's `loss` returns sums over the batch (losses, weights, task counts), so
 micro-batches and hosts add up exactly; `summarize` turns summed values into the metrics logged.
+`terms` say how the sums make the loss that is minimised: each (sum, batch weight key,
+coefficient) adds coefficient x sum / (that key's total over the step's whole batch).
 """
 
 import dataclasses
@@ -20,6 +22,15 @@ class Objective:
   loss: Callable
   # summed values (host floats) -> metrics for metrics.jsonl
   summarize: Callable
+  terms: tuple = (("loss", "weights", 1.0),)
+
+  def total(self, sums: dict, counts: dict):
+    """The loss minimised: each term's sum over its count (see `counts`)."""
+    return sum(coef * sums[key] / counts[weights] for key, weights, coef in self.terms)
+
+  def counts(self, batch: dict) -> dict:
+    """Each term's normaliser: its weights summed over the whole batch (at least 1)."""
+    return {weights: jnp.maximum(jnp.sum(batch[weights]), 1.0) for _, weights, _ in self.terms}
 
 
 def causal_lm(model) -> Objective:
@@ -72,3 +83,33 @@ def classification(model, labels: list[str]) -> Objective:
 def add_sums(sums: list[dict]) -> dict:
   """Per-batch sums (device arrays) -> their totals on the host."""
   return jax.tree.map(lambda *xs: np.sum([np.asarray(x) for x in xs], axis=0), *sums)
+
+
+def mlm_nsp(model, mlm_weight: float = 1.0, nsp_weight: float = 1.0) -> Objective:
+  """BERT's pre-training loss: masked-token cross-entropy (mean over the selected tokens) plus
+  next-sentence cross-entropy (mean over pairs), each with its weight."""
+
+  def loss(params, batch, dropout_rng, train):
+    mlm_BxPxV, nsp_Bx2 = model.apply(
+        {"params": params}, batch["tokens"], batch["segments"], batch["valid"],
+        batch["mlm_positions"], deterministic=not train,
+        rngs={"dropout": dropout_rng} if train else {})
+    mlm_w, nsp_w = batch["mlm_weights"], batch["weights"]
+    mlm_ce = optax.softmax_cross_entropy_with_integer_labels(mlm_BxPxV, batch["mlm_ids"])
+    nsp_ce = optax.softmax_cross_entropy_with_integer_labels(nsp_Bx2, batch["nsp_labels"])
+    hit = lambda logits, labels: (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return {"mlm_loss": jnp.sum(mlm_ce * mlm_w), "mlm_weight": jnp.sum(mlm_w),
+            "mlm_correct": jnp.sum(hit(mlm_BxPxV, batch["mlm_ids"]) * mlm_w),
+            "nsp_loss": jnp.sum(nsp_ce * nsp_w), "nsp_weight": jnp.sum(nsp_w),
+            "nsp_correct": jnp.sum(hit(nsp_Bx2, batch["nsp_labels"]) * nsp_w)}
+
+  def summarize(sums):
+    mean = lambda key, weight: float(sums[key]) / max(float(sums[weight]), 1.0)
+    mlm, nsp = mean("mlm_loss", "mlm_weight"), mean("nsp_loss", "nsp_weight")
+    return {"loss": mlm_weight * mlm + nsp_weight * nsp, "mlm_loss": mlm,
+            "mlm_accuracy": mean("mlm_correct", "mlm_weight"),
+            "perplexity": math.exp(min(mlm, 80.0)),  # of the masked tokens
+            "nsp_loss": nsp, "nsp_accuracy": mean("nsp_correct", "nsp_weight")}
+
+  return Objective(loss, summarize, terms=(("mlm_loss", "mlm_weights", mlm_weight),
+                                           ("nsp_loss", "weights", nsp_weight)))

@@ -1,6 +1,7 @@
 """What a run trains, chosen by `task.kind`: the model, its objective and its data.
 
-- lm: next-token prediction on windows of the token stream (pre-training).
+- lm: next-token prediction on windows of the token stream (GPT pre-training).
+- mlm: masked-LM + next-sentence prediction on sentence pairs (BERT pre-training).
 - classify: a head on the backbone's one vector per sequence; text + label records.
 - instruct: next-token prediction on Alpaca records, the prompt masked out of the loss.
 
@@ -72,6 +73,26 @@ def build(cfg, docs, tokenizer, cache_dir: str = "", process_index=0, process_co
     model = build_model(cfg, tokenizer.vocab_size)
     return Task(model, objectives.causal_lm(model), batches, evals,
                 f"{len(train_tokens):,} training tokens in {len(batches):,} windows")
+
+  if cfg.task.kind == "mlm":
+    texts_ = [t or "" for t in docs[d.text_field]]
+    cut = int(round(len(texts_) * (1.0 - d.val_fraction)))  # validation: the last documents
+    pairs = {"train": data.SentencePairs(texts_[:cut], tokenizer, d.max_length, cfg.seed),
+             "eval": data.SentencePairs(texts_[cut:], tokenizer, d.max_length, cfg.seed + 1)}
+
+    def masked(split):  # a pair drawn for this epoch, then its tokens masked for this epoch
+      return lambda idx, epochs: data.mask_tokens(pairs[split].take(idx, epochs), idx, epochs,
+                                                  tokenizer, cfg.task.mask_rate, cfg.seed)
+
+    batches = data.Batches(len(pairs["train"]), masked("train"), tr.batch_size, tr.grad_accum,
+                           cfg.seed, **where)
+    evals = {"eval": data.fixed_batches(len(pairs["eval"]), masked("eval"), micro,
+                                        tr.eval_batches, **where)}
+    model = build_model(cfg, tokenizer.vocab_size)
+    objective = objectives.mlm_nsp(model, cfg.task.mlm_weight, cfg.task.nsp_weight)
+    return Task(model, objective, batches, evals,
+                f"{len(batches):,} training sentence pairs (a new partner and mask every "
+                f"epoch), {len(pairs['eval']):,} for validation")
 
   if cfg.task.kind == "classify":
     values = docs[d.label_field]

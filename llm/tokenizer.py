@@ -2,6 +2,7 @@
 
 - sentencepiece: BPE with byte fallback, trained on the run's text or loaded from a .model file.
 - gpt2: OpenAI's GPT-2 BPE through tiktoken, built offline from encoder.json + vocab.bpe.
+- wordpiece: BERT's WordPiece through `tokenizers`, trained on the run's text or from vocab.txt.
 
 `build` makes the one a config asks for; `load` reads the copy a run saved in DIR/tokenizer/.
 """
@@ -215,6 +216,76 @@ class GPT2Tokenizer(Tokenizer):
     return "gpt2-" + digest.hexdigest()[:16]
 
 
+class WordPieceTokenizer(Tokenizer):
+  """BERT's WordPiece through the `tokenizers` library: BERT's normaliser (lower-casing and
+  accent stripping when `lowercase`), its pre-tokenizer, and [PAD] [UNK] [CLS] [SEP] [MASK].
+
+  `encode` gives the text's pieces alone; models add [CLS] / [SEP] where they need them.
+  """
+  kind = "wordpiece"
+  VOCAB_FILE = "vocab.txt"
+  SETTINGS_FILE = "wordpiece.json"
+  SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+  def __init__(self, vocab: dict[str, int], lowercase: bool = True):
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+    missing = [t for t in self.SPECIALS if t not in vocab]
+    if missing:
+      raise UserError(f"tokenizer: the WordPiece vocabulary lacks {', '.join(missing)}")
+    self.vocab, self.lowercase = vocab, lowercase
+    self._tok = HFTokenizer(models.WordPiece(vocab, unk_token="[UNK]",
+                                             max_input_chars_per_word=100))
+    self._tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+    self._tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    self._tok.decoder = decoders.WordPiece(prefix="##")
+    self._tok.add_special_tokens(list(self.SPECIALS))  # "[MASK]" in text is the token, as in BERT
+    self.vocab_size = len(vocab)
+    self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+        vocab[t] for t in self.SPECIALS)
+    self.eot_id = self.sep_id  # ends a text
+    self.special_ids = frozenset((self.pad_id, self.cls_id, self.sep_id, self.mask_id))
+
+  @classmethod
+  def from_file(cls, path: str, lowercase: bool = True) -> "WordPieceTokenizer":
+    if not os.path.isfile(path):
+      raise UserError(f"tokenizer.path: no WordPiece vocab.txt at {path}")
+    with open(path, encoding="utf-8") as f:
+      tokens = [line.rstrip("\n") for line in f]
+    return cls({t: i for i, t in enumerate(tokens) if t}, lowercase)
+
+  @classmethod
+  def train(cls, texts: Iterable[str], vocab_size: int, lowercase: bool) -> "WordPieceTokenizer":
+    from tokenizers import Tokenizer as HFTokenizer, models, normalizers, pre_tokenizers, trainers
+    tok = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=None)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=list(cls.SPECIALS), show_progress=False))
+    return cls(tok.get_vocab(), lowercase)
+
+  def encode(self, text):
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts):
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids):
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def save(self, directory):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, self.VOCAB_FILE), "w", encoding="utf-8") as f:
+      f.writelines(t + "\n" for t, _ in sorted(self.vocab.items(), key=lambda kv: kv[1]))
+    with open(os.path.join(directory, self.SETTINGS_FILE), "w") as f:
+      json.dump({"lowercase": self.lowercase}, f)
+
+  def fingerprint(self):
+    import hashlib
+    digest = hashlib.sha256(json.dumps([sorted(self.vocab.items()), self.lowercase]).encode())
+    return "wp-" + digest.hexdigest()[:16]
+
+
 def build(cfg, texts: Iterable[str] | None, directory: str) -> Tokenizer:
   """The tokenizer `cfg.tokenizer` asks for, saved into `directory` (a run's DIR/tokenizer).
 
@@ -238,13 +309,28 @@ def build(cfg, texts: Iterable[str] | None, directory: str) -> Tokenizer:
     tok = GPT2Tokenizer(t.path or None)
     tok.save(directory)
     return tok
-  raise UserError(f"tokenizer.kind={t.kind!r} is not available yet; use sentencepiece or gpt2")
+  if t.kind == "wordpiece":
+    if t.path:
+      path = os.path.join(t.path, WordPieceTokenizer.VOCAB_FILE) if os.path.isdir(t.path) else t.path
+      tok = WordPieceTokenizer.from_file(path, t.lowercase)
+    elif texts is None:
+      raise UserError("tokenizer.path is empty and there is no text to train a tokenizer on")
+    else:
+      tok = WordPieceTokenizer.train(texts, t.vocab_size, t.lowercase)
+    tok.save(directory)
+    return tok
+  raise UserError(f"tokenizer.kind={t.kind!r} is unknown")
 
 
 def load(directory: str) -> Tokenizer:
   """The tokenizer a run saved in DIR/tokenizer/."""
   if os.path.isfile(os.path.join(directory, SentencePieceTokenizer.MODEL_FILE)):
     return SentencePieceTokenizer(os.path.join(directory, SentencePieceTokenizer.MODEL_FILE))
+  if os.path.isfile(os.path.join(directory, WordPieceTokenizer.VOCAB_FILE)):
+    settings = os.path.join(directory, WordPieceTokenizer.SETTINGS_FILE)
+    lowercase = json.load(open(settings))["lowercase"] if os.path.isfile(settings) else True
+    return WordPieceTokenizer.from_file(os.path.join(directory, WordPieceTokenizer.VOCAB_FILE),
+                                        lowercase)
   if any(os.path.isfile(os.path.join(directory, name))
          for name in GPT2Tokenizer.FILES + GPT2Tokenizer.HF_FILES + ("tokenizer.json",)):
     return GPT2Tokenizer(directory)

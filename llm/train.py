@@ -105,7 +105,7 @@ class Run:
 
   @property
   def tokens_per_step(self) -> int:
-    example = self.batches.take(np.zeros(1, int))
+    example = self.batches.take(np.zeros(1, int), np.zeros(1, int))
     length = max(x.shape[1] if x.ndim > 1 else 1 for x in example.values())
     return self.cfg.train.batch_size * length
 
@@ -128,11 +128,14 @@ def make_train_step(objective: objectives.Objective, tx: optax.GradientTransform
 
   def train_step(state, frozen, batch):
     dropout_rng = jax.random.fold_in(state["rng"], state["step"])
+    # Each loss term is divided by its weight over the whole step (every micro-batch): the
+    # micro-batches' gradients then add up to exactly the gradient of the step's mean loss.
+    counts = objective.counts(batch)
 
     def grads_and_sums(params, micro_batch, rng):
       def loss(p):
         sums = objective.loss(assemble(p, frozen), micro_batch, rng, True)
-        return sums["loss"], sums
+        return objective.total(sums, counts), sums
       return jax.grad(loss, has_aux=True)(params)
 
     def micro_step(totals, xs):
@@ -145,13 +148,10 @@ def make_train_step(objective: objectives.Objective, tx: optax.GradientTransform
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
                          jax.eval_shape(grads_and_sums, state["params"], first, dropout_rng))
     (grads, sums), _ = jax.lax.scan(micro_step, zeros, (batch, jnp.arange(num_micro)))
-    # The objective sums over targets: the mean over all of them is the step's loss.
-    weight = jnp.maximum(sums["weight"], 1.0)
-    grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
                  "opt_state": opt_state, "rng": state["rng"]}
-    stats = {"loss": sums["loss"] / weight, "grad_norm": optax.tree.norm(grads),
+    stats = {"loss": objective.total(sums, counts), "grad_norm": optax.tree.norm(grads),
              "lr": schedule(state["step"])}
     return new_state, stats
 

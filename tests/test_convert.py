@@ -10,8 +10,8 @@ import pytest
 
 from conftest import ROOT
 
-torch = pytest.importorskip("torch")  # a test dependency: requirements-test.txt installs it
-transformers = pytest.importorskip("transformers")
+import torch  # test dependencies (requirements-test.txt): a missing one fails, never skips
+import transformers
 
 VARIED_TEXT = ("Héllo wörld! 你好, мир 🙂  tabs\tand   spaces\n\n\nnumbers 3.14159 1,000,000 "
                "x=42;y = -7 it's we'll they're <|endoftext|>next document   trailing  ")

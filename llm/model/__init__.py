@@ -2,11 +2,12 @@
 
 import jax.numpy as jnp
 
+from llm.model.bert import BERT
 from llm.model.gpt import GPT
 from llm.model.heads import Classifier
 from llm.model.layers import TransformerConfig
 
-FAMILIES = {"gpt": GPT}
+FAMILIES = {"gpt": GPT, "bert": BERT}
 
 
 def transformer_config(model_cfg, vocab_size: int) -> TransformerConfig:
@@ -27,6 +28,7 @@ def transformer_config(model_cfg, vocab_size: int) -> TransformerConfig:
       use_bias=model_cfg.use_bias,
       ln_eps=model_cfg.ln_eps,
       activation=model_cfg.activation,
+      pre_ln=model_cfg.pre_ln,
       attention_impl=model_cfg.attention_impl,
   )
 

@@ -29,6 +29,8 @@ class TransformerConfig:
   use_bias: bool = True
   ln_eps: float = 1e-5
   activation: str = "gelu_tanh"  # a key of ACTIVATIONS
+  pre_ln: bool = True  # LayerNorm before each sublayer (GPT-2); False: after the residual (BERT)
+  type_vocab_size: int = 2  # BERT's segment (token type) embeddings
   attention_impl: str = "xla"
 
   @property
@@ -166,17 +168,23 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+  """A transformer block. Pre-LN: x + attn(ln(x)), then x + mlp(ln(x)) (GPT-2).
+  Post-LN: ln(x + attn(x)), then ln(x + mlp(x)) (BERT)."""
   cfg: TransformerConfig
   causal: bool = True
 
   @nn.compact
   def __call__(self, x_BxLxD, valid_BxL, deterministic: bool, decode: bool = False):
+    cfg = self.cfg
     # GPT-2 scales the init of the projections into the residual stream by 1/sqrt(2 * layers).
-    out_std = 0.02 / math.sqrt(2 * self.cfg.num_layers)
-    h_BxLxD = layer_norm(self.cfg, "ln_attn")(x_BxLxD)
-    x_BxLxD = x_BxLxD + Attention(self.cfg, self.causal, out_std, name="attn")(
-        h_BxLxD, valid_BxL, deterministic, decode)
-    h_BxLxD = layer_norm(self.cfg, "ln_mlp")(x_BxLxD)
-    x_BxLxD = x_BxLxD + MLP(self.cfg, out_std, name="mlp")(h_BxLxD, deterministic)
+    out_std = 0.02 / math.sqrt(2 * cfg.num_layers) if cfg.pre_ln else 0.02
+    attn = Attention(cfg, self.causal, out_std, name="attn")
+    mlp = MLP(cfg, out_std, name="mlp")
+    ln_attn, ln_mlp = layer_norm(cfg, "ln_attn"), layer_norm(cfg, "ln_mlp")
+    if cfg.pre_ln:
+      x_BxLxD = x_BxLxD + attn(ln_attn(x_BxLxD), valid_BxL, deterministic, decode)
+      x_BxLxD = x_BxLxD + mlp(ln_mlp(x_BxLxD), deterministic)
+    else:
+      x_BxLxD = ln_attn(x_BxLxD + attn(x_BxLxD, valid_BxL, deterministic, decode))
+      x_BxLxD = ln_mlp(x_BxLxD + mlp(x_BxLxD, deterministic))
     return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
