@@ -40,8 +40,10 @@ class Run:
   def __init__(self, cfg, workdir: str):
     self.cfg, self.workdir = cfg, workdir
     self.source = finetune.Source(cfg.init_from) if cfg.init_from else None
-    if self.source:  # the architecture is the source's; dropout stays the run's choice
+    if self.source:  # the architecture and tokenizer are the source's; dropout is the run's
       cfg.model.update({k: v for k, v in self.source.model_values.items() if k != "dropout"})
+      cfg.tokenizer.kind = self.source.tokenizer.kind
+      cfg.tokenizer.lowercase = getattr(self.source.tokenizer, "lowercase", cfg.tokenizer.lowercase)
     if cfg.data.max_length == 0:
       cfg.data.max_length = cfg.model.max_len
     config_lib.validate(cfg)

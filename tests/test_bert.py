@@ -165,3 +165,30 @@ def test_minilm_embeddings_equal_sentence_transformers_pooling(tmp_path):
   cosine = np.sum(ours * theirs, axis=1)
   assert (cosine >= 0.9999).all(), cosine
   assert ours[0] @ ours[1] > ours[0] @ ours[2] + 0.3  # paraphrases closer than unrelated text
+
+
+def test_classifier_from_a_hugging_face_bert(tmp_path):
+  """init_from a BertModel folder: [CLS] text [SEP], a head on the pooled [CLS]."""
+  from llm import rundir
+  from llm.classify import TextClassifier
+  from llm.config import base_config
+  from llm.train import train
+  save_hf_bert(tmp_path / "hf", heads=False, **BERT_SHAPES["2x32"])
+  rows = ["label,text"] + [f"{('no', 'yes')[i % 2]},sentence number {i}" for i in range(20)]
+  (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+  cfg = base_config()
+  cfg.init_from = str(tmp_path / "hf")
+  cfg.task.kind = "classify"
+  cfg.data.update(path=str(tmp_path / "data.csv"), max_length=0, val_fraction=0.2,
+                  cache_dir=str(tmp_path / "cache"))
+  cfg.train.update(steps=2, batch_size=4, trainable="last:1", log_every=1, eval_every=2,
+                   checkpoint_every=2, peak_flops=1e9)
+  train(cfg, str(tmp_path / "run"))
+  saved = rundir.read_config(str(tmp_path / "run"))
+  assert (saved.model.kind, saved.tokenizer.kind, saved.model.max_len) == ("bert", "wordpiece", 64)
+  clf = TextClassifier(str(tmp_path / "run"))
+  examples = data.classification_examples(
+      ["hello"], np.zeros(1, np.int32), clf.run.tokenizer, 64)
+  assert examples["tokens"][0, 0] == 101 and examples["tokens"][0, -1] == 102  # [CLS] .. [SEP]
+  [(label, prob)] = clf.classify(["sentence number 3"])
+  assert label in ("no", "yes") and 0.5 <= prob <= 1.0
