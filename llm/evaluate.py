@@ -90,12 +90,8 @@ def write_responses(run: rundir.Run, out: str, max_new_tokens: int, batch_size: 
 
 
 def _print_split(split: str, result: dict) -> None:
-  line = f"{split}: loss {result['loss']:.4f}"
-  if "accuracy" in result:
-    line += f"  accuracy {result['accuracy']:.4f}"
-  if "perplexity" in result:
-    line += f"  perplexity {result['perplexity']:.2f}"
-  print(line)
+  print(f"{split}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()
+                                 if isinstance(v, float)))
   for name, m in result.get("per_class", {}).items():
     print(f"  {name:>12}: precision {m['precision']:.4f}  recall {m['recall']:.4f}  "
           f"f1 {m['f1']:.4f}  ({m['support']} examples)")

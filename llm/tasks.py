@@ -75,10 +75,10 @@ def build(cfg, docs, tokenizer, cache_dir: str = "", process_index=0, process_co
                 f"{len(train_tokens):,} training tokens in {len(batches):,} windows")
 
   if cfg.task.kind == "mlm":
-    texts_ = [t or "" for t in docs[d.text_field]]
-    cut = int(round(len(texts_) * (1.0 - d.val_fraction)))  # validation: the last documents
-    pairs = {"train": data.SentencePairs(texts_[:cut], tokenizer, d.max_length, cfg.seed),
-             "eval": data.SentencePairs(texts_[cut:], tokenizer, d.max_length, cfg.seed + 1)}
+    doc_texts = [t or "" for t in docs[d.text_field]]
+    cut = int(round(len(doc_texts) * (1.0 - d.val_fraction)))  # validation: the last documents
+    pairs = {"train": data.SentencePairs(doc_texts[:cut], tokenizer, d.max_length, cfg.seed),
+             "eval": data.SentencePairs(doc_texts[cut:], tokenizer, d.max_length, cfg.seed + 1)}
 
     def masked(split):  # a pair drawn for this epoch, then its tokens masked for this epoch
       return lambda idx, epochs: data.mask_tokens(pairs[split].take(idx, epochs), idx, epochs,
