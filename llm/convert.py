@@ -5,9 +5,9 @@
     python -m llm.convert --workdir=runs/lora --merge_lora --out=runs/merged   # self-contained
 
 `--from_hf` takes a local folder (config.json, model.safetensors, the tokenizer's files: GPT-2's
-vocab.json + merges.txt or tokenizer.json, BERT's vocab.txt) or a hub name, downloaded where the network allows. The run directory it writes
-is what llm.generate, llm.evaluate and fine-tuning (`init_from`) read; a Hugging Face folder is
-also accepted as `init_from` directly.
+vocab.json + merges.txt or tokenizer.json, BERT's vocab.txt) or a hub name, downloaded where the
+network allows. The run directory it writes is what llm.generate, llm.evaluate, llm.embed and
+fine-tuning (`init_from`) read; a Hugging Face folder is also accepted as `init_from` directly.
 
 Layouts. Hugging Face GPT-2 stores its linear maps as Conv1D weights [in, out] and the query, key
 and value maps fused into one `c_attn` [D, 3D]; BERT stores nn.Linear weights [out, in]. Here

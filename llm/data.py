@@ -356,7 +356,8 @@ def instruction_examples(records, tokenizer, max_length: int, mask_prompt: bool)
   seq, _ = _pad(rows, length + 1, eot)
   weights = np.zeros((len(rows), length), np.float32)
   for i, (p, row) in enumerate(zip(prompts, rows)):
-    first = len(p) - 1 if mask_prompt else 0  # the target at position len(p) - 1 is the response's first token
+    # The target at position len(p) - 1 is the response's first token.
+    first = len(p) - 1 if mask_prompt else 0
     weights[i, first:len(row) - 1] = 1.0
   return {"inputs": seq[:, :-1], "targets": seq[:, 1:], "weights": weights}
 

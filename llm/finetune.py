@@ -35,8 +35,7 @@ class Source:
     config_path = os.path.join(path, "config.json")
     is_run = os.path.isfile(config_path) and "model" in json.load(open(config_path))
     if is_run:
-      self.cfg = rundir.read_config(path)
-      self.model_values = self.cfg.model.to_dict()
+      self.model_values = rundir.read_config(path).model.to_dict()
       self.tokenizer = tokenizer_lib.load(os.path.join(path, "tokenizer"))
       self._params = lambda: rundir.load(path, jax.devices()).params
     else:

@@ -117,7 +117,8 @@ class Generator:
     if run.cfg.model.kind != "gpt":
       raise UserError(f"{workdir} holds a {run.cfg.model.kind.upper()} encoder, which does not "
                       f"generate text; use python -m llm.embed or fine-tune a classifier")
-    self.cfg, self.tokenizer, self.model, self.params = run.cfg, run.tokenizer, run.model, run.params
+    self.cfg, self.tokenizer = run.cfg, run.tokenizer
+    self.model, self.params = run.model, run.params
     self.mesh, self.mesh_cfg = run.mesh, run.mesh_cfg
 
   def generate(self, prompts: list[str], max_new_tokens: int = 100, temperature: float = 1.0,

@@ -311,7 +311,8 @@ def build(cfg, texts: Iterable[str] | None, directory: str) -> Tokenizer:
     return tok
   if t.kind == "wordpiece":
     if t.path:
-      path = os.path.join(t.path, WordPieceTokenizer.VOCAB_FILE) if os.path.isdir(t.path) else t.path
+      path = (os.path.join(t.path, WordPieceTokenizer.VOCAB_FILE) if os.path.isdir(t.path)
+              else t.path)
       tok = WordPieceTokenizer.from_file(path, t.lowercase)
     elif texts is None:
       raise UserError("tokenizer.path is empty and there is no text to train a tokenizer on")

@@ -64,7 +64,8 @@ class Run:
                       f"tokenizer's {self.tokenizer.vocab_size}; use 0 or a larger size")
     self.task = tasks.build(cfg, docs, self.tokenizer, process_index=jax.process_index(),
                             process_count=jax.process_count())
-    self.model, self.objective, self.batches = self.task.model, self.task.objective, self.task.batches
+    self.model, self.objective = self.task.model, self.task.objective
+    self.batches = self.task.batches
     self.trainable = finetune.is_trainable(cfg, model_lib.shape_of(self.model).num_layers)
     self.tx = optim.build(cfg.train)
     if self.is_main:
