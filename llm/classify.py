@@ -28,10 +28,9 @@ class TextClassifier:
   def probabilities(self, texts: list[str]) -> np.ndarray:
     """[len(texts), num_classes], each row summing to 1."""
     run = self.run
-    examples = data.classification_examples(texts, np.zeros(len(texts), np.int32),
-                                            run.tokenizer, run.cfg.data.max_length)
+    tokens, valid = data.encode_texts(texts, run.tokenizer, run.cfg.data.max_length)
     with sharding.activate(run.mesh, run.mesh_cfg):
-      return np.asarray(self._probs(run.params, examples["tokens"], examples["valid"]))
+      return np.asarray(self._probs(run.params, tokens, valid))
 
   def classify(self, texts: list[str]) -> list[tuple[str, float]]:
     probs = self.probabilities(texts)

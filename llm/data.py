@@ -322,14 +322,19 @@ def with_specials(ids: list[int], tokenizer, max_length: int) -> list[int]:
   return ids[:max_length] or [tokenizer.pad_id]
 
 
+def encode_texts(texts: list[str], tokenizer, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Texts as a classifier or encoder reads them: right-padded ids [n, L] (L: the longest text,
+  at most max_length) and their validity mask."""
+  rows = [with_specials(ids, tokenizer, max_length) for ids in tokenizer.encode_batch(texts)]
+  return _pad(rows, max(map(len, rows)), tokenizer.pad_id)
+
+
 def classification_examples(texts: list[str], labels: np.ndarray, tokenizer,
                             max_length: int) -> dict:
-  """Right-padded token ids (truncated to max_length; padded to the longest text or
-  max_length), their validity mask, the class ids and weight 1 per example."""
-  rows = [with_specials(ids, tokenizer, max_length) for ids in tokenizer.encode_batch(texts)]
-  tokens, valid = _pad(rows, max(map(len, rows)), tokenizer.pad_id)
+  """`encode_texts` plus the class ids and weight 1 per example."""
+  tokens, valid = encode_texts(texts, tokenizer, max_length)
   return {"tokens": tokens, "valid": valid, "labels": labels.astype(np.int32),
-          "weights": np.ones(len(rows), np.float32)}
+          "weights": np.ones(len(texts), np.float32)}
 
 
 def alpaca_prompt(instruction: str, input_text: str = "") -> str:

@@ -40,10 +40,9 @@ class Embedder:
   def embed(self, texts: list[str]) -> np.ndarray:
     """[len(texts), d_model], unit length."""
     run = self.run
-    examples = data.classification_examples(texts, np.zeros(len(texts), np.int32),
-                                            run.tokenizer, run.cfg.data.max_length)
+    tokens, valid = data.encode_texts(texts, run.tokenizer, run.cfg.data.max_length)
     with sharding.activate(run.mesh, run.mesh_cfg):
-      return np.asarray(self._embed(run.params, examples["tokens"], examples["valid"]))
+      return np.asarray(self._embed(run.params, tokens, valid))
 
 
 FLAGS = flags.FLAGS

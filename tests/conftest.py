@@ -25,6 +25,23 @@ def tiny_config(tmp_path, **overrides):
   return c
 
 
+def train_classifier_from(tmp_path, init_from: str, trainable: str) -> str:
+  """Two steps of a yes/no classifier fine-tuned from `init_from`; returns its run directory."""
+  from llm.config import base_config
+  from llm.train import train
+  rows = ["label,text"] + [f"{('no', 'yes')[i % 2]},sentence number {i}" for i in range(20)]
+  (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+  cfg = base_config()
+  cfg.init_from = init_from
+  cfg.task.kind = "classify"
+  cfg.data.update(path=str(tmp_path / "data.csv"), max_length=0, val_fraction=0.2,
+                  cache_dir=str(tmp_path / "cache"))
+  cfg.train.update(steps=2, batch_size=4, trainable=trainable, log_every=1, eval_every=2,
+                   checkpoint_every=2, peak_flops=1e9)
+  train(cfg, str(tmp_path / "run"))
+  return str(tmp_path / "run")
+
+
 @pytest.fixture(scope="session")
 def shared_data():
   assert os.path.isdir(SHARED_DATA), f"test data missing: {SHARED_DATA}"

