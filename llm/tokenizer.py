@@ -260,8 +260,15 @@ class WordPieceTokenizer(Tokenizer):
     tok = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=None)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    texts = list(texts)
+    # The trainer numbers "##c" pieces in hash-map order and breaks ties between merges by
+    # those numbers, so the vocabulary changes from run to run (huggingface/tokenizers#1794).
+    # Numbering every "##c" up front, sorted, makes training deterministic.
+    chars = {c for text in texts for c in tok.normalizer.normalize_str(text) if not c.isspace()}
+    continuations = [f"##{c}" for c in sorted(chars)]
     tok.train_from_iterator(texts, trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=list(cls.SPECIALS), show_progress=False))
+        vocab_size=vocab_size, special_tokens=list(cls.SPECIALS) + continuations,
+        show_progress=False))
     return cls(tok.get_vocab(), lowercase)
 
   def encode(self, text):

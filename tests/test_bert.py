@@ -31,6 +31,17 @@ def test_wordpiece_from_vocab_txt_equals_transformers(wordpiece):
   assert wordpiece.vocab_size == 30522 and wordpiece.mask_id == 103 and wordpiece.pad_id == 0
 
 
+def test_trained_wordpiece_is_the_same_every_time():
+  """tokenizers numbers "##" pieces in hash order (huggingface/tokenizers#1794); trained here,
+  the vocabulary must not depend on it."""
+  from llm.tokenizer import WordPieceTokenizer
+  texts = list(data.embedded_corpus()["text"])[:20]
+  first = WordPieceTokenizer.train(texts, 500, lowercase=True).vocab
+  assert all(WordPieceTokenizer.train(texts, 500, lowercase=True).vocab == first
+             for _ in range(3))
+  assert len(first) == 500 and first["[PAD]"] == 0 and first["[MASK]"] == 4
+
+
 def test_masking_rates_specials_and_nsp_balance(wordpiece):
   texts = [t for t in data.embedded_corpus()["text"]]
   pairs = data.SentencePairs(texts, wordpiece, max_length=128, seed=0)
@@ -91,6 +102,32 @@ def test_tiny_bert_learns_mlm_and_nsp(tmp_path):
   # ~590 held-out pairs: chance is 0.5 +- 0.02
   assert max(m["nsp_accuracy"] for m in evals[-2:]) > 0.57
   assert {"mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy", "perplexity"} <= set(last)
+
+
+def test_bert_resume_is_bit_exact_across_epochs(tmp_path):
+  """Pairs and masks come from (seed, epoch, example): a run stopped at step 3 and resumed
+  draws the same ones as a run that never stopped, also in the epochs after the restart."""
+  import json
+  from llm.train import train
+  topics = ["cats sleep all day. they purr when happy. kittens chase string.",
+            "rivers flow to the sea. fish swim upstream. boats float along.",
+            "stars shine at night. planets orbit the sun. comets have tails.",
+            "bread needs flour. yeast makes it rise. ovens bake it brown."]
+  lines = [json.dumps({"text": " ".join([t] * n)}) for n in (3, 2) for t in topics]
+  (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+  overrides = {"model.kind": "bert", "model.pre_ln": False, "model.max_len": 32,
+               "model.dropout": 0.1, "tokenizer.kind": "wordpiece", "tokenizer.vocab_size": 300,
+               "task.kind": "mlm", "data.path": str(tmp_path / "docs.jsonl"),
+               "data.max_length": 32, "data.val_fraction": 0.25, "train.steps": 8,
+               "train.batch_size": 4, "train.grad_accum": 2, "train.checkpoint_every": 3}
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train(tiny_config(tmp_path, **overrides), straight)
+  train(tiny_config(tmp_path, **{**overrides, "train.steps": 3}), resumed)
+  train(tiny_config(tmp_path, **overrides), resumed)
+  losses = lambda run: [(m["step"], m["loss"]) for m in read_metrics(run) if m["split"] == "train"]
+  assert losses(resumed) == losses(straight) and len(losses(straight)) == 8
+  evals = lambda run: [m for m in read_metrics(run) if m["split"] == "eval"]
+  assert evals(resumed) == evals(straight)
 
 
 def save_hf_bert(directory, heads=True, **config):
