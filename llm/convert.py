@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 from absl import app, flags, logging
+from flax import traverse_util
 
 from llm import checkpoint, config as config_lib, rundir
 from llm import model as model_lib
@@ -179,17 +180,19 @@ def gpt2_params_from_hf(tensors: dict[str, np.ndarray], m, directory: str = "che
 
 def gpt2_params_to_hf(params, m, vocab_size: int) -> dict[str, np.ndarray]:
   """The inverse of `gpt2_params_from_hf`; rows past `vocab_size` (padding) are dropped."""
-  p = {k: _numpy(v) for k, v in _flatten(params).items()}
+  p = _flat_numpy(params)
   D = m.d_model
   out = {"transformer.wte.weight": p["wte/embedding"][:vocab_size],
          "transformer.wpe.weight": p["wpe/embedding"]}
-  for ours, theirs in (("ln_f", "ln_f"),) + tuple(
-      (f"block_{i}/{a}", f"h.{i}.{b}") for i in range(m.num_layers)
-      for a, b in (("ln_attn", "ln_1"), ("ln_mlp", "ln_2"))):
-    out[f"transformer.{theirs}.weight"] = p[f"{ours}/scale"]
-    out[f"transformer.{theirs}.bias"] = p[f"{ours}/bias"]
+
+  def ln(ours, theirs):
+    out[theirs + ".weight"], out[theirs + ".bias"] = p[ours + "/scale"], p[ours + "/bias"]
+
+  ln("ln_f", "transformer.ln_f")
   for i in range(m.num_layers):
     b, h = f"block_{i}/", f"transformer.h.{i}."
+    ln(b + "ln_attn", h + "ln_1")
+    ln(b + "ln_mlp", h + "ln_2")
     qkv = ("query", "key", "value")
     out[h + "attn.c_attn.weight"] = np.concatenate(
         [p[f"{b}attn/{n}/kernel"].reshape(D, D) for n in qkv], axis=1)
@@ -294,7 +297,7 @@ def bert_params_from_hf(tensors: dict[str, np.ndarray], m, directory: str = "che
 
 def bert_params_to_hf(params, m, vocab_size: int) -> dict[str, np.ndarray]:
   """The inverse of `bert_params_from_hf`, as BertForPreTraining names them."""
-  p = {k: _numpy(v) for k, v in _flatten(params).items()}
+  p = _flat_numpy(params)
   out = {"bert.embeddings.word_embeddings.weight": p["wte/embedding"][:vocab_size],
          "bert.embeddings.position_embeddings.weight": p["wpe/embedding"],
          "bert.embeddings.token_type_embeddings.weight": p["wse/embedding"]}
@@ -386,13 +389,12 @@ def load_hf(name_or_path: str, allow_torch_bin: bool = False):
                     f"config.json's vocab_size is {model_values['vocab_size']}")
   params = FAMILIES[hf["model_type"]][1](read_hf_tensors(directory, allow_torch_bin), model.cfg,
                                          directory)
-  fresh = _flatten(nn.meta.unbox(jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), np.zeros((1, 1), np.int32))["params"])))
-  missing = sorted({p.split("/")[0] for p in fresh} - set(params))
+  init = lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 1), np.int32))["params"]
+  missing = sorted(set(jax.eval_shape(init)) - set(params))
   if missing:  # heads the checkpoint does not have (a BertModel): fresh ones
     print(f"note: {directory} has no {', '.join(missing)}; these start fresh")
-    init = nn.meta.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 1), np.int32))["params"])
-    params.update({name: jax.device_get(init[name]) for name in missing})
+    fresh = jax.device_get(nn.meta.unbox(init()))
+    params.update({name: fresh[name] for name in missing})
   return model_values, tokenizer, params
 
 
@@ -419,7 +421,7 @@ def from_hf(name_or_path: str, workdir: str, allow_torch_bin: bool = False) -> N
     cfg.task.kind = "mlm"
   cfg.data.max_length = cfg.data.stride = min(cfg.data.max_length, cfg.model.max_len)
   write_run(workdir, cfg, tokenizer, params)
-  num_params = sum(x.size for x in _flatten(params).values())
+  num_params = sum(np.size(x) for x in traverse_util.flatten_dict(params).values())
   print(f"wrote {workdir}: {cfg.model.kind.upper()} with {num_params:,} parameters "
         f"({cfg.model.num_layers} layers, width {cfg.model.d_model}, context {cfg.model.max_len})")
 
@@ -474,18 +476,10 @@ def merge_lora(workdir: str, out: str) -> None:
         "adapters merged")
 
 
-def _flatten(tree, prefix=""):
-  flat = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      flat.update(_flatten(v, f"{prefix}{k}/"))
-    else:
-      flat[prefix + k] = v
-  return flat
-
-
-def _numpy(x):
-  return np.asarray(x, dtype=np.float32)
+def _flat_numpy(params) -> dict[str, np.ndarray]:
+  """{"block_0/attn/query/kernel": float32 array, ...}"""
+  return {k: np.asarray(v, dtype=np.float32)
+          for k, v in traverse_util.flatten_dict(params, sep="/").items()}
 
 
 # ---------------------------------------------------------------------------------------------
