@@ -15,12 +15,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from llm import config as config_lib, metrics, sharding
+from llm import cli, config as config_lib, metrics, sharding
 from llm import model as model_lib
-from llm.errors import UserError, exits_cleanly
+from llm.errors import UserError
 from llm.generate import _generate
 
 FLAGS = flags.FLAGS
@@ -139,9 +139,7 @@ def _hf_gpt2_decode(cfg, prompt, new_tokens: int, repeats: int) -> dict:
           "transformers_decode_tokens_per_sec": batch * (new_tokens - 1) / (total - prefill)}
 
 
-@exits_cleanly
 def main(argv):
-  logging.set_verbosity(logging.WARNING)
   if len(argv) != 2 or argv[1] not in ("train", "generate") or FLAGS.config is None:
     raise UserError("usage: python -m llm.bench train|generate --config=configs/FILE.py")
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
@@ -156,5 +154,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -7,10 +7,10 @@ prints, per text, the most likely label and its probability.
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
-from llm import data, rundir, sharding, tasks
-from llm.errors import UserError, exits_cleanly
+from llm import cli, data, rundir, sharding, tasks
+from llm.errors import UserError
 
 
 class TextClassifier:
@@ -45,10 +45,8 @@ def define_flags():
   flags.DEFINE_multi_string("text", [], "Text to classify (repeat for several).")
 
 
-@exits_cleanly
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
   if not FLAGS.workdir or not FLAGS.text:
     raise UserError('usage: python -m llm.classify --workdir=DIR --text="..." [--text="..."]')
   for text, (label, prob) in zip(FLAGS.text, TextClassifier(FLAGS.workdir).classify(FLAGS.text)):
@@ -56,5 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -33,8 +33,10 @@ ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """Every key with its default. The comment beside a key is its documentation: `describe`
+  shows it (python -m llm.train --config=FILE --print_config)."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0  # the one seed of the run: parameters, dropout and data order
   c.init_from = ""  # a run directory or Hugging Face folder to start from (fine-tuning)
 
   c.task = ta = ml_collections.ConfigDict()
@@ -42,66 +44,66 @@ def base_config() -> ml_collections.ConfigDict:
   #                 "classify"; "instruct" (Alpaca records)
   ta.mask_rate = 0.15  # mlm: share of tokens selected (80% [MASK], 10% random, 10% kept)
   ta.mlm_weight = 1.0  # mlm: loss = mlm_weight * MLM + nsp_weight * NSP
-  ta.nsp_weight = 1.0
+  ta.nsp_weight = 1.0  # mlm: see task.mlm_weight
   ta.labels = ""  # classify: class names in order, comma-separated; empty: sorted from the data
   ta.mask_prompt = True  # instruct: only the response (and its end-of-text) is a target
 
   c.model = m = ml_collections.ConfigDict()
-  m.kind = "gpt"
-  m.num_layers = 4
-  m.num_heads = 4
-  m.d_model = 256
-  m.d_ff = 1024
-  m.max_len = 256
+  m.kind = "gpt"  # "gpt" (causal decoder) or "bert" (bidirectional encoder)
+  m.num_layers = 4  # transformer blocks
+  m.num_heads = 4  # attention heads per block; d_model must divide by it
+  m.d_model = 256  # width of the residual stream
+  m.d_ff = 1024  # width of the MLP's hidden layer
+  m.max_len = 256  # context: the most positions the model reads
   m.vocab_size = 0  # 0: the tokenizer's size; larger pads the embedding (e.g. 50304)
-  m.dropout = 0.0
-  m.dtype = "float32"  # compute dtype; parameters stay float32
-  m.tie_embeddings = True
-  m.use_bias = True
-  m.ln_eps = 1e-5
+  m.dropout = 0.0  # on embeddings, attention and MLP outputs during training
+  m.dtype = "float32"  # compute dtype ("bfloat16" on GPU/TPU); parameters stay float32
+  m.tie_embeddings = True  # the LM head is the token embedding transposed
+  m.use_bias = True  # biases in the attention and MLP projections
+  m.ln_eps = 1e-5  # LayerNorm epsilon
   m.activation = "gelu_tanh"  # "gelu" (exact) or "relu"
   m.pre_ln = True  # False: LayerNorm after each residual (BERT)
   m.attention_impl = "xla"  # or "cudnn" (GPU, half precision)
 
   c.tokenizer = t = ml_collections.ConfigDict()
-  t.kind = "sentencepiece"
+  t.kind = "sentencepiece"  # "sentencepiece" (BPE trained on the run's text), "gpt2", "wordpiece"
   t.path = ""  # existing tokenizer files; empty: train one on the run's text
   t.vocab_size = 4096  # size of a trained tokenizer
   t.train_chars = 20_000_000  # text read to train a tokenizer
   t.lowercase = True  # wordpiece: lower-case and strip accents (an "uncased" vocabulary)
 
   c.data = d = ml_collections.ConfigDict()
-  d.path = ""  # local file, glob or folder
+  d.path = ""  # local file, glob or folder; empty (and no hf_name): the embedded corpus
   d.hf_name = ""  # a hub data set
-  d.hf_config = ""
-  d.split = "train"
+  d.hf_config = ""  # the hub data set's configuration
+  d.split = "train"  # the hub data set's split
   d.format = ""  # empty: from the file extension; or text, json, csv, tsv, parquet
   d.columns = ""  # column names of a CSV/TSV file without a header row, comma-separated
-  d.text_field = "text"
-  d.label_field = "label"  # classify
+  d.text_field = "text"  # the column holding the text
+  d.label_field = "label"  # classify: the column holding the label
   d.balance = False  # classify: undersample every class to the smallest one's size
   d.max_length = 256  # tokens per training window (inputs) or longest record; 0: the context
   d.stride = 256  # tokens between the starts of consecutive windows
-  d.val_fraction = 0.1
+  d.val_fraction = 0.1  # held out for validation (the end of the token stream, or records)
   d.test_fraction = 0.0  # classify, instruct: held out for the final test evaluation
   d.cache_dir = ""  # tokenized data; empty: ~/.cache/llm
 
   c.train = tr = ml_collections.ConfigDict()
-  tr.steps = 1000
+  tr.steps = 1000  # optimizer steps
   tr.batch_size = 32  # global, in sequences, per optimizer step
   tr.grad_accum = 1  # micro-batches per step; batch_size must divide by it
-  tr.lr = 3e-4
+  tr.lr = 3e-4  # peak learning rate
   tr.min_lr = 3e-5  # end of the cosine decay
-  tr.warmup_steps = 100
-  tr.weight_decay = 0.1
-  tr.b1 = 0.9
-  tr.b2 = 0.95
-  tr.grad_clip = 1.0  # 0: off
-  tr.log_every = 10
-  tr.eval_every = 200
-  tr.eval_batches = 20
-  tr.checkpoint_every = 500
-  tr.keep_checkpoints = 3
+  tr.warmup_steps = 100  # linear warmup from 0 to train.lr
+  tr.weight_decay = 0.1  # AdamW's, on matrices only
+  tr.b1 = 0.9  # AdamW's first-moment decay
+  tr.b2 = 0.95  # AdamW's second-moment decay
+  tr.grad_clip = 1.0  # global gradient norm clipped to this; 0: off
+  tr.log_every = 10  # steps between train lines in metrics.jsonl
+  tr.eval_every = 200  # steps between evaluations on the validation split
+  tr.eval_batches = 20  # validation batches per evaluation (lm, mlm)
+  tr.checkpoint_every = 500  # steps between checkpoints (and always at the end)
+  tr.keep_checkpoints = 3  # newest checkpoints kept
   tr.trainable = "all"  # "all", "head" (the output head) or "last:K" (K blocks, the final norm
   #                       or pooler, and the head)
   tr.peak_flops = 0.0  # per device, for MFU; 0: look the device up in a table
@@ -112,11 +114,38 @@ def base_config() -> ml_collections.ConfigDict:
   lo.targets = r"(attn/(query|key|value|out)|mlp/(wi|wo))/kernel"  # regex over parameter paths
 
   c.mesh = me = ml_collections.ConfigDict()
-  me.data = -1  # -1: the devices the other axes leave
-  me.fsdp = 1
-  me.tensor = 1
-  me.rules = DEFAULT_RULES
+  me.data = -1  # replicas; -1: the devices the other axes leave
+  me.fsdp = 1  # parameter and optimizer-state shards (the batch is split too)
+  me.tensor = 1  # heads, MLP width and vocabulary split
+  me.rules = DEFAULT_RULES  # logical axis name -> mesh axes
   return c
+
+
+def describe_keys() -> dict[str, str]:
+  """'train.steps' -> its comment in `base_config`, for every key, in order."""
+  import inspect
+  sections, described, last = {"c": ""}, {}, None
+  for line in inspect.getsource(base_config).splitlines():
+    if match := re.match(r"\s*c\.(\w+) = (\w+) = ml_collections", line):
+      sections[match.group(2)] = match.group(1) + "."
+    elif match := re.match(r"\s*(\w+)\.(\w+) = [^#]*?(?:#\s*(.*))?$", line):
+      last = sections[match.group(1)] + match.group(2)
+      described[last] = match.group(3) or ""
+    elif match := re.match(r"\s*#\s*(.*)$", line):
+      if last:  # a comment continued on the next line
+        described[last] += " " + match.group(1)
+  return described
+
+
+def describe(cfg: ml_collections.ConfigDict) -> str:
+  """Every key of `cfg` with its value and meaning, one per line."""
+  lines = []
+  for key, meaning in describe_keys().items():
+    section, _, name = key.rpartition(".")
+    value = cfg[section][name] if section else cfg[name]
+    setting = f"{key} = {value!r}"
+    lines.append(f"{setting:<40} # {meaning}" if meaning else setting)
+  return "\n".join(lines)
 
 
 def _check(ok: bool, key: str, allowed: str, value) -> None:

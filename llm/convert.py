@@ -19,13 +19,13 @@ import json
 import os
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from flax import traverse_util
 
-from llm import checkpoint, config as config_lib, rundir
+from llm import cli, checkpoint, config as config_lib, rundir
 from llm import model as model_lib
 from llm import tokenizer as tokenizer_lib
-from llm.errors import UserError, exits_cleanly
+from llm.errors import UserError
 
 HF_WEIGHTS = "model.safetensors"
 HF_WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -498,10 +498,8 @@ def define_flags():
                     "Read pytorch_model.bin (a pickle) when there is no safetensors file.")
 
 
-@exits_cleanly
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
   if not FLAGS.workdir or [bool(FLAGS.from_hf), bool(FLAGS.to_hf), FLAGS.merge_lora].count(
       True) != 1 or FLAGS.merge_lora != bool(FLAGS.out):
     raise UserError("usage: python -m llm.convert --from_hf=PATH_OR_NAME --workdir=DIR, "
@@ -515,5 +513,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -13,10 +13,10 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
-from llm import data, rundir, sharding
-from llm.errors import UserError, exits_cleanly
+from llm import cli, data, rundir, sharding
+from llm.errors import UserError
 from llm.model.bert import BERT
 
 
@@ -53,10 +53,8 @@ def define_flags():
   flags.DEFINE_multi_string("text", [], "Text to embed (repeat for several).")
 
 
-@exits_cleanly
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
   if not FLAGS.workdir or not FLAGS.text:
     raise UserError('usage: python -m llm.embed --workdir=DIR --text="..." [--text="..."]')
   vectors = Embedder(FLAGS.workdir).embed(FLAGS.text)
@@ -69,5 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

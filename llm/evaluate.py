@@ -1,11 +1,14 @@
 """Evaluates a run directory (trained here, fine-tuned or converted).
 
-    python -m llm.evaluate --workdir=runs/gpt2 --data.path=the-verdict.txt   # a language model
+    python -m llm.evaluate --workdir=runs/gpt_tiny                            # its validation split
+    python -m llm.evaluate --workdir=runs/gpt2 --data.path=the-verdict.txt   # any text
     python -m llm.evaluate --workdir=runs/spam                                # a classifier
     python -m llm.evaluate --workdir=runs/instruct                            # instruction tuning
 
-A language model: the loss and perplexity of every token of the file, read in back-to-back
-windows of `--max_length` tokens (default: the model's context). A classifier: accuracy,
+A language model: the loss and perplexity of every token of its own validation split (the run's
+data, tokenized and split as in training), or of the file at --data.path, read in back-to-back
+windows of `--max_length` tokens (default: the run's training window, or for a file the model's
+context). A classifier: accuracy,
 per-class precision / recall / F1 and the confusion matrix on its validation and test splits
 (the run's own data and seed, or --data.path). An instruction-tuned model: the loss on those
 splits, and its responses to the test split written to a JSON lines file beside the references,
@@ -17,29 +20,39 @@ import os
 
 import ml_collections
 import jax
-import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
-from llm import data, objectives, rundir, sharding, tasks
-from llm.errors import UserError, exits_cleanly
+from llm import cli, data, objectives, rundir, sharding, tasks
+from llm.errors import UserError
 
 
-def evaluate_lm(run: rundir.Run, path: str, text_field: str = "text", max_length: int = 0,
-                batch_size: int = 8, cache_dir: str = "") -> dict:
-  """Loss and perplexity of `run`'s model over the text at `path`."""
-  max_length = max_length or run.model.cfg.max_len
-  if not 1 <= max_length <= run.model.cfg.max_len:
+def evaluate_lm(run: rundir.Run, path: str = "", text_field: str = "text",
+                max_length: int = 0, batch_size: int = 8, cache_dir: str = "") -> dict:
+  """Loss and perplexity of `run`'s model over every token of the text at `path`, or by
+  default of the run's own validation split (its data, tokenized and split as in training), in
+  back-to-back windows of `max_length` tokens (default: the model's context, or the run's
+  training window for its own split)."""
+  cfg = run.cfg
+  if path:
+    docs = data.load_documents(ml_collections.ConfigDict(
+        {"hf_name": "", "path": path, "text_field": text_field}))
+    tokens = data.token_stream(docs, run.tokenizer, text_field, cache_dir)
+  else:
+    text_field = cfg.data.text_field
+    docs = data.load_documents(cfg.data, (text_field,))
+    tokens = data.split(data.token_stream(docs, run.tokenizer, text_field,
+                                          cache_dir or cfg.data.cache_dir),
+                        cfg.data.val_fraction)[1]
+  max_length = max_length or (not path and cfg.data.max_length) or cfg.model.max_len
+  if not 1 <= max_length <= cfg.model.max_len:
     raise UserError(f"--max_length={max_length}: use 1 to the model's context "
-                    f"{run.model.cfg.max_len}")
-  docs = data.load_documents(ml_collections.ConfigDict(
-      {"hf_name": "", "path": path, "text_field": text_field}))
-  tokens = data.token_stream(docs, run.tokenizer, text_field, cache_dir)
+                    f"{cfg.model.max_len}")
   batches = data.eval_batches(tokens, max_length, batch_size, num_batches=len(tokens))
   objective = objectives.causal_lm(run.model)
   step = jax.jit(lambda params, batch: objective.loss(params, batch, None, False))
   with sharding.activate(run.mesh, run.mesh_cfg):
-    sums = [jax.device_get(step(run.params, b)) for b in batches]
-  totals = {k: float(sum(np.asarray(s[k]) for s in sums)) for k in sums[0]}
+    sums = [step(run.params, b) for b in batches]
+  totals = objectives.add_sums(sums)
   return {**objective.summarize(totals), "tokens": int(totals["weight"])}
 
 
@@ -104,30 +117,29 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   flags.DEFINE_string("workdir", None, "Run directory to evaluate.")
-  flags.DEFINE_string("data.path", None, "Text to evaluate on: a file, glob or folder.")
+  flags.DEFINE_string("data.path", None, "Text to evaluate on: a file, glob or folder (default: "
+                      "the run's own validation data).")
   flags.DEFINE_string("data.text_field", "text", "Column holding the text (JSON/CSV data).")
-  flags.DEFINE_integer("max_length", 0, "Tokens per window (0: the model's context).")
+  flags.DEFINE_integer("max_length", 0, "Tokens per window (0: the run's training window for "
+                       "its own data, the model's context for --data.path).")
   flags.DEFINE_integer("batch_size", 8, "Windows (or prompts) per forward pass.")
   flags.DEFINE_string("output", None, "Instruction runs: where the test responses go "
                       "(default DIR/test_responses.jsonl).")
   flags.DEFINE_integer("max_new_tokens", 256, "Instruction runs: longest response.")
 
 
-@exits_cleanly
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
   if not FLAGS.workdir:
     raise UserError("usage: python -m llm.evaluate --workdir=DIR [--data.path=FILE]")
   data_path = FLAGS["data.path"].value
   kind = rundir.read_config(FLAGS.workdir).task.kind
   if kind == "lm":
-    if not data_path:
-      raise UserError("a language model is evaluated on text: pass --data.path=FILE")
     result = evaluate_lm(rundir.load(FLAGS.workdir), data_path, FLAGS["data.text_field"].value,
                          FLAGS.max_length, FLAGS.batch_size)
+    what = data_path or "the validation split"
     print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
-          f"({result['tokens']:,} tokens)")
+          f"({result['tokens']:,} tokens of {what})")
     return
   run = rundir.load(FLAGS.workdir)
   for split, result in evaluate_splits(run, data_path).items():
@@ -139,5 +151,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

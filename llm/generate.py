@@ -17,11 +17,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
-from llm import rundir, sharding
+from llm import cli, rundir, sharding
 from llm.data import alpaca_prompt
-from llm.errors import UserError, exits_cleanly
+from llm.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
 # Sampling
@@ -199,10 +199,8 @@ def define_flags():
   flags.DEFINE_bool("kv_cache", True, "Decode with the KV cache.")
 
 
-@exits_cleanly
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
   if not FLAGS.workdir:
     raise UserError("usage: python -m llm.generate --workdir=DIR --prompt=TEXT")
   gen = Generator(FLAGS.workdir)
@@ -239,5 +237,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

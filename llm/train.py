@@ -15,14 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from llm import checkpoint, config as config_lib, data, finetune, metrics, objectives, optim
+from llm import cli, checkpoint, config as config_lib, data, finetune, metrics, objectives, optim
 from llm import sharding, tasks
 from llm import model as model_lib
 from llm import tokenizer as tokenizer_lib
-from llm.errors import UserError, exits_cleanly
+from llm.errors import UserError
 
 FLAGS = flags.FLAGS
 
@@ -31,6 +31,8 @@ def define_flags():
   """Command-line flags, defined only when this module is the entry point."""
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
+  flags.DEFINE_bool("print_config", False, "Print every config key with its value and meaning, "
+                    "then exit.")
   sharding.define_distributed_flags()
 
 
@@ -155,7 +157,7 @@ def make_train_step(objective: objectives.Objective, tx: optax.GradientTransform
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
                  "opt_state": opt_state, "rng": state["rng"]}
     stats = {"loss": objective.total(sums, counts), "grad_norm": optax.tree.norm(grads),
-             "lr": schedule(state["step"])}
+             "lr": schedule(state["step"]), "sums": sums}
     return new_state, stats
 
   return train_step
@@ -228,27 +230,33 @@ def train(cfg, workdir: str) -> dict:
       tokens_per_sec = steps_timed * tokens_per_step / elapsed if steps_timed else None
       mfu = (tokens_per_sec * flops / tokens_per_step / (peak * jax.device_count())
              if tokens_per_sec and peak else None)
+      task_metrics = {k: v for k, v in run.objective.summarize(stats["sums"]).items()
+                      if isinstance(v, float) and k not in ("loss", "perplexity")}
       writer.write({"step": step, "split": "train", "loss": float(stats["loss"]),
                     "lr": float(stats["lr"]), "grad_norm": float(stats["grad_norm"]),
-                    "tokens_per_sec": tokens_per_sec, "mfu": mfu})
-      progress.set_postfix(loss=f"{float(stats['loss']):.3f}",
-                           tok_s=f"{tokens_per_sec or 0:,.0f}")
+                    "tokens_per_sec": tokens_per_sec, "mfu": mfu, **task_metrics})
+      progress.set_postfix_str(_headline({"loss": float(stats["loss"]), **task_metrics})
+                               + (f", {tokens_per_sec:,.0f} tok/s" if tokens_per_sec else ""))
       timer, timer_step = time.perf_counter(), step
       if not np.isfinite(stats["loss"]):
         raise UserError(f"the loss became {stats['loss']} at step {step}; lower train.lr or "
                         f"check the data (the last checkpoint is intact)")
     progress.update(1)
     if (step % tr.eval_every == 0 or step == tr.steps) and "eval" in eval_data:
+      progress.set_description("evaluating")
       last_eval = evaluate(step)
       if run.is_main:
         progress.write(f"step {step}: eval {_headline(last_eval)}")
     if step == tr.steps and "test" in eval_data:
+      progress.set_description("testing")
       test = evaluate(step, "test")
       if run.is_main:
         progress.write(f"step {step}: test {_headline(test)}")
     preempted = ckpt.reached_preemption(step)
     if step % tr.checkpoint_every == 0 or step == tr.steps or preempted:
+      progress.set_description("saving")
       ckpt.save(step, state, run.batches.state())
+    progress.set_description("train")
     if preempted:
       break
     if step % tr.eval_every == 0 or step % tr.checkpoint_every == 0:
@@ -260,8 +268,10 @@ def train(cfg, workdir: str) -> dict:
 
 
 def _headline(result: dict) -> str:
-  keys = ("loss", "perplexity", "accuracy")
-  return ", ".join(f"{k} {result[k]:.4f}" for k in keys if k in result)
+  """The loss, perplexity and every accuracy (classes; BERT's masked tokens and next sentence)."""
+  keys = [k for k in ("loss", "perplexity") if k in result]
+  keys += [k for k in result if k.endswith("accuracy")]
+  return ", ".join(f"{k} {result[k]:.4f}" for k in keys)
 
 
 def _progress_bar(enabled: bool, start: int, total: int):
@@ -282,16 +292,16 @@ def _drop_metrics_after(workdir: str, step: int) -> None:
   os.replace(path + ".tmp", path)
 
 
-@exits_cleanly
 def main(argv):
   del argv
+  if FLAGS.config is not None and FLAGS.print_config:
+    print(config_lib.describe(FLAGS.config))
+    return
   if FLAGS.config is None or not FLAGS.workdir:
     raise UserError("usage: python -m llm.train --config=configs/FILE.py --workdir=DIR")
-  logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
   sharding.initialize_distributed()
   train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

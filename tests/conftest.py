@@ -7,7 +7,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+TEST_DATA = os.path.join(ROOT, "tests", "data")  # small public files; see tests/data/README.md
 
 
 def tiny_config(tmp_path, **overrides):
@@ -43,9 +43,8 @@ def train_classifier_from(tmp_path, init_from: str, trainable: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def shared_data():
-  assert os.path.isdir(SHARED_DATA), f"test data missing: {SHARED_DATA}"
-  return SHARED_DATA
+def test_data():
+  return TEST_DATA
 
 
 def read_metrics(workdir):

@@ -83,7 +83,7 @@ def test_masking_rates_specials_and_nsp_balance(wordpiece):
   assert (later["mlm_positions"] != masked["mlm_positions"][:50]).any()
 
 
-def test_tiny_bert_learns_mlm_and_nsp(tmp_path):
+def test_tiny_bert_learns_mlm_and_nsp(tmp_path, capsys):
   from llm.train import train
   cfg = tiny_config(tmp_path, **{
       "model.kind": "bert", "model.pre_ln": False, "model.activation": "gelu",
@@ -102,6 +102,13 @@ def test_tiny_bert_learns_mlm_and_nsp(tmp_path):
   # ~590 held-out pairs: chance is 0.5 +- 0.02
   assert max(m["nsp_accuracy"] for m in evals[-2:]) > 0.57
   assert {"mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy", "perplexity"} <= set(last)
+  # The headline numbers show while training: in train lines and on the terminal.
+  trains = [m for m in read_metrics(tmp_path / "bert") if m["split"] == "train"]
+  assert all(0 <= m["mlm_accuracy"] <= 1 and 0 <= m["nsp_accuracy"] <= 1 for m in trains)
+  assert trains[-1]["mlm_accuracy"] > trains[0]["mlm_accuracy"]
+  shown = capsys.readouterr()
+  assert f"step 400: eval loss {last['loss']:.4f}, perplexity {last['perplexity']:.4f}, " \
+         f"mlm_accuracy {last['mlm_accuracy']:.4f}, nsp_accuracy" in shown.out + shown.err
 
 
 def test_bert_resume_is_bit_exact_across_epochs(tmp_path):

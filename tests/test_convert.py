@@ -17,14 +17,14 @@ VARIED_TEXT = ("Héllo wörld! 你好, мир 🙂  tabs\tand   spaces\n\n\nnumb
                "x=42;y = -7 it's we'll they're <|endoftext|>next document   trailing  ")
 
 
-def save_hf_gpt2(directory, shared_data, seed=0, init=0.02, **config):
+def save_hf_gpt2(directory, test_data, seed=0, init=0.02, **config):
   """A random GPT2LMHeadModel with the GPT-2 tokenizer, saved the way transformers saves."""
   from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
   torch.manual_seed(seed)
   cfg = GPT2Config(vocab_size=50257, initializer_range=init, **config)
   model = GPT2LMHeadModel(cfg).eval()
   model.save_pretrained(directory)
-  gpt2 = os.path.join(shared_data, "gpt2")
+  gpt2 = os.path.join(test_data, "gpt2")
   GPT2TokenizerFast(vocab=os.path.join(gpt2, "encoder.json"),
                     merges=os.path.join(gpt2, "vocab.bpe")).save_pretrained(directory)
   return model
@@ -49,10 +49,10 @@ SHAPES = {
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_converted_logits_equal_transformers_and_export_reloads(tmp_path, shared_data, shape):
+def test_converted_logits_equal_transformers_and_export_reloads(tmp_path, test_data, shape):
   from llm import convert
   hf_dir, run_dir, out_dir = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
-  reference = save_hf_gpt2(hf_dir, shared_data, **SHAPES[shape])
+  reference = save_hf_gpt2(hf_dir, test_data, **SHAPES[shape])
   convert.from_hf(str(hf_dir), str(run_dir))
   ids = np.random.default_rng(0).integers(0, 50257, (2, 24))
   expected = hf_logits(reference, ids)
@@ -69,14 +69,14 @@ def test_converted_logits_equal_transformers_and_export_reloads(tmp_path, shared
       VARIED_TEXT)
 
 
-def test_vocabulary_padding_is_dropped_on_export(tmp_path, shared_data):
+def test_vocabulary_padding_is_dropped_on_export(tmp_path, test_data):
   """A checkpoint padded to 50304 rows imports; the export has the tokenizer's 50257 again."""
   from transformers import GPT2Config, GPT2LMHeadModel
   from llm import convert
   torch.manual_seed(1)
   padded = GPT2LMHeadModel(GPT2Config(vocab_size=50304, n_layer=1, n_head=2, n_embd=32,
                                       n_positions=32)).eval()
-  save_hf_gpt2(tmp_path / "hf", shared_data)  # the tokenizer files
+  save_hf_gpt2(tmp_path / "hf", test_data)  # the tokenizer files
   padded.save_pretrained(tmp_path / "hf")
   convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
   ids = np.random.default_rng(1).integers(0, 50257, (1, 16))
@@ -89,11 +89,11 @@ def test_vocabulary_padding_is_dropped_on_export(tmp_path, shared_data):
                              atol=1e-4, rtol=0)
 
 
-def test_greedy_generation_matches_transformers(tmp_path, shared_data):
+def test_greedy_generation_matches_transformers(tmp_path, test_data):
   from llm import convert
   from llm.generate import Generator
   # A wide initialisation spreads the logits, so argmax is not decided by rounding.
-  reference = save_hf_gpt2(tmp_path / "hf", shared_data, seed=3, init=0.3, n_layer=2, n_head=2,
+  reference = save_hf_gpt2(tmp_path / "hf", test_data, seed=3, init=0.3, n_layer=2, n_head=2,
                            n_embd=32, n_positions=64)
   convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
   gen = Generator(str(tmp_path / "run"))
@@ -110,10 +110,10 @@ def test_greedy_generation_matches_transformers(tmp_path, shared_data):
   assert text == gen.tokenizer.decode(new_ids)
 
 
-def test_gpt2_bpe_equals_transformers_tokenizer(shared_data):
+def test_gpt2_bpe_equals_transformers_tokenizer(test_data):
   from transformers import GPT2TokenizerFast
   from llm.tokenizer import GPT2Tokenizer
-  gpt2 = os.path.join(shared_data, "gpt2")
+  gpt2 = os.path.join(test_data, "gpt2")
   ours = GPT2Tokenizer(gpt2)
   theirs = GPT2TokenizerFast(vocab=os.path.join(gpt2, "encoder.json"),
                              merges=os.path.join(gpt2, "vocab.bpe"))
@@ -124,10 +124,10 @@ def test_gpt2_bpe_equals_transformers_tokenizer(shared_data):
   assert ours.encode("<|endoftext|>") == [50256]
 
 
-def test_evaluate_equals_transformers_loss(tmp_path, shared_data):
+def test_evaluate_equals_transformers_loss(tmp_path, test_data):
   """llm.evaluate's loss is transformers' mean next-token loss over the same windows."""
   from llm import convert, evaluate, rundir
-  reference = save_hf_gpt2(tmp_path / "hf", shared_data, n_layer=1, n_head=2, n_embd=32,
+  reference = save_hf_gpt2(tmp_path / "hf", test_data, n_layer=1, n_head=2, n_embd=32,
                            n_positions=32)
   convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
   text = (VARIED_TEXT + " ") * 8
@@ -154,17 +154,17 @@ def _rewrite(directory, change):
   save_file(tensors, path, metadata={"format": "pt"})
 
 
-def test_missing_or_mismatched_tensor_is_named(tmp_path, shared_data):
+def test_missing_or_mismatched_tensor_is_named(tmp_path, test_data):
   from llm import convert
   from llm.errors import UserError
-  save_hf_gpt2(tmp_path / "hf", shared_data, n_layer=2, n_head=2, n_embd=32, n_positions=32)
+  save_hf_gpt2(tmp_path / "hf", test_data, n_layer=2, n_head=2, n_embd=32, n_positions=32)
   missing = "transformer.h.1.mlp.c_fc.bias"
   _rewrite(tmp_path / "hf", lambda t: t.pop(missing))
   with pytest.raises(UserError, match="tensor h.1.mlp.c_fc.bias is missing"):
     convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
-  save_hf_gpt2(tmp_path / "hf2", shared_data, n_layer=2, n_head=2, n_embd=32, n_positions=32)
+  save_hf_gpt2(tmp_path / "hf2", test_data, n_layer=2, n_head=2, n_embd=32, n_positions=32)
   _rewrite(tmp_path / "hf2", lambda t: t.update(
       {"transformer.h.0.attn.c_proj.weight": np.zeros((32, 16), np.float32)}))
   with pytest.raises(UserError, match=r"tensor h.0.attn.c_proj.weight has shape \(32, 16\)"):
@@ -182,11 +182,11 @@ def test_missing_or_mismatched_tensor_is_named(tmp_path, shared_data):
     assert json.load(f)["n_layer"] == 2  # the input folder is left as it was
 
 
-def test_hf_folder_works_as_init_from(tmp_path, shared_data):
+def test_hf_folder_works_as_init_from(tmp_path, test_data):
   """Fine-tuning straight from a Hugging Face folder: the backbone is the converted GPT-2."""
   from flax import traverse_util
   from llm import convert, rundir
-  save_hf_gpt2(tmp_path / "hf", shared_data, n_layer=1, n_head=2, n_embd=32, n_positions=64)
+  save_hf_gpt2(tmp_path / "hf", test_data, n_layer=1, n_head=2, n_embd=32, n_positions=64)
   workdir = train_classifier_from(tmp_path, str(tmp_path / "hf"), "head")
   assert rundir.read_config(workdir).model.max_len == 64  # the source's shape
   tuned = traverse_util.flatten_dict(rundir.load(workdir).params, sep="/")

@@ -134,12 +134,12 @@ def test_lora_with_zero_b_is_the_base_model_and_merges_exactly():
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory, shared_data):
+def base_run(tmp_path_factory, test_data):
   """A tiny GPT pre-trained for a few steps with the GPT-2 tokenizer."""
   from llm.train import train
   tmp = tmp_path_factory.mktemp("base")
   cfg = tiny_config(tmp, **{"tokenizer.kind": "gpt2",
-                            "tokenizer.path": os.path.join(shared_data, "gpt2"),
+                            "tokenizer.path": os.path.join(test_data, "gpt2"),
                             "model.max_len": 256, "train.steps": 4})
   train(cfg, str(tmp / "run"))
   return str(tmp / "run")
@@ -166,11 +166,11 @@ def _params(workdir):
   return traverse_util.flatten_dict(jax.device_get(rundir.load(workdir).params), sep="/")
 
 
-def test_instruction_lora_freezes_the_base_and_merges(tmp_path, base_run, shared_data):
+def test_instruction_lora_freezes_the_base_and_merges(tmp_path, base_run, test_data):
   from llm import convert, rundir
   from llm.train import train
   cfg = finetune_config(tmp_path, base_run, "finetune_instruct.py", "lora", **{
-      "data.path": os.path.join(shared_data, "instructions", "instruction-examples.json"),
+      "data.path": os.path.join(test_data, "instructions", "instruction-examples.json"),
       "data.max_length": 96, "train.steps": 3, "train.batch_size": 4, "train.eval_every": 3,
       "train.lr": 1e-2, "train.min_lr": 1e-2})
   workdir = str(tmp_path / "lora")
@@ -212,7 +212,7 @@ def test_instruction_lora_freezes_the_base_and_merges(tmp_path, base_run, shared
                                   batch_size=8) == 20
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert len(rows) == 20 and set(rows[0]) == {"instruction", "input", "output", "response"}
-  with open(shared_data + "/instructions/instruction-examples.json") as f:
+  with open(test_data + "/instructions/instruction-examples.json") as f:
     references = {(r["instruction"], r["output"]) for r in json.load(f)}
   assert all((r["instruction"], r["output"]) in references for r in rows)
 
@@ -224,10 +224,10 @@ def test_instruction_lora_freezes_the_base_and_merges(tmp_path, base_run, shared
   assert "### Response" not in proc.stdout and "Below is" not in proc.stdout
 
 
-def test_last_block_finetuning_changes_only_the_top(tmp_path, base_run, shared_data):
+def test_last_block_finetuning_changes_only_the_top(tmp_path, base_run, test_data):
   from llm.train import train
   cfg = finetune_config(tmp_path, base_run, "finetune_instruct.py", **{
-      "data.path": os.path.join(shared_data, "instructions", "instruction-examples.json"),
+      "data.path": os.path.join(test_data, "instructions", "instruction-examples.json"),
       "data.max_length": 64, "train.steps": 2, "train.batch_size": 4, "train.lr": 1e-2,
       "train.min_lr": 1e-2, "train.trainable": "last:1"})
   train(cfg, str(tmp_path / "top"))

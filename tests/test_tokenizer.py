@@ -30,8 +30,8 @@ def test_sentencepiece_saves_and_loads_identically(sentencepiece, tmp_path):
   assert (loaded.eot_id, loaded.pad_id) == (sentencepiece.eot_id, sentencepiece.pad_id)
 
 
-def test_gpt2_bpe_from_files(shared_data, tmp_path):
-  gpt2 = tokenizer.GPT2Tokenizer(os.path.join(shared_data, "gpt2"))
+def test_gpt2_bpe_from_files(test_data, tmp_path):
+  gpt2 = tokenizer.GPT2Tokenizer(os.path.join(test_data, "gpt2"))
   assert gpt2.encode("Hello, I am") == [15496, 11, 314, 716]
   assert gpt2.eot_id == 50256 and gpt2.vocab_size == 50257
   assert gpt2.encode("a<|endoftext|>b") == [64, 50256, 65]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, read_metrics, tiny_config
+from conftest import ROOT, TEST_DATA, read_metrics, tiny_config
 from llm import config as config_lib
 from llm.errors import UserError
 from llm.train import train
@@ -48,6 +48,16 @@ def test_resume_is_bit_exact(tmp_path):
   assert _losses(resumed, "eval") == _losses(straight, "eval")
 
 
+def test_evaluate_scores_the_runs_own_validation_split(tmp_path):
+  from llm import evaluate, rundir
+  workdir = str(tmp_path / "run")
+  final = train(tiny_config(tmp_path, **{"train.steps": 2, "train.eval_batches": 10_000}),
+                workdir)
+  result = evaluate.evaluate_lm(rundir.load(workdir))  # every validation window, as in training
+  assert result["loss"] == pytest.approx(final["loss"], rel=1e-5)
+  assert result["tokens"] > 1000
+
+
 def test_a_finished_run_says_so(tmp_path, capsys):
   workdir = str(tmp_path / "run")
   cfg = tiny_config(tmp_path, **{"train.steps": 2})
@@ -80,10 +90,10 @@ def test_bad_data_fails_before_touching_the_run(tmp_path):
   cases = [
       ({"data.path": str(tmp_path / "missing.txt")}, "no such file"),
       ({"data.path": str(empty), "tokenizer.kind": "gpt2",
-        "tokenizer.path": os.path.join(os.path.dirname(ROOT), "shared", "data", "gpt2"),
+        "tokenizer.path": os.path.join(TEST_DATA, "gpt2"),
         "model.max_len": 64}, "fewer than one window"),
       ({"data.path": str(short), "tokenizer.kind": "gpt2",
-        "tokenizer.path": os.path.join(os.path.dirname(ROOT), "shared", "data", "gpt2")},
+        "tokenizer.path": os.path.join(TEST_DATA, "gpt2")},
        "fewer than one window"),
   ]
   for overrides, message in cases:

@@ -1,0 +1,154 @@
+"""Downloads the public data sets the README's examples use, from their original sources.
+
+    python -m llm.data_sets list
+    python -m llm.data_sets fetch sms_spam data/          # -> data/SMSSpamCollection
+    python -m llm.data_sets fetch alpaca_book data/       # -> data/instruction-data.json
+
+Each file is checked (its format, and its size where the source is fixed) before it is written,
+atomically, into DIR; a file already there is kept. Offline, the command says in one line where
+the file comes from, so it can be copied by hand. `--mirror=URL` (or LLM_DATA_MIRROR) fetches
+every file as URL/<file name of the source> instead, e.g. from a local copy.
+"""
+
+import dataclasses
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+import zipfile
+
+from absl import flags
+
+from llm import cli
+from llm.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSet:
+  what: str
+  url: str
+  files: tuple[str, ...]  # written into DIR
+  member: str = ""  # for a zip archive: the member holding the (single) file
+
+
+BOOK = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+DATA_SETS = {
+    "sms_spam": DataSet(
+        "UCI SMS Spam Collection v.1: 5,574 'label<TAB>text' lines (4,827 ham, 747 spam); "
+        "classification fine-tuning",
+        "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+        ("SMSSpamCollection",), member="SMSSpamCollection"),
+    "alpaca_book": DataSet(
+        "1,100 Alpaca-style instruction records (the book's chapter 7); instruction tuning",
+        BOOK + "ch07/01_main-chapter-code/instruction-data.json", ("instruction-data.json",)),
+    "preference_book": DataSet(
+        "1,100 instruction records with a polite 'chosen' and an impolite 'rejected' answer; "
+        "preference tuning",
+        BOOK + "ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json",
+        ("instruction-data-with-preference.json",)),
+    "verdict": DataSet(
+        "Edith Wharton's short story 'The Verdict' (public domain), 20,479 characters; "
+        "evaluating a language model",
+        BOOK + "ch02/01_main-chapter-code/the-verdict.txt", ("the-verdict.txt",)),
+    "gpt2_bpe": DataSet(
+        "OpenAI's GPT-2 BPE files (encoder.json, vocab.bpe): tokenizer.kind=gpt2 offline",
+        "https://openaipublic.blob.core.windows.net/gpt-2/models/124M/",
+        ("encoder.json", "vocab.bpe")),
+}
+INSTRUCTION_KEYS = {"instruction", "output"}
+
+
+def _check(name: str, file: str, content: bytes) -> None:
+  """Raises UserError when `content` is not what the data set's file must hold."""
+  try:
+    text = content.decode("utf-8")
+  except UnicodeDecodeError:
+    raise UserError(f"{name}: {file} is not UTF-8 text; the source may have moved") from None
+  problem = ""
+  if file.endswith(".json"):
+    try:
+      records = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{name}: {file} is not valid JSON ({e}); the source may have "
+                      "moved") from None
+    if file == "encoder.json":
+      problem = "" if isinstance(records, dict) and len(records) == 50257 else "not 50,257 tokens"
+    elif not (isinstance(records, list) and records and all(
+        INSTRUCTION_KEYS <= set(r) for r in records)):
+      problem = f"not a list of records with {sorted(INSTRUCTION_KEYS)}"
+    elif name == "preference_book" and not all({"chosen", "rejected"} <= set(r) for r in records):
+      problem = "records without 'chosen' and 'rejected'"
+  elif file == "SMSSpamCollection":
+    lines = [line for line in text.splitlines() if line]
+    if not lines or any(line.split("\t", 1)[0] not in ("ham", "spam") for line in lines):
+      problem = "not 'ham|spam<TAB>text' lines"
+  elif file == "vocab.bpe":
+    problem = "" if text.startswith("#version") else "no '#version' header"
+  elif not text.strip():
+    problem = "empty"
+  if problem:
+    raise UserError(f"{name}: the downloaded {file} is {problem}; the source may have moved")
+
+
+def _download(url: str) -> bytes:
+  try:
+    with urllib.request.urlopen(url, timeout=60) as response:
+      return response.read()
+  except (urllib.error.URLError, OSError) as e:
+    reason = getattr(e, "reason", None) or e
+    raise UserError(f"could not download {url} ({reason}); offline, download it elsewhere and "
+                    "copy it into the folder by hand") from None
+
+
+def fetch(name: str, directory: str, mirror: str = "") -> list[str]:
+  """Downloads data set `name` into `directory`; returns the paths of its files."""
+  if name not in DATA_SETS:
+    raise UserError(f"no data set {name!r}; use one of {', '.join(DATA_SETS)}")
+  ds = DATA_SETS[name]
+  os.makedirs(directory, exist_ok=True)
+  paths = [os.path.join(directory, f) for f in ds.files]
+  for file, path in zip(ds.files, paths):
+    if os.path.exists(path):
+      print(f"{path} is already there; kept")
+      continue
+    url = ds.url + file if ds.url.endswith("/") else ds.url
+    if mirror:
+      url = mirror.rstrip("/") + "/" + url.rsplit("/", 1)[1]
+    content = _download(url)
+    if ds.member:
+      try:
+        with zipfile.ZipFile(io.BytesIO(content)) as archive:
+          content = archive.read(ds.member)
+      except (zipfile.BadZipFile, KeyError):
+        raise UserError(f"{name}: {url} is not a zip archive holding {ds.member}; the source "
+                        "may have moved") from None
+    _check(name, file, content)
+    with open(path + ".tmp", "wb") as f:  # atomic: an interrupted fetch leaves no half file
+      f.write(content)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path} ({len(content):,} bytes from {url})")
+  return paths
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_string("mirror", os.environ.get("LLM_DATA_MIRROR", ""),
+                      "Fetch each file as MIRROR/<the source's file name> instead.")
+
+
+def main(argv):
+  if len(argv) == 2 and argv[1] == "list":
+    for name, ds in DATA_SETS.items():
+      print(f"{name:<16} {ds.what}\n{'':<16} {ds.url}")
+    return
+  if len(argv) != 4 or argv[1] != "fetch":
+    raise UserError("usage: python -m llm.data_sets fetch NAME DIR, or python -m "
+                    f"llm.data_sets list (NAME: {', '.join(DATA_SETS)})")
+  fetch(argv[2], argv[3], FLAGS.mirror)
+
+
+if __name__ == "__main__":
+  cli.run(main, define_flags)
