@@ -18,10 +18,10 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from llm import cli, config as config_lib, metrics, sharding
+from llm import cli, config as config_lib, sharding
 from llm import model as model_lib
 from llm.errors import UserError
-from llm.generate import _generate
+from llm.sampling import generate_tokens
 
 FLAGS = flags.FLAGS
 
@@ -49,24 +49,22 @@ def _best_time(fn, repeats):
 
 def bench_train(cfg, steps: int) -> dict:
   import tempfile
-  from llm.train import Run
+  from llm.train import Trainer
   with tempfile.TemporaryDirectory() as workdir:  # a run that writes nothing
-    run = Run(cfg, workdir)
-  state, shardings, frozen, frozen_shardings = run.init_state()
-  step_fn = run.jit_train_step(shardings, frozen_shardings)
-  batches = [sharding.global_batch(next(run.batches), run.mesh) for _ in range(steps + 1)]
-  with sharding.activate(run.mesh, cfg.mesh):
+    trainer = Trainer(cfg, workdir)
+  state, frozen = trainer.init_state()
+  step_fn = trainer.jit_train_step()
+  batches = [sharding.global_batch(next(trainer.batches), trainer.mesh)
+             for _ in range(steps + 1)]
+  with sharding.activate(trainer.mesh, trainer.cfg.mesh):
     state, stats = step_fn(state, frozen, batches[0])
     jax.block_until_ready(stats)
     start = time.perf_counter()
     for batch in batches[1:]:
       state, stats = step_fn(state, frozen, batch)
     jax.block_until_ready(stats)
-  seconds = (time.perf_counter() - start) / steps
-  flops = run.flops_per_step(sum(x.size for x in jax.tree.leaves(state["params"])))
-  peak = metrics.peak_flops(jax.devices()[0].device_kind, cfg.train.peak_flops)
-  return {"step_ms": 1e3 * seconds, "tokens_per_sec": run.tokens_per_step / seconds,
-          "mfu": flops / seconds / (peak * jax.device_count()) if peak else None}
+  seconds = time.perf_counter() - start
+  return {"step_ms": 1e3 * seconds / steps, **trainer.throughput()(steps, seconds)}
 
 
 def bench_generate(cfg, batch: int, prompt_len: int, new_tokens: int, repeats: int,
@@ -83,7 +81,7 @@ def bench_generate(cfg, batch: int, prompt_len: int, new_tokens: int, repeats: i
   valid = np.ones_like(prompt, bool)
 
   def run(n, use_cache):  # eot_id -1: never stops early
-    return lambda: _generate(model, params, prompt, valid, jax.random.PRNGKey(0), -1,
+    return lambda: generate_tokens(model, params, prompt, valid, jax.random.PRNGKey(0), -1,
                              max_new_tokens=n, temperature=0.0, top_k=0, top_p=1.0,
                              use_cache=use_cache)
 

@@ -1,4 +1,4 @@
-"""Checkpoints of a run: orbax CheckpointManager steps under DIR/checkpoints.
+"""Checkpoints of a run: orbax CheckpointManager steps under DIR/checkpoints (rundir.checkpointer).
 
 Each step holds the train state (params, optimizer state, step, RNG) and the data iterator's
 position. Orbax writes a step to a temporary folder and renames it when complete, so a run
@@ -15,8 +15,8 @@ from llm.errors import UserError
 
 class Checkpointer:
 
-  def __init__(self, workdir: str, keep: int):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  def __init__(self, directory: str, keep: int):
+    self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
@@ -35,7 +35,8 @@ class Checkpointer:
     except (ValueError, KeyError, TypeError) as e:
       first = (str(e).strip().splitlines() or [type(e).__name__])[0]
       raise UserError(f"checkpoint {self.directory}/{step} does not match this config "
-                      f"({first[:300]}); use the run's own config.json or a new --workdir") from None
+                      f"({first[:300]}); use the run's own config.json or a new "
+                      "--workdir") from None
     return restored.state, restored.data
 
   def restore_params(self, step: int, abstract_params):

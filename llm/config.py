@@ -148,6 +148,38 @@ def describe(cfg: ml_collections.ConfigDict) -> str:
   return "\n".join(lines)
 
 
+def resolve(cfg, source_values: dict | None = None,
+            data_labels: list[str] | None = None) -> ml_collections.FrozenConfigDict:
+  """The config a run trains with, settled once before anything is built, validated and
+  frozen: what DIR/config.json holds. Nothing edits it afterwards.
+
+  - `source_values`: the `init_from` model's sections (`model`, `tokenizer`): the architecture
+    and tokenizer are the source's; dropout stays the run's.
+  - `data_labels`: the classes found in the data, for a classifier without task.labels.
+  - data.max_length=0 becomes the model's context.
+  """
+  cfg = ml_collections.ConfigDict(cfg.to_dict()) if isinstance(
+      cfg, ml_collections.FrozenConfigDict) else cfg.copy_and_resolve_references()
+  for section, values in (source_values or {}).items():
+    cfg[section].update({k: v for k, v in values.items() if k != "dropout"})
+  if data_labels and not cfg.task.labels:
+    cfg.task.labels = ",".join(data_labels)
+  if cfg.data.max_length == 0:
+    cfg.data.max_length = cfg.model.max_len
+  validate(cfg)
+  return ml_collections.FrozenConfigDict(cfg)
+
+
+def replace(cfg, changes: dict) -> ml_collections.FrozenConfigDict:
+  """A frozen copy of `cfg` with {"section.key": value} changed (a derived config, e.g. the
+  same run read on other data)."""
+  new = ml_collections.ConfigDict(cfg.to_dict())
+  for key, value in changes.items():
+    section, _, name = key.rpartition(".")
+    (new[section] if section else new)[name] = value
+  return ml_collections.FrozenConfigDict(new)
+
+
 def _check(ok: bool, key: str, allowed: str, value) -> None:
   if not ok:
     raise UserError(f"config: {key}={value!r} is not allowed; {allowed}")

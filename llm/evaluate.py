@@ -19,10 +19,9 @@ import json
 import os
 
 import ml_collections
-import jax
 from absl import flags
 
-from llm import cli, data, objectives, rundir, sharding, tasks
+from llm import cli, config as config_lib, data, objectives, rundir, sharding, tasks
 from llm.errors import UserError
 
 
@@ -48,47 +47,36 @@ def evaluate_lm(run: rundir.Run, path: str = "", text_field: str = "text",
     raise UserError(f"--max_length={max_length}: use 1 to the model's context "
                     f"{cfg.model.max_len}")
   batches = data.eval_batches(tokens, max_length, batch_size, num_batches=len(tokens))
-  objective = objectives.causal_lm(run.model)
-  step = jax.jit(lambda params, batch: objective.loss(params, batch, None, False))
+  evaluate = objectives.evaluator(objectives.causal_lm(run.model))
   with sharding.activate(run.mesh, run.mesh_cfg):
-    sums = [step(run.params, b) for b in batches]
-  totals = objectives.add_sums(sums)
-  return {**objective.summarize(totals), "tokens": int(totals["weight"])}
+    return evaluate(run.params, {}, batches)
 
 
-def _records(cfg, data_path: str = ""):
-  """The run's own records, or those at `data_path` read the same way."""
+def run_task(run: rundir.Run, data_path: str = ""):
+  """(the run's task, its records): on the run's own data and seed, or the records at
+  `data_path` read and split the same way."""
+  cfg = run.cfg
   if data_path:
-    cfg.data.path, cfg.data.hf_name = data_path, ""
-  return data.load_documents(cfg.data, tasks.fields(cfg))
+    cfg = config_lib.replace(cfg, {"data.path": data_path, "data.hf_name": ""})
+  docs = data.load_documents(cfg.data, tasks.fields(cfg))
+  return tasks.build(cfg, docs, run.tokenizer), docs
 
 
-def evaluate_splits(run: rundir.Run, data_path: str = "") -> dict:
+def evaluate_splits(run: rundir.Run, task: tasks.Task) -> dict:
   """A fine-tuning run's metrics on its validation ("eval") and test splits."""
-  cfg = run.cfg
-  docs = _records(cfg, data_path)
-  task = tasks.build(cfg, docs, run.tokenizer)
-  step = jax.jit(lambda params, batch: task.objective.loss(params, batch, None, False))
-  results = {}
+  evaluate = objectives.evaluator(task.objective)
   with sharding.activate(run.mesh, run.mesh_cfg):
-    for split, batches in task.evals.items():
-      sums = [step(run.params, b) for b in batches]
-      results[split] = task.objective.summarize(objectives.add_sums(sums))
-  return results
+    return {split: evaluate(run.params, {}, batches) for split, batches in task.evals.items()}
 
 
-def write_responses(run: rundir.Run, out: str, max_new_tokens: int, batch_size: int,
-                    data_path: str = "") -> int:
+def write_responses(run: rundir.Run, task: tasks.Task, docs, out: str, max_new_tokens: int,
+                    batch_size: int) -> int:
   """An instruction-tuned run's greedy responses to its test split, as JSON lines."""
-  from llm.generate import Generator
+  from llm.sampling import Generator
   gen = Generator("", run=run)
-  cfg = run.cfg
-  docs = _records(cfg, data_path)
-  test = data.split_indices(len(docs), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed,
-                            what="records")["test"]
-  if not len(test):
+  if not len(task.splits.get("test", ())):
     raise UserError("this run has no test split (data.test_fraction=0)")
-  records = [docs[int(i)] for i in test]
+  records = [docs[int(i)] for i in task.splits["test"]]
   with open(out, "w") as f:
     for b in range(0, len(records), batch_size):
       chunk = records[b:b + batch_size]
@@ -142,11 +130,12 @@ def main(argv):
           f"({result['tokens']:,} tokens of {what})")
     return
   run = rundir.load(FLAGS.workdir)
-  for split, result in evaluate_splits(run, data_path).items():
+  task, docs = run_task(run, data_path)
+  for split, result in evaluate_splits(run, task).items():
     _print_split(split, result)
   if kind == "instruct":
     out = FLAGS.output or os.path.join(FLAGS.workdir, "test_responses.jsonl")
-    n = write_responses(run, out, FLAGS.max_new_tokens, FLAGS.batch_size, data_path)
+    n = write_responses(run, task, docs, out, FLAGS.max_new_tokens, FLAGS.batch_size)
     print(f"wrote {n} test responses to {out}")
 
 

@@ -1,5 +1,6 @@
 """metrics.jsonl, TensorBoard events, and the throughput numbers (tokens/s, MFU)."""
 
+import dataclasses
 import json
 import os
 
@@ -36,19 +37,36 @@ def flops_per_token(num_params: int, num_layers: int, num_heads: int, head_dim: 
   return 6 * num_params + 12 * num_layers * num_heads * head_dim * seq_len
 
 
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+  """Tokens per second and MFU from the time some steps took (train and bench share it)."""
+  tokens_per_step: int
+  flops_per_step: float  # training FLOPs of one optimizer step
+  peak_flops: float | None  # per device; None: unknown, no MFU
+  num_devices: int
+
+  def __call__(self, steps: int, seconds: float) -> dict:
+    if not steps or seconds <= 0:
+      return {"tokens_per_sec": None, "mfu": None}
+    mfu = (steps * self.flops_per_step / seconds / (self.peak_flops * self.num_devices)
+           if self.peak_flops else None)
+    return {"tokens_per_sec": steps * self.tokens_per_step / seconds, "mfu": mfu}
+
+
 class MetricsWriter:
-  """Appends one JSON object per line to DIR/metrics.jsonl, flushed at once, plus TensorBoard.
+  """Appends one JSON object per line to a metrics.jsonl file, flushed at once, plus
+  TensorBoard events in the same folder.
 
   Only process 0 writes; the others get a writer that does nothing.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, path: str, enabled: bool = True):
     self.enabled = enabled
     if not enabled:
       return
     from tensorboardX import SummaryWriter
-    self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self._tb = SummaryWriter(logdir=workdir)
+    self._file = open(path, "a")
+    self._tb = SummaryWriter(logdir=os.path.dirname(path) or ".")
 
   def write(self, record: dict) -> None:
     if not self.enabled:

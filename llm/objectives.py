@@ -44,7 +44,7 @@ def causal_lm(model) -> Objective:
 
   def summarize(sums):
     mean = float(sums["loss"]) / max(float(sums["weight"]), 1.0)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 80.0))}
+    return {"loss": mean, "perplexity": math.exp(min(mean, 80.0)), "tokens": int(sums["weight"])}
 
   return Objective(loss, summarize)
 
@@ -83,6 +83,19 @@ def classification(model, labels: list[str]) -> Objective:
 def add_sums(sums: list[dict]) -> dict:
   """Per-batch sums (device arrays) -> their totals on the host."""
   return jax.tree.map(lambda *xs: np.sum([np.asarray(x) for x in xs], axis=0), *sums)
+
+
+def evaluator(objective: Objective, assemble=lambda params, frozen: params, in_shardings=None):
+  """(params, frozen, batches) -> the objective's metrics over all the batches, from one
+  compiled step. `assemble(params, frozen)` makes the model's parameters (see params.py)."""
+  step = jax.jit(lambda params, frozen, batch: objective.loss(assemble(params, frozen), batch,
+                                                              None, False),
+                 in_shardings=in_shardings)
+
+  def evaluate(params, frozen, batches):
+    return objective.summarize(add_sums([step(params, frozen, batch) for batch in batches]))
+
+  return evaluate
 
 
 def mlm_nsp(model, mlm_weight: float = 1.0, nsp_weight: float = 1.0) -> Objective:

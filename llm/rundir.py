@@ -1,12 +1,21 @@
-"""Opens a run directory for inference: its config, tokenizer, model and latest parameters
-(for a fine-tuned run, the checkpoint's trainable part joined with its init_from base).
+"""The run directory: what DIR holds, and the one place that writes, recognises and opens it.
+
+    DIR/config.json     the run's resolved config (config.resolve), written when training starts
+    DIR/tokenizer/      the tokenizer's files, so DIR alone is enough to sample from
+    DIR/checkpoints/    orbax steps (checkpoint.py): the trainable parameters, optimizer state,
+                        step, RNG and data position
+    DIR/metrics.jsonl   one JSON line per log (metrics.py), and TensorBoard events beside it
+
+`python -m llm.train` creates DIR (`start`); `python -m llm.convert` writes a complete one from
+a Hugging Face folder (`write`); `init_from` names one or a Hugging Face folder (`Source`); the
+other entry points open one for inference (`load`):
 
     run = rundir.load("runs/gpt_tiny")
     logits = run.model.apply({"params": run.params}, tokens)
 
-On several devices the parameters are split over them by heads, MLP width and vocabulary (tensor
-parallelism, through the run's logical axis rules); a model whose sizes do not divide by the
-device count stays on the first device.
+On several devices `load` splits the parameters over them by heads, MLP width and vocabulary
+(tensor parallelism, through the run's logical axis rules); a model whose sizes do not divide by
+the device count stays on the first device.
 """
 
 import dataclasses
@@ -17,15 +26,152 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from llm import config as config_lib, finetune, sharding, tasks
+from llm import checkpoint, config as config_lib, hf, params as params_lib, sharding, tasks
 from llm import model as model_lib
 from llm import tokenizer as tokenizer_lib
 from llm.errors import UserError
 
+CONFIG, TOKENIZER, CHECKPOINTS, METRICS = ("config.json", "tokenizer", "checkpoints",
+                                           "metrics.jsonl")
+
+
+def path(workdir: str, name: str) -> str:
+  """DIR/name for one of CONFIG, TOKENIZER, CHECKPOINTS, METRICS."""
+  return os.path.join(workdir, name)
+
+
+def is_run(directory: str) -> bool:
+  """A run directory (rather than a Hugging Face folder, whose config.json has no sections)."""
+  try:
+    with open(path(directory, CONFIG)) as f:
+      return isinstance(json.load(f).get("model"), dict)
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def read_config(workdir: str) -> ml_collections.FrozenConfigDict:
+  """DIR/config.json over today's defaults, so a run saved before a key existed still loads."""
+  if not os.path.isfile(path(workdir, CONFIG)):
+    raise UserError(f"{workdir} is not a run directory (no config.json); train one with "
+                    f"python -m llm.train --workdir={workdir} or convert one with llm.convert")
+  try:
+    with open(path(workdir, CONFIG)) as f:
+      saved = json.load(f)
+  except ValueError as e:
+    raise UserError(f"{path(workdir, CONFIG)} is not valid JSON ({e})") from None
+  cfg = config_lib.base_config()
+  for section, values in saved.items():
+    if isinstance(values, dict) and section in cfg:
+      cfg[section].update({k: v for k, v in values.items() if k in cfg[section]})
+    elif section in cfg:
+      cfg[section] = values
+  return ml_collections.FrozenConfigDict(cfg)
+
+
+def read_tokenizer(workdir: str) -> tokenizer_lib.Tokenizer:
+  return tokenizer_lib.load(path(workdir, TOKENIZER))
+
+
+def has_tokenizer(workdir: str) -> bool:
+  return os.path.isdir(path(workdir, TOKENIZER))
+
+
+def checkpointer(workdir: str, keep: int = 1) -> checkpoint.Checkpointer:
+  return checkpoint.Checkpointer(path(workdir, CHECKPOINTS), keep)
+
+
+def start(workdir: str, cfg, tokenizer) -> None:
+  """A run starts (or resumes): DIR gets its config and tokenizer."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(path(workdir, CONFIG), "w") as f:
+    f.write(cfg.to_json_best_effort(indent=2))
+  tokenizer.save(path(workdir, TOKENIZER))
+
+
+def write(workdir: str, cfg, tokenizer, params) -> None:
+  """A complete run directory holding `params` as its step-0 checkpoint."""
+  if os.path.exists(path(workdir, CHECKPOINTS)):
+    raise UserError(f"{workdir} already holds checkpoints; write into a new directory")
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer.save(path(workdir, TOKENIZER))
+  ckpt = checkpointer(workdir)
+  ckpt.save(0, {"params": params}, {"step": 0})
+  ckpt.close()
+  with open(path(workdir, CONFIG), "w") as f:  # last: DIR is complete
+    f.write(cfg.to_json_best_effort(indent=2))
+
+
+def drop_metrics_after(workdir: str, step: int) -> None:
+  """A resumed run logs the steps after its checkpoint again: drop their old lines."""
+  metrics = path(workdir, METRICS)
+  if not os.path.exists(metrics):
+    return
+  with open(metrics) as f:
+    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+  with open(metrics + ".tmp", "w") as f:
+    f.writelines(kept)
+  os.replace(metrics + ".tmp", metrics)
+
+
+class Source:
+  """The model `init_from` names: a run directory, or a Hugging Face folder or hub name.
+
+  `values` are the config sections the run takes from it (`model`, `tokenizer`).
+  """
+
+  def __init__(self, name: str):
+    self.name = name
+    if is_run(name):
+      saved = read_config(name)
+      self.values = {"model": saved.model.to_dict(),
+                     "tokenizer": {"kind": saved.tokenizer.kind,
+                                   "lowercase": saved.tokenizer.lowercase}}
+      self.tokenizer = read_tokenizer(name)
+      self._params = lambda: load(name, jax.devices()).params
+    else:
+      if os.path.exists(name) and not os.path.isdir(name):
+        raise UserError(f"init_from={name!r} is not a run directory nor a model folder")
+      if not os.path.exists(name) and name.startswith((".", "/")):
+        raise UserError(f"init_from={name!r}: no such folder")
+      directory = hf.resolve(name)
+      hf_config = hf.read_config(directory)
+      self.tokenizer = hf.load_tokenizer(directory, hf_config)
+      self.values = {"model": hf.model_values(hf_config),
+                     "tokenizer": {"kind": self.tokenizer.kind,
+                                   "lowercase": getattr(self.tokenizer, "lowercase", True)}}
+      self._params = lambda: hf.load(directory)[2]
+
+  def params(self):
+    """The source's full parameters (a run's adapters already merged)."""
+    return self._params()
+
+
+def load_params(cfg, model, workdir: str, mesh, mesh_cfg):
+  """The model parameters of a trained run: its checkpoint's trainable part, the rest from
+  its init_from source, adapters merged."""
+  shapes, shardings = params_lib.abstract(cfg, model, mesh, mesh_cfg)
+  abstract = checkpoint.abstract_like(nn.meta.unbox(shapes), shardings)
+  trainable_filter = params_lib.is_trainable(cfg, model_lib.shape_of(model).num_layers)
+  trainable_abstract, frozen_abstract = params_lib.split(abstract, trainable_filter)
+  ckpt = checkpointer(workdir)
+  step = ckpt.latest_step()
+  if step is None:
+    raise UserError(f"{workdir} has no checkpoint yet")
+  trainable = ckpt.restore_params(step, trainable_abstract)
+  ckpt.close()
+  frozen = {}
+  if frozen_abstract:  # as training started: fresh from the seed, then the source's weights
+    source = Source(cfg.init_from) if cfg.init_from else None
+    params, _, _ = params_lib.init(cfg, model, mesh, mesh_cfg,
+                                   source and source.params(), cfg.init_from)
+    frozen = params_lib.split(params, trainable_filter)[1]
+  return params_lib.assemble(cfg, trainable, frozen)
+
 
 @dataclasses.dataclass
 class Run:
-  cfg: ml_collections.ConfigDict
+  """A run directory opened for inference."""
+  cfg: ml_collections.FrozenConfigDict
   tokenizer: tokenizer_lib.Tokenizer
   model: nn.Module
   params: dict
@@ -33,26 +179,9 @@ class Run:
   mesh_cfg: ml_collections.ConfigDict
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """DIR/config.json over today's defaults, so a run saved before a key existed still loads."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise UserError(f"{workdir} is not a run directory (no config.json); train one with "
-                    f"python -m llm.train --workdir={workdir} or convert one with llm.convert")
-  with open(path) as f:
-    saved = json.load(f)
-  cfg = config_lib.base_config()
-  for section, values in saved.items():
-    if isinstance(values, dict) and section in cfg:
-      cfg[section].update({k: v for k, v in values.items() if k in cfg[section]})
-    elif section in cfg:
-      cfg[section] = values
-  return cfg
-
-
 def load(workdir: str, devices=None) -> Run:
   cfg = read_config(workdir)
-  tokenizer = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))
+  tokenizer = read_tokenizer(workdir)
   model = tasks.build_model(cfg, tokenizer.vocab_size)
   devices = jax.devices() if devices is None else devices
   m = model_lib.shape_of(model)
@@ -61,5 +190,5 @@ def load(workdir: str, devices=None) -> Run:
   mesh_cfg = ml_collections.ConfigDict(
       {"data": 1, "fsdp": 1, "tensor": len(devices), "rules": cfg.mesh.rules})
   mesh = sharding.make_mesh(mesh_cfg, devices)
-  params = finetune.run_params(cfg, model, workdir, mesh, mesh_cfg)
+  params = load_params(cfg, model, workdir, mesh, mesh_cfg)
   return Run(cfg, tokenizer, model, params, mesh, mesh_cfg)

@@ -27,6 +27,8 @@ class Task:
   batches: data.Batches  # training batches, resumable
   evals: dict  # split -> fixed batches; "eval" runs every train.eval_every, "test" at the end
   summary: str  # one line about the data, printed at start
+  # record tasks (classify, instruct): split -> the rows of the data in it
+  splits: dict = dataclasses.field(default_factory=dict)
 
 
 def fields(cfg) -> tuple[str, ...]:
@@ -51,14 +53,20 @@ def labels(cfg) -> list[str]:
   return [name.strip() for name in cfg.task.labels.split(",") if name.strip()]
 
 
+def data_labels(cfg, docs) -> list[str] | None:
+  """The classes a classifier without task.labels finds in its data (see config.resolve)."""
+  if cfg.task.kind != "classify" or cfg.task.labels:
+    return None
+  return data.label_names(docs[cfg.data.label_field])
+
+
 def build_model(cfg, vocab_size: int) -> nn.Module:
   num_classes = len(labels(cfg)) if cfg.task.kind == "classify" else 0
   return model_lib.build(cfg.model, vocab_size, num_classes)
 
 
 def build(cfg, docs, tokenizer, cache_dir: str = "", process_index=0, process_count=1) -> Task:
-  """The task of `cfg` on `docs`. A classification run without task.labels gets the data's
-  classes written into cfg.task.labels (and so into DIR/config.json)."""
+  """The task of the resolved config `cfg` on `docs`."""
   tr, d = cfg.train, cfg.data
   micro = tr.batch_size // tr.grad_accum
   where = dict(process_index=process_index, process_count=process_count)
@@ -96,8 +104,6 @@ def build(cfg, docs, tokenizer, cache_dir: str = "", process_index=0, process_co
 
   if cfg.task.kind == "classify":
     values = docs[d.label_field]
-    if not cfg.task.labels:
-      cfg.task.labels = ",".join(data.label_names(values))
     names = labels(cfg)
     if len(names) < 2:
       raise UserError(f"task.labels={cfg.task.labels!r}: a classifier needs at least 2 classes")
@@ -110,8 +116,9 @@ def build(cfg, docs, tokenizer, cache_dir: str = "", process_index=0, process_co
     counts = np.bincount(examples["labels"], minlength=len(names))
     what = ", ".join(f"{n} {c}" for n, c in zip(names, counts))
   else:  # instruct
-    records = [dict(r) for r in docs]
-    examples = data.instruction_examples(records, tokenizer, d.max_length, cfg.task.mask_prompt)
+    rows = np.arange(len(docs))
+    examples = data.instruction_examples([dict(r) for r in docs], tokenizer, d.max_length,
+                                         cfg.task.mask_prompt)
     model = build_model(cfg, tokenizer.vocab_size)
     objective = objectives.causal_lm(model)
     what = "instructions"
@@ -127,4 +134,5 @@ def build(cfg, docs, tokenizer, cache_dir: str = "", process_index=0, process_co
   length = examples["tokens" if "tokens" in examples else "inputs"].shape[1]
   return Task(model, objective, batches, evals,
               f"{len(examples['weights']):,} records ({what}), padded to {length} tokens: "
-              + ", ".join(f"{len(idx)} {name}" for name, idx in parts.items()))
+              + ", ".join(f"{len(idx)} {name}" for name, idx in parts.items()),
+              splits={name: rows[idx] for name, idx in parts.items()})

@@ -1,13 +1,12 @@
-"""Trains a model from a config file; owns the run directory.
+"""Trains a model from a config file; `train` is the loop, `Trainer` what it is made of.
 
-    python -m llm.train --config=configs/gpt_tiny.py --workdir=runs/tiny [--config.train.steps=200]
+    python -m llm.train --config=configs/gpt_tiny.py --workdir=runs/gpt_tiny \\
+        [--config.train.steps=200]
 
 Running the same command again resumes from the latest checkpoint in --workdir.
 """
 
 import functools
-import json
-import os
 import tempfile
 import time
 
@@ -18,9 +17,11 @@ import optax
 from absl import flags
 from ml_collections import config_flags
 
-from llm import cli, checkpoint, config as config_lib, data, finetune, metrics, objectives, optim
-from llm import sharding, tasks
+from llm import checkpoint, cli, config as config_lib, data, metrics, objectives, optim, rundir
+from llm import sharding
 from llm import model as model_lib
+from llm import params as params_lib
+from llm import tasks
 from llm import tokenizer as tokenizer_lib
 from llm.errors import UserError
 
@@ -36,26 +37,22 @@ def define_flags():
   sharding.define_distributed_flags()
 
 
-class Run:
-  """Everything a run is made of, built from the config before anything is written to DIR."""
+class Trainer:
+  """Everything a run is made of, built from its resolved config before anything is written to
+  DIR: the mesh, tokenizer, task (model, objective, data), optimizer and compiled steps."""
 
   def __init__(self, cfg, workdir: str):
-    self.cfg, self.workdir = cfg, workdir
-    self.source = finetune.Source(cfg.init_from) if cfg.init_from else None
-    if self.source:  # the architecture and tokenizer are the source's; dropout is the run's
-      cfg.model.update({k: v for k, v in self.source.model_values.items() if k != "dropout"})
-      cfg.tokenizer.kind = self.source.tokenizer.kind
-      cfg.tokenizer.lowercase = getattr(self.source.tokenizer, "lowercase", cfg.tokenizer.lowercase)
-    if cfg.data.max_length == 0:
-      cfg.data.max_length = cfg.model.max_len
-    config_lib.validate(cfg)
+    self.workdir = workdir
+    self.source = rundir.Source(cfg.init_from) if cfg.init_from else None
+    source_values = self.source.values if self.source else None
+    config_lib.resolve(cfg, source_values)  # a wrong value stops the run before data is read
+    docs = data.load_documents(cfg.data, tasks.fields(cfg))
+    self.cfg = cfg = config_lib.resolve(cfg, source_values, tasks.data_labels(cfg, docs))
     self.mesh = sharding.make_mesh(cfg.mesh)
     self.is_main = jax.process_index() == 0
 
-    docs = data.load_documents(cfg.data, tasks.fields(cfg))
-    saved_tokenizer = os.path.join(workdir, "tokenizer")
-    if os.path.isdir(saved_tokenizer):  # resuming: the run keeps its own tokenizer
-      self.tokenizer = tokenizer_lib.load(saved_tokenizer)
+    if rundir.has_tokenizer(workdir):  # resuming: the run keeps its own tokenizer
+      self.tokenizer = rundir.read_tokenizer(workdir)
     elif self.source:
       self.tokenizer = self.source.tokenizer
     else:
@@ -68,26 +65,28 @@ class Run:
                             process_count=jax.process_count())
     self.model, self.objective = self.task.model, self.task.objective
     self.batches = self.task.batches
-    self.trainable = finetune.is_trainable(cfg, model_lib.shape_of(self.model).num_layers)
+    self.trainable = params_lib.is_trainable(cfg, model_lib.shape_of(self.model).num_layers)
+    self.assemble = functools.partial(params_lib.assemble, cfg)
     self.tx = optim.build(cfg.train)
     if self.is_main:
       print(f"{self.task.summary}; {jax.device_count()} devices as mesh {dict(self.mesh.shape)}")
 
   def init_state(self):
-    """(train state, its shardings, frozen parameters, their shardings), created sharded.
+    """(train state, frozen parameters), created sharded; their shardings are kept on self.
 
     The state holds the trainable parameters and their optimizer state; frozen parameters are
     an input of every step, never saved.
     """
     cfg = self.cfg
-    params, param_shardings, boxed = finetune.init_params(cfg, self.model, self.mesh, cfg.mesh,
-                                                          self.source)
-    trainable, frozen = finetune.split(params, self.trainable)
-    boxed_trainable = finetune.split(boxed, self.trainable)[0]
+    params, param_shardings, boxed = params_lib.init(
+        cfg, self.model, self.mesh, cfg.mesh, self.source and self.source.params(),
+        cfg.init_from)
+    trainable, frozen = params_lib.split(params, self.trainable)
+    boxed_trainable = params_lib.split(boxed, self.trainable)[0]
     if not jax.tree.leaves(trainable):
       raise UserError(f"train.trainable={cfg.train.trainable!r} leaves nothing to train in this "
                       "model")
-    frozen_shardings = finetune.split(param_shardings, self.trainable)[1]
+    self.frozen_shardings = params_lib.split(param_shardings, self.trainable)[1]
     dropout_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
 
     def new_state(params):
@@ -95,18 +94,25 @@ class Run:
               "opt_state": self.tx.init(params), "rng": dropout_key}
 
     with sharding.activate(self.mesh, cfg.mesh):
-      shardings = sharding.logical_shardings(jax.eval_shape(new_state, boxed_trainable),
-                                             self.mesh, cfg.mesh)
-      state = jax.jit(new_state, out_shardings=shardings)(trainable)
-    return state, shardings, frozen, frozen_shardings
+      self.state_shardings = sharding.logical_shardings(
+          jax.eval_shape(new_state, boxed_trainable), self.mesh, cfg.mesh)
+      state = jax.jit(new_state, out_shardings=self.state_shardings)(trainable)
+    self.num_params, self.num_trainable = params_lib.count(params), params_lib.count(trainable)
+    return state, frozen
 
-  def jit_train_step(self, state_shardings, frozen_shardings):
+  def jit_train_step(self):
     """The train step, compiled for the state's shardings, with the old state donated."""
     step = make_train_step(self.objective, self.tx, optim.lr_schedule(self.cfg.train),
-                           functools.partial(finetune.assemble, self.cfg))
-    return jax.jit(step, in_shardings=(state_shardings, frozen_shardings,
+                           self.assemble)
+    return jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings,
                                        sharding.batch_sharding(self.mesh)),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
+                   out_shardings=(self.state_shardings, None), donate_argnums=0)
+
+  def jit_evaluate(self):
+    """(params, frozen, batches) -> the objective's metrics on them."""
+    return objectives.evaluator(self.objective, self.assemble, in_shardings=(
+        self.state_shardings["params"], self.frozen_shardings,
+        sharding.batch_sharding(self.mesh, 0)))
 
   @property
   def tokens_per_step(self) -> int:
@@ -114,13 +120,15 @@ class Run:
     length = max(x.shape[1] if x.ndim > 1 else 1 for x in example.values())
     return self.cfg.train.batch_size * length
 
-  def flops_per_step(self, num_params: int) -> float:
-    """Training FLOPs of one optimizer step, for MFU."""
+  def throughput(self) -> metrics.Throughput:
+    """Tokens/s and MFU of timed steps (after init_state, which counts the parameters)."""
     m = model_lib.shape_of(self.model)
     length = self.tokens_per_step // self.cfg.train.batch_size
-    non_embedding = num_params - m.max_len * m.d_model  # position embeddings do no matmul
-    return metrics.flops_per_token(non_embedding, m.num_layers, m.num_heads, m.head_dim,
-                                   length) * self.tokens_per_step
+    non_embedding = self.num_params - m.max_len * m.d_model  # position embeddings do no matmul
+    flops = metrics.flops_per_token(non_embedding, m.num_layers, m.num_heads, m.head_dim,
+                                    length) * self.tokens_per_step
+    peak = metrics.peak_flops(jax.devices()[0].device_kind, self.cfg.train.peak_flops)
+    return metrics.Throughput(self.tokens_per_step, flops, peak, jax.device_count())
 
 
 def make_train_step(objective: objectives.Objective, tx: optax.GradientTransformation,
@@ -165,131 +173,117 @@ def make_train_step(objective: objectives.Objective, tx: optax.GradientTransform
 
 def train(cfg, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last evaluation's metrics."""
-  run = Run(cfg, workdir)
-  state, state_shardings, frozen, frozen_shardings = run.init_state()
-  tr = cfg.train
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpoint.Checkpointer(workdir, tr.keep_checkpoints)
+  trainer = Trainer(cfg, workdir)
+  cfg, tr, mesh = trainer.cfg, trainer.cfg.train, trainer.mesh
+  state, frozen = trainer.init_state()
+  ckpt = rundir.checkpointer(workdir, tr.keep_checkpoints)
   start = ckpt.latest_step() or 0
   if start:
-    state, data_state = ckpt.restore(start, checkpoint.abstract_like(state, state_shardings))
-    run.batches.restore(data_state)
-    if run.is_main:
-      _drop_metrics_after(workdir, start)
+    state, data_state = ckpt.restore(start, checkpoint.abstract_like(state,
+                                                                     trainer.state_shardings))
+    trainer.batches.restore(data_state)
   if start >= tr.steps:
     print(f"{workdir} is already trained to step {start} (train.steps={tr.steps}); "
           f"raise --config.train.steps to train further")
     ckpt.close()
     return {}
-
-  if run.is_main:  # the run starts: now DIR gets its files
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
-    run.tokenizer.save(os.path.join(workdir, "tokenizer"))
-  writer = metrics.MetricsWriter(workdir, enabled=run.is_main)
-  num_trainable, num_frozen = finetune.count(state["params"]), finetune.count(frozen)
-  num_params = num_trainable + num_frozen
-  tokens_per_step, flops = run.tokens_per_step, run.flops_per_step(num_params)
-  peak = metrics.peak_flops(jax.devices()[0].device_kind, tr.peak_flops)
-  if run.is_main:
-    trained = (f"{num_trainable:,} of {num_params:,} parameters train"
-               if num_frozen else f"{num_params:,} parameters")
-    print(f"{trained}; {tokens_per_step:,} tokens per step; starting at step {start}"
-          + ("" if peak else "; MFU needs --config.train.peak_flops on this device"))
-
-  train_step = run.jit_train_step(state_shardings, frozen_shardings)
-  assemble = functools.partial(finetune.assemble, cfg)
-  eval_step = jax.jit(
-      lambda params, frozen, batch: run.objective.loss(assemble(params, frozen), batch, None,
-                                                       False),
-      in_shardings=(state_shardings["params"], frozen_shardings,
-                    sharding.batch_sharding(run.mesh, 0)))
-  eval_data = {split: [sharding.global_batch(b, run.mesh, batch_dim=0) for b in batches]
-               for split, batches in run.task.evals.items()}
-
-  def evaluate(step, split="eval"):
-    with sharding.activate(run.mesh, cfg.mesh):
-      sums = [eval_step(state["params"], frozen, b) for b in eval_data[split]]
-    result = run.objective.summarize(objectives.add_sums(sums))
-    writer.write({"step": step, "split": split, **result})
-    return result
-
-  progress = _progress_bar(run.is_main, start, tr.steps)
-  last_eval, timer_step, timer = {}, start, None
+  if trainer.is_main:  # the run starts: now DIR gets its files
+    rundir.start(workdir, cfg, trainer.tokenizer)
+    rundir.drop_metrics_after(workdir, start)
+  log = Log(trainer, start)
+  train_step, evaluate = trainer.jit_train_step(), trainer.jit_evaluate()
+  eval_data = {split: [sharding.global_batch(b, mesh, batch_dim=0) for b in batches]
+               for split, batches in trainer.task.evals.items()}
+  last_eval = {}
   for step in range(start + 1, tr.steps + 1):
-    batch = sharding.global_batch(next(run.batches), run.mesh, batch_dim=1)
-    with sharding.activate(run.mesh, cfg.mesh):
+    batch = sharding.global_batch(next(trainer.batches), mesh, batch_dim=1)
+    with sharding.activate(mesh, cfg.mesh):
       state, stats = train_step(state, frozen, batch)
-    if timer is None:  # the first step compiles: time from its end
-      jax.block_until_ready(stats)
-      timer, timer_step = time.perf_counter(), step
-    if step % tr.log_every == 0 or step == tr.steps:
-      stats = jax.device_get(stats)
-      elapsed = time.perf_counter() - timer
-      steps_timed = step - timer_step
-      tokens_per_sec = steps_timed * tokens_per_step / elapsed if steps_timed else None
-      mfu = (tokens_per_sec * flops / tokens_per_step / (peak * jax.device_count())
-             if tokens_per_sec and peak else None)
-      task_metrics = {k: v for k, v in run.objective.summarize(stats["sums"]).items()
-                      if isinstance(v, float) and k not in ("loss", "perplexity")}
-      writer.write({"step": step, "split": "train", "loss": float(stats["loss"]),
-                    "lr": float(stats["lr"]), "grad_norm": float(stats["grad_norm"]),
-                    "tokens_per_sec": tokens_per_sec, "mfu": mfu, **task_metrics})
-      progress.set_postfix_str(_headline({"loss": float(stats["loss"]), **task_metrics})
-                               + (f", {tokens_per_sec:,.0f} tok/s" if tokens_per_sec else ""))
-      timer, timer_step = time.perf_counter(), step
-      if not np.isfinite(stats["loss"]):
-        raise UserError(f"the loss became {stats['loss']} at step {step}; lower train.lr or "
-                        f"check the data (the last checkpoint is intact)")
-    progress.update(1)
-    if (step % tr.eval_every == 0 or step == tr.steps) and "eval" in eval_data:
-      progress.set_description("evaluating")
-      last_eval = evaluate(step)
-      if run.is_main:
-        progress.write(f"step {step}: eval {_headline(last_eval)}")
-    if step == tr.steps and "test" in eval_data:
-      progress.set_description("testing")
-      test = evaluate(step, "test")
-      if run.is_main:
-        progress.write(f"step {step}: test {_headline(test)}")
+      log.trained(step, stats)
+      if (step % tr.eval_every == 0 or step == tr.steps) and "eval" in eval_data:
+        last_eval = log.evaluated(step, "eval", evaluate(state["params"], frozen,
+                                                         eval_data["eval"]))
+      if step == tr.steps and "test" in eval_data:
+        log.evaluated(step, "test", evaluate(state["params"], frozen, eval_data["test"]))
     preempted = ckpt.reached_preemption(step)
     if step % tr.checkpoint_every == 0 or step == tr.steps or preempted:
-      progress.set_description("saving")
-      ckpt.save(step, state, run.batches.state())
-    progress.set_description("train")
+      log.phase("saving")
+      ckpt.save(step, state, trainer.batches.state())
     if preempted:
       break
-    if step % tr.eval_every == 0 or step % tr.checkpoint_every == 0:
-      timer = None  # throughput counts training steps only
-  progress.close()
+    log.phase("train")
+  log.close()
   ckpt.close()
-  writer.close()
   return last_eval
 
 
-def _headline(result: dict) -> str:
+class Log:
+  """What a run shows and records as it trains: train and eval lines in metrics.jsonl (and
+  TensorBoard), the progress bar, and the throughput of the training steps between lines."""
+
+  def __init__(self, trainer: Trainer, start: int):
+    from tqdm import tqdm
+    self.objective, self.train_cfg = trainer.objective, trainer.cfg.train
+    self.is_main = trainer.is_main
+    self.writer = metrics.MetricsWriter(rundir.path(trainer.workdir, rundir.METRICS),
+                                        enabled=self.is_main)
+    self.throughput = trainer.throughput()
+    self.bar = tqdm(total=self.train_cfg.steps, initial=start, disable=not self.is_main,
+                    desc="train", unit="step", dynamic_ncols=True)
+    self.timer, self.timer_step = None, start
+    if self.is_main:
+      frozen = trainer.num_params - trainer.num_trainable
+      print((f"{trainer.num_trainable:,} of {trainer.num_params:,} parameters train" if frozen
+             else f"{trainer.num_params:,} parameters")
+            + f"; {trainer.tokens_per_step:,} tokens per step; starting at step {start}"
+            + ("" if self.throughput.peak_flops else
+               "; MFU needs --config.train.peak_flops on this device"))
+
+  def trained(self, step: int, stats: dict) -> None:
+    """After each step: a train line every train.log_every steps and at the last."""
+    if self.timer is None:  # the first step compiles (and one after an eval): time from its end
+      jax.block_until_ready(stats)
+      self.timer, self.timer_step = time.perf_counter(), step
+    if step % self.train_cfg.log_every == 0 or step == self.train_cfg.steps:
+      stats = jax.device_get(stats)
+      speed = self.throughput(step - self.timer_step, time.perf_counter() - self.timer)
+      task_metrics = {k: v for k, v in self.objective.summarize(stats["sums"]).items()
+                      if isinstance(v, float) and k not in ("loss", "perplexity")}
+      loss = float(stats["loss"])
+      self.writer.write({"step": step, "split": "train", "loss": loss, "lr": float(stats["lr"]),
+                         "grad_norm": float(stats["grad_norm"]), **speed, **task_metrics})
+      tokens_per_sec = speed["tokens_per_sec"]
+      self.bar.set_postfix_str(headline({"loss": loss, **task_metrics})
+                               + (f", {tokens_per_sec:,.0f} tok/s" if tokens_per_sec else ""))
+      self.timer, self.timer_step = time.perf_counter(), step
+      if not np.isfinite(loss):
+        raise UserError(f"the loss became {loss} at step {step}; lower train.lr or check the "
+                        "data (the last checkpoint is intact)")
+    self.bar.update(1)
+
+  def evaluated(self, step: int, split: str, result: dict) -> dict:
+    self.phase("evaluating")
+    self.writer.write({"step": step, "split": split, **result})
+    if self.is_main:
+      self.bar.write(f"step {step}: {split} {headline(result)}")
+    return result
+
+  def phase(self, name: str) -> None:
+    """Says on the bar what the run does now ("evaluating", "saving", "train")."""
+    self.bar.set_description(name)
+    if name != "train":
+      self.timer = None  # throughput counts training steps only
+
+  def close(self) -> None:
+    self.bar.close()
+    self.writer.close()
+
+
+def headline(result: dict) -> str:
   """The loss, perplexity and every accuracy (classes; BERT's masked tokens and next sentence)."""
   keys = [k for k in ("loss", "perplexity") if k in result]
   keys += [k for k in result if k.endswith("accuracy")]
   return ", ".join(f"{k} {result[k]:.4f}" for k in keys)
-
-
-def _progress_bar(enabled: bool, start: int, total: int):
-  from tqdm import tqdm
-  return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step",
-              dynamic_ncols=True)
-
-
-def _drop_metrics_after(workdir: str, step: int) -> None:
-  """A resumed run logs the steps after its checkpoint again: drop their old lines."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-  with open(path + ".tmp", "w") as f:
-    f.writelines(kept)
-  os.replace(path + ".tmp", path)
 
 
 def main(argv):

@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from conftest import read_metrics, tiny_config  # noqa: E402
-from llm.train import Run, train  # noqa: E402
+from llm.train import Trainer, train  # noqa: E402
 
 
 def sharding_config(tmp, mesh: str, steps: int):
@@ -31,7 +31,7 @@ def main(out, tmp, steps, *meshes):
     cfg = sharding_config(pathlib.Path(tmp), mesh, int(steps))
     workdir = os.path.join(tmp, f"run-{mesh}")
     train(cfg, workdir)
-    state = Run(cfg, workdir).init_state()[0]
+    state = Trainer(cfg, workdir).init_state()[0]
     wte = state["params"]["wte"]["embedding"]
     results[mesh] = {
         "losses": {m["step"]: m["loss"] for m in read_metrics(workdir) if m["split"] == "train"},
@@ -40,7 +40,7 @@ def main(out, tmp, steps, *meshes):
     }
   if "2x2x2" in results:  # sampling with parameters split over all devices, and on one
     import jax
-    from llm.generate import Generator
+    from llm.sampling import Generator
     workdir = os.path.join(tmp, "run-2x2x2")
     prompts = ["The for statement", "Class definitions"]
     split, alone = Generator(workdir), Generator(workdir, jax.devices()[:1])

@@ -91,7 +91,7 @@ def test_vocabulary_padding_is_dropped_on_export(tmp_path, test_data):
 
 def test_greedy_generation_matches_transformers(tmp_path, test_data):
   from llm import convert
-  from llm.generate import Generator
+  from llm.sampling import Generator
   # A wide initialisation spreads the logits, so argmax is not decided by rounding.
   reference = save_hf_gpt2(tmp_path / "hf", test_data, seed=3, init=0.3, n_layer=2, n_head=2,
                            n_embd=32, n_positions=64)

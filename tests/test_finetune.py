@@ -208,7 +208,8 @@ def test_instruction_lora_freezes_the_base_and_merges(tmp_path, base_run, test_d
   # The test split's responses, beside their references, ready for judging.
   from llm import evaluate
   out = tmp_path / "responses.jsonl"
-  assert evaluate.write_responses(rundir.load(workdir), str(out), max_new_tokens=3,
+  run = rundir.load(workdir)
+  assert evaluate.write_responses(run, *evaluate.run_task(run), str(out), max_new_tokens=3,
                                   batch_size=8) == 20
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert len(rows) == 20 and set(rows[0]) == {"instruction", "input", "output", "response"}
@@ -267,7 +268,8 @@ def test_classifier_learns_a_separable_task(tmp_path, base_run):
   assert set(test["per_class"]) == {"bad", "good"}
   assert rundir.read_config(workdir).task.labels == "bad,good"
 
-  results = evaluate.evaluate_splits(rundir.load(workdir))
+  run = rundir.load(workdir)
+  results = evaluate.evaluate_splits(run, evaluate.run_task(run)[0])
   assert results["test"]["confusion"] == test["confusion"]
   [(label, prob)] = TextClassifier(workdir).classify(["sunny warm happy calm bright sunny"])
   assert label == "good" and 0.5 < prob <= 1.0

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import ROOT, tiny_config
 from llm.errors import UserError
-from llm.generate import Generator
+from llm.sampling import Generator
 from llm.train import train
 
 PROMPTS = ["The for statement", "Class definitions are executable statements. A class"]

@@ -48,14 +48,20 @@ def test_resume_is_bit_exact(tmp_path):
   assert _losses(resumed, "eval") == _losses(straight, "eval")
 
 
-def test_evaluate_scores_the_runs_own_validation_split(tmp_path):
+def test_config_is_resolved_once_and_evaluate_scores_the_validation_split(tmp_path):
   from llm import evaluate, rundir
   workdir = str(tmp_path / "run")
-  final = train(tiny_config(tmp_path, **{"train.steps": 2, "train.eval_batches": 10_000}),
-                workdir)
+  cfg = tiny_config(tmp_path, **{"train.steps": 2, "train.eval_batches": 10_000,
+                                 "data.max_length": 0})
+  final = train(cfg, workdir)
+  assert cfg.data.max_length == 0  # the caller's config is not edited ...
+  saved = rundir.read_config(workdir)
+  assert saved.data.max_length == 32  # ... the resolved one says what ran: the model's context
+  with pytest.raises(AttributeError):  # and is frozen
+    saved.data.max_length = 16
   result = evaluate.evaluate_lm(rundir.load(workdir))  # every validation window, as in training
   assert result["loss"] == pytest.approx(final["loss"], rel=1e-5)
-  assert result["tokens"] > 1000
+  assert result["tokens"] == final["tokens"] > 1000
 
 
 def test_a_finished_run_says_so(tmp_path, capsys):

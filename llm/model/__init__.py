@@ -1,5 +1,7 @@
 """Flax linen models. Nothing here knows about data, tasks or training."""
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from llm.model.bert import BERT
@@ -15,22 +17,10 @@ def transformer_config(model_cfg, vocab_size: int) -> TransformerConfig:
 
   `vocab_size` is the tokenizer's; `model.vocab_size` may pad it (e.g. 50257 -> 50304).
   """
-  return TransformerConfig(
-      vocab_size=max(model_cfg.vocab_size, vocab_size),
-      max_len=model_cfg.max_len,
-      num_layers=model_cfg.num_layers,
-      num_heads=model_cfg.num_heads,
-      d_model=model_cfg.d_model,
-      d_ff=model_cfg.d_ff,
-      dropout=model_cfg.dropout,
-      dtype=jnp.dtype(model_cfg.dtype),
-      tie_embeddings=model_cfg.tie_embeddings,
-      use_bias=model_cfg.use_bias,
-      ln_eps=model_cfg.ln_eps,
-      activation=model_cfg.activation,
-      pre_ln=model_cfg.pre_ln,
-      attention_impl=model_cfg.attention_impl,
-  )
+  same_names = {f.name: model_cfg[f.name] for f in dataclasses.fields(TransformerConfig)
+                if f.name in model_cfg}
+  return TransformerConfig(**{**same_names, "vocab_size": max(model_cfg.vocab_size, vocab_size),
+                              "dtype": jnp.dtype(model_cfg.dtype)})
 
 
 def build(model_cfg, vocab_size: int, num_classes: int = 0):
