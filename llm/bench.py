@@ -49,7 +49,7 @@ def _best_time(fn, repeats):
 
 def bench_train(cfg, steps: int) -> dict:
   import tempfile
-  from llm.train import Trainer
+  from llm.train import Trainer, new_health
   with tempfile.TemporaryDirectory() as workdir:  # a run that writes nothing
     trainer = Trainer(cfg, workdir)
   state, frozen = trainer.init_state()
@@ -57,11 +57,12 @@ def bench_train(cfg, steps: int) -> dict:
   batches = [sharding.global_batch(next(trainer.batches), trainer.mesh)
              for _ in range(steps + 1)]
   with sharding.activate(trainer.mesh, trainer.cfg.mesh):
-    state, stats = step_fn(state, frozen, batches[0])
+    health = new_health()
+    state, stats, health = step_fn(state, frozen, batches[0], health)
     jax.block_until_ready(stats)
     start = time.perf_counter()
     for batch in batches[1:]:
-      state, stats = step_fn(state, frozen, batch)
+      state, stats, health = step_fn(state, frozen, batch, health)
     jax.block_until_ready(stats)
   seconds = time.perf_counter() - start
   return {"step_ms": 1e3 * seconds / steps, **trainer.throughput()(steps, seconds)}

@@ -1,11 +1,15 @@
 """Checkpoints of a run: orbax CheckpointManager steps under DIR/checkpoints (rundir.checkpointer).
 
 Each step holds the train state (params, optimizer state, step, RNG) and the data iterator's
-position. Orbax writes a step to a temporary folder and renames it when complete, so a run
-killed mid-save leaves the previous checkpoints as they were.
+position. Orbax writes a step in the background into a temporary folder and renames it when it
+is complete, so a run killed mid-save leaves the previous checkpoints as they were. A step that
+was damaged afterwards (a file truncated or deleted) is skipped on restore, with a warning, for
+the newest one that loads.
 """
 
+import errno
 import os
+import re
 
 import jax
 import orbax.checkpoint as ocp
@@ -24,45 +28,96 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+    """Starts saving `step` (orbax finishes it in the background while training goes on)."""
+    with _disk_errors(self.directory, step):
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
 
-  def restore(self, step: int, abstract_state):
-    """Restores straight into `abstract_state`'s shardings (any mesh, any device count)."""
-    try:
+  def restore(self, abstract_state) -> tuple[int, dict, dict]:
+    """(step, state, data position) of the newest checkpoint that loads, restored straight into
+    `abstract_state`'s shardings (any mesh, any device count)."""
+    def restore(step):
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, TypeError) as e:
-      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-      raise UserError(f"checkpoint {self.directory}/{step} does not match this config "
-                      f"({first[:300]}); use the run's own config.json or a new "
-                      "--workdir") from None
-    return restored.state, restored.data
+      return restored.state, restored.data
+    step, (state, data) = self._newest_that_loads(restore, "this config")
+    return step, state, data
 
-  def restore_params(self, step: int, abstract_params):
-    """The parameters alone, without the optimizer state: for sampling and evaluation."""
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
+  def restore_params(self, abstract_params) -> dict:
+    """The newest loadable checkpoint's parameters alone, without the optimizer state: for
+    sampling and evaluation."""
+    def restore(step):
+      return self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(
               {"params": abstract_params},
-              restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract_params}),
-              partial_restore=True)))
-    except (ValueError, KeyError, TypeError) as e:
-      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-      raise UserError(f"checkpoint {self.directory}/{step} does not match the run's config "
-                      f"({first[:300]})") from None
-    return restored.state["params"]
+              restore_args=ocp.checkpoint_utils.construct_restore_args(
+                  {"params": abstract_params}),
+              partial_restore=True))).state["params"]
+    return self._newest_that_loads(restore, "the run's config")[1]
+
+  def _newest_that_loads(self, restore, what: str):
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      raise UserError(f"{self.directory} holds no checkpoint yet")
+    reasons = []
+    for step in steps:
+      try:
+        return step, restore(step)
+      except Exception as e:  # orbax and tensorstore raise many types
+        if not _is_damage(e):
+          raise UserError(f"checkpoint {self.directory}/{step} does not match {what} "
+                          f"({_first_line(e)[:300]}); use the run's own config.json or a new "
+                          "--workdir") from None
+        reasons.append((step, _first_line(e)))  # damaged: a file missing or cut short
+      print(f"warning: checkpoint {self.directory}/{step} does not load "
+            f"({reasons[-1][1][:200]}); trying the one before")
+    raise UserError(f"no checkpoint in {self.directory} loads; the newest, step {steps[0]}: "
+                    f"{reasons[0][1][:300]}")
 
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for a save in progress to finish."""
+    with _disk_errors(self.directory, self.manager.latest_step()):
+      self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _first_line(e: Exception) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _is_damage(e: Exception) -> bool:
+  """A file of the checkpoint missing or unreadable (rather than a tree that does not fit)."""
+  return isinstance(e, OSError) or bool(re.search(
+      r"NOT_FOUND|DATA_LOSS|OUT_OF_RANGE|Error (reading|opening)|No such file", str(e)))
+
+
+class _disk_errors:
+  """An OSError while saving (a full disk, an unwritable folder) as one line; the checkpoints
+  saved before it stay intact."""
+
+  def __init__(self, directory: str, step):
+    self.directory, self.step = directory, step
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, traceback):
+    cause = error
+    while cause is not None and not isinstance(cause, OSError):
+      cause = cause.__cause__ or cause.__context__
+    if cause is None:
+      return False
+    reason = "the disk is full" if cause.errno == errno.ENOSPC else (
+        cause.strerror or _first_line(cause))
+    raise UserError(f"could not save checkpoint {self.step} in {self.directory}: {reason}; the "
+                    "checkpoints saved before it are intact; make room and run the same command "
+                    "again to resume") from None
 
 
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs with the target shardings: what orbax restores into."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
                       shardings)
-

@@ -20,6 +20,7 @@ import threading
 
 from absl import app, flags, logging
 
+from llm import preemption
 from llm.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -41,6 +42,9 @@ def _exits_cleanly(main):
       return main(argv)
     except UserError as e:
       fail(str(e))
+    except preemption.Preempted as e:
+      print(e, file=sys.stderr)
+      sys.exit(preemption.EXIT_PREEMPTED)
 
   return wrapped
 

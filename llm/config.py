@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.text_field = "text"  # the column holding the text
   d.label_field = "label"  # classify: the column holding the label
   d.balance = False  # classify: undersample every class to the smallest one's size
+  d.skip_bad_rows = False  # classify, instruct: leave out records that lack a field (else stop)
   d.max_length = 256  # tokens per training window (inputs) or longest record; 0: the context
   d.stride = 256  # tokens between the starts of consecutive windows
   d.val_fraction = 0.1  # held out for validation (the end of the token stream, or records)
@@ -107,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
   tr.trainable = "all"  # "all", "head" (the output head) or "last:K" (K blocks, the final norm
   #                       or pooler, and the head)
   tr.peak_flops = 0.0  # per device, for MFU; 0: look the device up in a table
+  tr.on_nonfinite = "stop"  # a step with a non-finite loss or gradient is never applied; "stop":
+  #                           the run stops there (nothing after it saved); "skip": go on
+  tr.max_nonfinite = 10  # on_nonfinite=skip: stop after this many such steps in a row
 
   c.lora = lo = ml_collections.ConfigDict()
   lo.rank = 0  # 0: off; otherwise base weights freeze and rank-r adapters train
@@ -246,6 +250,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(0 <= tr.warmup_steps, "train.warmup_steps", "use 0 or more", tr.warmup_steps)
   for key in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
     _check(tr[key] >= 1, f"train.{key}", "use a positive integer", tr[key])
+  _check(tr.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", 'use "stop" or "skip"',
+         tr.on_nonfinite)
+  _check(tr.max_nonfinite >= 1, "train.max_nonfinite", "use a positive integer",
+         tr.max_nonfinite)
   for key in ("data", "fsdp", "tensor"):
     _check(me[key] == -1 or me[key] >= 1, f"mesh.{key}", "use a positive size or -1", me[key])
   _check([me.data, me.fsdp, me.tensor].count(-1) <= 1, "mesh",

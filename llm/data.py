@@ -58,12 +58,17 @@ def _local_files(path: str, fmt: str = "") -> list[str]:
   return files
 
 
-def load_documents(data_cfg, fields=None):
+def load_documents(data_cfg, fields=None, complete: bool = False):
   """A `datasets.Dataset` with one document (or record) per row, from the hub, local files or
-  the embedded corpus; `fields` (default: the text field) must be among its columns."""
+  the embedded corpus; `fields` (default: the text field) must be among its columns.
+
+  `complete`: every record must have a value for every field (a classifier's text and label);
+  records that lack one are named, or dropped with `data.skip_bad_rows`.
+  """
   import datasets
   datasets.logging.set_verbosity_error()
   datasets.disable_progress_bars()
+  files, fmt = [], ""
   try:
     if data_cfg.hf_name:
       ds = datasets.load_dataset(data_cfg.hf_name, data_cfg.hf_config or None,
@@ -71,6 +76,8 @@ def load_documents(data_cfg, fields=None):
     elif data_cfg.path:
       fmt = data_cfg.get("format", "")
       files = _local_files(data_cfg.path, fmt)
+      if all(os.path.getsize(f) == 0 for f in files):
+        raise UserError(f"data.path={data_cfg.path!r} is empty")
       ext = os.path.splitext(files[0])[1].lower()
       fmt = fmt or ("tsv" if ext == ".tsv" else EXTENSIONS[ext])
       kwargs = {"sample_by": "document"} if fmt == "text" else {}
@@ -86,6 +93,9 @@ def load_documents(data_cfg, fields=None):
     raise
   except Exception as e:  # datasets raises many types for unreadable input
     where = data_cfg.hf_name or data_cfg.path
+    problem = _find_problem(files, fmt) if files else None
+    if problem:
+      raise UserError(f"could not read data.path={where!r}: {problem}") from None
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     hint = ("check the name, the network (HF_DATASETS_OFFLINE) or use data.path"
             if data_cfg.hf_name else "check that the file is well-formed")
@@ -95,7 +105,46 @@ def load_documents(data_cfg, fields=None):
       raise UserError(f"the data has no field {field!r} (columns: {', '.join(ds.column_names)}); "
                       "set data.text_field / data.label_field, or data.columns for a CSV/TSV "
                       "file without a header row")
+  if complete:
+    ds = _complete_records(ds, fields, data_cfg.get("skip_bad_rows", False))
+  if len(ds) == 0:
+    raise UserError(f"the data at {data_cfg.hf_name or data_cfg.path!r} holds no records")
   return ds
+
+
+def _find_problem(files: list[str], fmt: str) -> str | None:
+  """What makes a local file unreadable, with its line number: text that is not UTF-8, or a
+  JSON line that does not parse. None when nothing is found."""
+  import json
+  for path in files:
+    with open(path, "rb") as f:
+      for number, raw in enumerate(f, 1):
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          return (f"{path} line {number} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                  "convert the file to UTF-8")
+        if fmt == "json" and path.endswith(".jsonl") and line.strip():
+          try:
+            json.loads(line)
+          except ValueError as e:
+            return f"{path} line {number} is not valid JSON ({e})"
+  return None
+
+
+def _complete_records(ds, fields, skip: bool):
+  """The records that have every field; the others named (or dropped, with `skip`)."""
+  missing = [row for row, record in enumerate(ds)
+             if any(record[f] is None or str(record[f]).strip() == "" for f in fields)]
+  if not missing:
+    return ds
+  shown = ", ".join(str(row + 1) for row in missing[:10]) + (" ..." if len(missing) > 10 else "")
+  what = f"{len(missing)} of {len(ds)} records (number {shown}, counting from 1)"
+  if not skip:
+    raise UserError(f"{what} lack a value for {' or '.join(fields)}; fix them, or set "
+                    "data.skip_bad_rows=True to leave them out")
+  print(f"note: left out {what}, which lack a value for {' or '.join(fields)}")
+  return ds.select(sorted(set(range(len(ds))) - set(missing)))
 
 
 def texts(ds, text_field: str, max_chars: int):

@@ -58,7 +58,7 @@ def run_task(run: rundir.Run, data_path: str = ""):
   cfg = run.cfg
   if data_path:
     cfg = config_lib.replace(cfg, {"data.path": data_path, "data.hf_name": ""})
-  docs = data.load_documents(cfg.data, tasks.fields(cfg))
+  docs = tasks.load_data(cfg)
   return tasks.build(cfg, docs, run.tokenizer), docs
 
 

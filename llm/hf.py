@@ -36,24 +36,29 @@ def resolve(name_or_path: str) -> str:
   """A local folder as it is; otherwise a hub name, downloaded into the hub cache."""
   if os.path.isdir(name_or_path):
     return name_or_path
-  if os.path.exists(name_or_path) or name_or_path.startswith((".", "/")):
-    raise UserError(f"{name_or_path}: not a Hugging Face model folder")
+  if os.path.exists(name_or_path):
+    raise UserError(f"{name_or_path} is a file, not a run directory nor a model folder")
+  if name_or_path.startswith((".", "/", "~")):
+    raise UserError(f"{name_or_path}: no such folder")
   try:
     from huggingface_hub import snapshot_download
     return snapshot_download(name_or_path, allow_patterns=[
         "config.json", HF_WEIGHTS, HF_WEIGHTS_INDEX, "model-*.safetensors", "vocab.json",
         "merges.txt", "tokenizer.json", "vocab.txt"])
   except Exception as e:  # offline, unknown name, gated repository: many error types
-    raise UserError(f"could not download {name_or_path!r} from the Hugging Face hub "
-                    f"({type(e).__name__}); offline, pass a local folder to --from_hf") from None
+    raise UserError(f"{name_or_path!r} is neither a local folder nor a model the Hugging Face "
+                    f"hub could give ({type(e).__name__}); offline, pass a local folder") from None
 
 
 def read_config(directory: str) -> dict:
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
     raise UserError(f"{directory} has no config.json: not a Hugging Face model folder")
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise UserError(f"{path} is not valid JSON ({e})") from None
 
 
 def read_tensors(directory: str, allow_torch_bin: bool = False) -> dict[str, np.ndarray]:
@@ -345,7 +350,11 @@ def model_values(hf: dict) -> dict:
   if hf.get("model_type") not in ARCHITECTURES:
     raise UserError(f"config.json has model_type={hf.get('model_type')!r}; this converter reads "
                     f"{', '.join(ARCHITECTURES)}")
-  return ARCHITECTURES[hf["model_type"]][0](hf)
+  try:
+    return ARCHITECTURES[hf["model_type"]][0](hf)
+  except KeyError as e:
+    raise UserError(f"config.json has no {e.args[0]!r}, which a {hf['model_type']} config "
+                    "needs") from None
 
 
 def load_tokenizer(directory: str, hf: dict) -> tokenizer_lib.Tokenizer:

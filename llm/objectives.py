@@ -44,7 +44,8 @@ def causal_lm(model) -> Objective:
 
   def summarize(sums):
     mean = float(sums["loss"]) / max(float(sums["weight"]), 1.0)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 80.0)), "tokens": int(sums["weight"])}
+    return {"loss": mean, "perplexity": math.exp(min(mean, 80.0)),
+            "tokens": int(np.nan_to_num(sums["weight"]))}
 
   return Objective(loss, summarize)
 

@@ -5,6 +5,7 @@
     DIR/checkpoints/    orbax steps (checkpoint.py): the trainable parameters, optimizer state,
                         step, RNG and data position
     DIR/metrics.jsonl   one JSON line per log (metrics.py), and TensorBoard events beside it
+    DIR/.lock           while a run trains in DIR: its host and process id
 
 `python -m llm.train` creates DIR (`start`); `python -m llm.convert` writes a complete one from
 a Hugging Face folder (`write`); `init_from` names one or a Hugging Face folder (`Source`); the
@@ -18,9 +19,11 @@ On several devices `load` splits the parameters over them by heads, MLP width an
 the device count stays on the first device.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
+import socket
 
 import flax.linen as nn
 import jax
@@ -31,8 +34,8 @@ from llm import model as model_lib
 from llm import tokenizer as tokenizer_lib
 from llm.errors import UserError
 
-CONFIG, TOKENIZER, CHECKPOINTS, METRICS = ("config.json", "tokenizer", "checkpoints",
-                                           "metrics.jsonl")
+CONFIG, TOKENIZER, CHECKPOINTS, METRICS, LOCK = ("config.json", "tokenizer", "checkpoints",
+                                                 "metrics.jsonl", ".lock")
 
 
 def path(workdir: str, name: str) -> str:
@@ -101,13 +104,69 @@ def write(workdir: str, cfg, tokenizer, params) -> None:
     f.write(cfg.to_json_best_effort(indent=2))
 
 
+@contextlib.contextmanager
+def lock(workdir: str):
+  """Holds DIR/.lock while a run trains in DIR: a second run on DIR stops with one line. A lock
+  left by a process that is gone (killed) on this host is taken over."""
+  os.makedirs(workdir, exist_ok=True)
+  lock_path, me = path(workdir, LOCK), {"host": socket.gethostname(), "pid": os.getpid()}
+  while True:
+    try:
+      fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      break
+    except FileExistsError:
+      holder = _read_lock(lock_path)
+      if holder and not _is_gone(holder):
+        raise UserError(f"{workdir} is in use by another run (process {holder['pid']} on "
+                        f"{holder['host']}); wait for it to end, or delete {lock_path} if that "
+                        "run is gone") from None
+      print(f"note: taking over {lock_path}, left by a run that is gone")
+      os.remove(lock_path)
+  with os.fdopen(fd, "w") as f:
+    json.dump(me, f)
+  try:
+    yield
+  finally:
+    if _read_lock(lock_path) == me:
+      os.remove(lock_path)
+
+
+def _read_lock(lock_path: str) -> dict | None:
+  try:
+    with open(lock_path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None  # gone, or torn by a kill while it was written
+
+
+def _is_gone(holder: dict) -> bool:
+  if holder.get("host") != socket.gethostname():
+    return False  # another machine's process: it cannot be checked from here
+  try:
+    os.kill(int(holder["pid"]), 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:
+    return False
+  return int(holder["pid"]) == os.getpid()  # alive, but it is this process: a leftover
+
+
 def drop_metrics_after(workdir: str, step: int) -> None:
-  """A resumed run logs the steps after its checkpoint again: drop their old lines."""
+  """A run that starts or resumes at `step` logs the steps after it again: their old lines go
+  (all of them when it starts from 0), and so does a line torn by a kill mid-write."""
   metrics = path(workdir, METRICS)
   if not os.path.exists(metrics):
     return
+  kept = []
   with open(metrics) as f:
-    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    for number, line in enumerate(f, 1):
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line)
+      except (ValueError, KeyError, TypeError):
+        if line.strip():
+          print(f"warning: {metrics} line {number} is torn (a kill while it was written); "
+                "dropped")
   with open(metrics + ".tmp", "w") as f:
     f.writelines(kept)
   os.replace(metrics + ".tmp", metrics)
@@ -129,14 +188,11 @@ class Source:
       self.tokenizer = read_tokenizer(name)
       self._params = lambda: load(name, jax.devices()).params
     else:
-      if os.path.exists(name) and not os.path.isdir(name):
-        raise UserError(f"init_from={name!r} is not a run directory nor a model folder")
-      if not os.path.exists(name) and name.startswith((".", "/")):
-        raise UserError(f"init_from={name!r}: no such folder")
       directory = hf.resolve(name)
       hf_config = hf.read_config(directory)
+      model_values = hf.model_values(hf_config)
       self.tokenizer = hf.load_tokenizer(directory, hf_config)
-      self.values = {"model": hf.model_values(hf_config),
+      self.values = {"model": model_values,
                      "tokenizer": {"kind": self.tokenizer.kind,
                                    "lowercase": getattr(self.tokenizer, "lowercase", True)}}
       self._params = lambda: hf.load(directory)[2]
@@ -154,11 +210,10 @@ def load_params(cfg, model, workdir: str, mesh, mesh_cfg):
   trainable_filter = params_lib.is_trainable(cfg, model_lib.shape_of(model).num_layers)
   trainable_abstract, frozen_abstract = params_lib.split(abstract, trainable_filter)
   ckpt = checkpointer(workdir)
-  step = ckpt.latest_step()
-  if step is None:
-    raise UserError(f"{workdir} has no checkpoint yet")
-  trainable = ckpt.restore_params(step, trainable_abstract)
-  ckpt.close()
+  try:
+    trainable = ckpt.restore_params(trainable_abstract)
+  finally:
+    ckpt.close()
   frozen = {}
   if frozen_abstract:  # as training started: fresh from the seed, then the source's weights
     source = Source(cfg.init_from) if cfg.init_from else None

@@ -126,6 +126,8 @@ class Generator:
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or num_samples < 1:
       raise UserError("sampling: use temperature >= 0, top_k >= 0, 0 < top_p <= 1 and "
                       "num_samples >= 1")
+    if max_new_tokens < 1:
+      raise UserError(f"max_new_tokens={max_new_tokens}: ask for at least 1 new token")
     encoded = [self.tokenizer.encode(p) or [self.tokenizer.eot_id] for p in prompts]
     longest = max(map(len, encoded))
     context = self.model.cfg.max_len

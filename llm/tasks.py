@@ -31,6 +31,13 @@ class Task:
   splits: dict = dataclasses.field(default_factory=dict)
 
 
+def load_data(cfg):
+  """The task's records: documents for lm and mlm; for classify and instruct, records that
+  must have every field `fields` names."""
+  return data.load_documents(cfg.data, fields(cfg),
+                             complete=cfg.task.kind in ("classify", "instruct"))
+
+
 def fields(cfg) -> tuple[str, ...]:
   """The columns the task reads from each record."""
   if cfg.task.kind == "classify":

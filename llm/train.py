@@ -6,6 +6,7 @@
 Running the same command again resumes from the latest checkpoint in --workdir.
 """
 
+import contextlib
 import functools
 import tempfile
 import time
@@ -17,8 +18,8 @@ import optax
 from absl import flags
 from ml_collections import config_flags
 
-from llm import checkpoint, cli, config as config_lib, data, metrics, objectives, optim, rundir
-from llm import sharding
+from llm import checkpoint, cli, config as config_lib, metrics, objectives, optim, preemption
+from llm import rundir, sharding
 from llm import model as model_lib
 from llm import params as params_lib
 from llm import tasks
@@ -46,7 +47,7 @@ class Trainer:
     self.source = rundir.Source(cfg.init_from) if cfg.init_from else None
     source_values = self.source.values if self.source else None
     config_lib.resolve(cfg, source_values)  # a wrong value stops the run before data is read
-    docs = data.load_documents(cfg.data, tasks.fields(cfg))
+    docs = tasks.load_data(cfg)
     self.cfg = cfg = config_lib.resolve(cfg, source_values, tasks.data_labels(cfg, docs))
     self.mesh = sharding.make_mesh(cfg.mesh)
     self.is_main = jax.process_index() == 0
@@ -102,11 +103,12 @@ class Trainer:
 
   def jit_train_step(self):
     """The train step, compiled for the state's shardings, with the old state donated."""
-    step = make_train_step(self.objective, self.tx, optim.lr_schedule(self.cfg.train),
-                           self.assemble)
+    tr = self.cfg.train
+    step = make_train_step(self.objective, self.tx, optim.lr_schedule(tr), self.assemble,
+                           max_nonfinite=tr.max_nonfinite if tr.on_nonfinite == "skip" else 1)
     return jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings,
-                                       sharding.batch_sharding(self.mesh)),
-                   out_shardings=(self.state_shardings, None), donate_argnums=0)
+                                       sharding.batch_sharding(self.mesh), None),
+                   out_shardings=(self.state_shardings, None, None), donate_argnums=0)
 
   def jit_evaluate(self):
     """(params, frozen, batches) -> the objective's metrics on them."""
@@ -132,14 +134,20 @@ class Trainer:
 
 
 def make_train_step(objective: objectives.Objective, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, assemble=lambda trainable, frozen: trainable):
+                    schedule: optax.Schedule, assemble=lambda trainable, frozen: trainable,
+                    max_nonfinite: int = 1):
   """One optimizer step over a batch of [grad_accum, micro_batch, ...] arrays.
 
   Gradients flow to the state's (trainable) parameters only; `assemble(trainable, frozen)`
   makes the model's parameters from both.
+
+  `health` counts steps whose loss or gradient norm was not finite: such a step is never
+  applied (the parameters and optimizer state stay as they were). After `max_nonfinite` of them
+  in a row `health["stopped_at"]` names the step, and no step is applied any more; the host
+  reads it when it logs or saves, so a run that diverged never saves a non-finite state.
   """
 
-  def train_step(state, frozen, batch):
+  def train_step(state, frozen, batch, health):
     dropout_rng = jax.random.fold_in(state["rng"], state["step"])
     # Each loss term is divided by its weight over the whole step (every micro-batch): the
     # micro-batches' gradients then add up to exactly the gradient of the step's mean loss.
@@ -161,59 +169,92 @@ def make_train_step(objective: objectives.Objective, tx: optax.GradientTransform
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
                          jax.eval_shape(grads_and_sums, state["params"], first, dropout_rng))
     (grads, sums), _ = jax.lax.scan(micro_step, zeros, (batch, jnp.arange(num_micro)))
+    loss, grad_norm = objective.total(sums, counts), optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-                 "opt_state": opt_state, "rng": state["rng"]}
-    stats = {"loss": objective.total(sums, counts), "grad_norm": optax.tree.norm(grads),
-             "lr": schedule(state["step"]), "sums": sums}
-    return new_state, stats
+    params = optax.apply_updates(state["params"], updates)
+
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.tree.norm(updates)))
+    going = health["stopped_at"] == 0
+    apply = finite & going
+    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+    new_state = {"step": state["step"] + 1, "params": keep_if_bad(params, state["params"]),
+                 "opt_state": keep_if_bad(opt_state, state["opt_state"]), "rng": state["rng"]}
+    in_a_row = jnp.where(finite, 0, health["in_a_row"] + 1)
+    health = {"skipped": health["skipped"] + (going & ~finite),
+              "in_a_row": in_a_row,
+              "stopped_at": jnp.where(going & (in_a_row >= max_nonfinite), state["step"] + 1,
+                                      health["stopped_at"])}
+    stats = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "sums": sums}
+    return new_state, stats, health
 
   return train_step
 
 
+def new_health(skipped: int = 0) -> dict:
+  """The non-finite step counters `train_step` carries (see make_train_step)."""
+  return {"skipped": jnp.int32(skipped), "in_a_row": jnp.int32(0), "stopped_at": jnp.int32(0)}
+
+
 def train(cfg, workdir: str) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the last evaluation's metrics."""
+  """Trains (or resumes) the run in `workdir`; returns the last evaluation's metrics.
+
+  Raises Preempted after saving when SIGTERM or Ctrl-C asked the run to stop.
+  """
   trainer = Trainer(cfg, workdir)
-  cfg, tr, mesh = trainer.cfg, trainer.cfg.train, trainer.mesh
+  with rundir.lock(workdir) if trainer.is_main else contextlib.nullcontext():
+    ckpt = rundir.checkpointer(workdir, trainer.cfg.train.keep_checkpoints)
+    watcher = preemption.Watcher(ckpt)
+    try:
+      return _train(trainer, ckpt, watcher)
+    finally:
+      watcher.close()
+      ckpt.close()
+
+
+def _train(trainer: Trainer, ckpt, watcher) -> dict:
+  cfg, tr, mesh, workdir = trainer.cfg, trainer.cfg.train, trainer.mesh, trainer.workdir
   state, frozen = trainer.init_state()
-  ckpt = rundir.checkpointer(workdir, tr.keep_checkpoints)
-  start = ckpt.latest_step() or 0
-  if start:
-    state, data_state = ckpt.restore(start, checkpoint.abstract_like(state,
-                                                                     trainer.state_shardings))
+  start, health = 0, new_health()
+  if ckpt.latest_step():
+    start, state, data_state = ckpt.restore(
+        checkpoint.abstract_like(state, trainer.state_shardings))
     trainer.batches.restore(data_state)
+    health = new_health(data_state.get("skipped", 0))
   if start >= tr.steps:
     print(f"{workdir} is already trained to step {start} (train.steps={tr.steps}); "
           f"raise --config.train.steps to train further")
-    ckpt.close()
     return {}
   if trainer.is_main:  # the run starts: now DIR gets its files
     rundir.start(workdir, cfg, trainer.tokenizer)
     rundir.drop_metrics_after(workdir, start)
-  log = Log(trainer, start)
+  log = Log(trainer, start, ckpt)
   train_step, evaluate = trainer.jit_train_step(), trainer.jit_evaluate()
   eval_data = {split: [sharding.global_batch(b, mesh, batch_dim=0) for b in batches]
                for split, batches in trainer.task.evals.items()}
   last_eval = {}
-  for step in range(start + 1, tr.steps + 1):
-    batch = sharding.global_batch(next(trainer.batches), mesh, batch_dim=1)
-    with sharding.activate(mesh, cfg.mesh):
-      state, stats = train_step(state, frozen, batch)
-      log.trained(step, stats)
-      if (step % tr.eval_every == 0 or step == tr.steps) and "eval" in eval_data:
-        last_eval = log.evaluated(step, "eval", evaluate(state["params"], frozen,
-                                                         eval_data["eval"]))
-      if step == tr.steps and "test" in eval_data:
-        log.evaluated(step, "test", evaluate(state["params"], frozen, eval_data["test"]))
-    preempted = ckpt.reached_preemption(step)
-    if step % tr.checkpoint_every == 0 or step == tr.steps or preempted:
-      log.phase("saving")
-      ckpt.save(step, state, trainer.batches.state())
-    if preempted:
-      break
-    log.phase("train")
-  log.close()
-  ckpt.close()
+  try:
+    for step in range(start + 1, tr.steps + 1):
+      batch = sharding.global_batch(next(trainer.batches), mesh, batch_dim=1)
+      with sharding.activate(mesh, cfg.mesh):
+        state, stats, health = train_step(state, frozen, batch, health)
+        log.trained(step, stats, health)
+        if (step % tr.eval_every == 0 or step == tr.steps) and "eval" in eval_data:
+          last_eval = log.evaluated(step, "eval", evaluate(state["params"], frozen,
+                                                           eval_data["eval"]))
+        if step == tr.steps and "test" in eval_data:
+          log.evaluated(step, "test", evaluate(state["params"], frozen, eval_data["test"]))
+      preempted = watcher.requested(step)
+      if step % tr.checkpoint_every == 0 or step == tr.steps or preempted:
+        log.phase("saving")
+        skipped = log.check(step, health)  # never save a run that diverged
+        ckpt.save(step, state, {**trainer.batches.state(), "skipped": skipped})
+      if preempted:
+        raise preemption.Preempted(f"preempted at step {step}, saved; run the same command to "
+                                   "resume")
+      log.phase("train")
+  finally:
+    log.close()
   return last_eval
 
 
@@ -221,9 +262,10 @@ class Log:
   """What a run shows and records as it trains: train and eval lines in metrics.jsonl (and
   TensorBoard), the progress bar, and the throughput of the training steps between lines."""
 
-  def __init__(self, trainer: Trainer, start: int):
+  def __init__(self, trainer: Trainer, start: int, checkpointer):
     from tqdm import tqdm
     self.objective, self.train_cfg = trainer.objective, trainer.cfg.train
+    self.checkpointer = checkpointer
     self.is_main = trainer.is_main
     self.writer = metrics.MetricsWriter(rundir.path(trainer.workdir, rundir.METRICS),
                                         enabled=self.is_main)
@@ -239,27 +281,44 @@ class Log:
             + ("" if self.throughput.peak_flops else
                "; MFU needs --config.train.peak_flops on this device"))
 
-  def trained(self, step: int, stats: dict) -> None:
+  def trained(self, step: int, stats: dict, health: dict) -> None:
     """After each step: a train line every train.log_every steps and at the last."""
     if self.timer is None:  # the first step compiles (and one after an eval): time from its end
       jax.block_until_ready(stats)
       self.timer, self.timer_step = time.perf_counter(), step
     if step % self.train_cfg.log_every == 0 or step == self.train_cfg.steps:
-      stats = jax.device_get(stats)
+      stats, skipped = jax.device_get(stats), self.check(step, health)
       speed = self.throughput(step - self.timer_step, time.perf_counter() - self.timer)
       task_metrics = {k: v for k, v in self.objective.summarize(stats["sums"]).items()
                       if isinstance(v, float) and k not in ("loss", "perplexity")}
-      loss = float(stats["loss"])
-      self.writer.write({"step": step, "split": "train", "loss": loss, "lr": float(stats["lr"]),
-                         "grad_norm": float(stats["grad_norm"]), **speed, **task_metrics})
+      if self.train_cfg.on_nonfinite == "skip":
+        task_metrics["skipped_steps"] = skipped
+      loss, grad_norm = float(stats["loss"]), float(stats["grad_norm"])
+      finite = lambda x: x if np.isfinite(x) else None  # JSON has no NaN
+      self.writer.write({"step": step, "split": "train", "loss": finite(loss),
+                         "lr": float(stats["lr"]), "grad_norm": finite(grad_norm), **speed,
+                         **task_metrics})
       tokens_per_sec = speed["tokens_per_sec"]
       self.bar.set_postfix_str(headline({"loss": loss, **task_metrics})
                                + (f", {tokens_per_sec:,.0f} tok/s" if tokens_per_sec else ""))
       self.timer, self.timer_step = time.perf_counter(), step
-      if not np.isfinite(loss):
-        raise UserError(f"the loss became {loss} at step {step}; lower train.lr or check the "
-                        "data (the last checkpoint is intact)")
     self.bar.update(1)
+
+  def check(self, step: int, health: dict) -> int:
+    """The count of skipped non-finite steps; stops the run (UserError) once the train step
+    has stopped applying updates (see make_train_step). Syncs with the device."""
+    health = jax.device_get(health)
+    if health["stopped_at"]:
+      last = self.checkpointer.latest_step()
+      saved = (f"the last checkpoint, step {last}, is intact" if last else
+               "no checkpoint was saved")
+      in_a_row = (f" ({health['in_a_row']} in a row)"
+                  if self.train_cfg.on_nonfinite == "skip" else "")
+      raise UserError(f"the loss or gradient became non-finite at step {health['stopped_at']}"
+                      f"{in_a_row}; that step was not applied and nothing after it is saved; "
+                      f"{saved}; lower train.lr, check the data, or set "
+                      "train.on_nonfinite=skip")
+    return int(health["skipped"])
 
   def evaluated(self, step: int, split: str, result: dict) -> dict:
     self.phase("evaluating")

@@ -7,6 +7,19 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# Many tests compile the same tiny model: XLA's persistent cache, shared with the subprocesses the
+# tests start, compiles each computation once per session (the same executables, so the same
+# numbers) instead of once per run. Set before jax is imported.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _cache = tempfile.mkdtemp(prefix="llm-tests-xla-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 TEST_DATA = os.path.join(ROOT, "tests", "data")  # small public files; see tests/data/README.md
 
 

@@ -65,6 +65,9 @@ def test_stop_string_ends_the_text(gen):
 def test_asking_for_more_than_the_context_fails_clearly(gen):
   with pytest.raises(UserError, match="more than the model's context of 48 tokens"):
     gen.generate(PROMPTS, max_new_tokens=48, temperature=0)
+  for bad in (0, -3):
+    with pytest.raises(UserError, match=f"max_new_tokens={bad}: ask for at least 1 new token"):
+      gen.generate(PROMPTS, max_new_tokens=bad)
 
 
 def test_cli(run_dir, tmp_path):

@@ -88,24 +88,39 @@ def test_bad_config_fails_before_touching_the_run(tmp_path, overrides, message):
   assert not workdir.exists()
 
 
-def test_bad_data_fails_before_touching_the_run(tmp_path):
-  empty = tmp_path / "empty.txt"
-  empty.write_text("")
-  short = tmp_path / "short.txt"
-  short.write_text("Only a few words here. " * 3)
+def test_bad_input_fails_in_one_line_before_touching_the_run(tmp_path):
+  files = {"empty.txt": b"", "short.txt": b"Only a few words here. " * 3,
+           "binary.txt": bytes(range(256)) * 4,
+           "bad.jsonl": b'{"text": "a"}\n{"text": "b"\n{"text": "c"}\n',
+           "nolabel.csv": b"label,text\nham,hello\n,no label\nspam,win\nham,\n"}
+  for name, content in files.items():
+    (tmp_path / name).write_bytes(content)
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (hf / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2}')
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  (broken / "config.json").write_text('{"model": {')
+  gpt2 = {"tokenizer.kind": "gpt2", "tokenizer.path": os.path.join(TEST_DATA, "gpt2")}
   cases = [
       ({"data.path": str(tmp_path / "missing.txt")}, "no such file"),
-      ({"data.path": str(empty), "tokenizer.kind": "gpt2",
-        "tokenizer.path": os.path.join(TEST_DATA, "gpt2"),
-        "model.max_len": 64}, "fewer than one window"),
-      ({"data.path": str(short), "tokenizer.kind": "gpt2",
-        "tokenizer.path": os.path.join(TEST_DATA, "gpt2")},
-       "fewer than one window"),
+      ({"data.path": str(tmp_path / "empty.txt")}, "empty.txt' is empty"),
+      ({"data.path": str(tmp_path / "short.txt"), **gpt2}, "fewer than one window"),
+      ({"data.path": str(tmp_path / "binary.txt")}, "binary.txt line 2 is not UTF-8 text"),
+      ({"data.path": str(tmp_path / "bad.jsonl")}, "bad.jsonl line 2 is not valid JSON"),
+      ({"data.path": str(tmp_path / "nolabel.csv"), "task.kind": "classify"},
+       r"2 of 4 records \(number 2, 4, counting from 1\) lack a value for text or label"),
+      ({"init_from": str(tmp_path / "nowhere")}, "nowhere: no such folder"),
+      ({"init_from": str(hf)}, "config.json has no 'n_embd', which a gpt2 config needs"),
+      ({"init_from": str(broken)}, "broken/config.json is not valid JSON"),
   ]
   for overrides, message in cases:
     workdir = tmp_path / "run"
+    init_from = overrides.pop("init_from", "")
+    cfg = tiny_config(tmp_path, **overrides)
+    cfg.init_from = init_from
     with pytest.raises(UserError, match=message):
-      train(tiny_config(tmp_path, **overrides), str(workdir))
+      train(cfg, str(workdir))
     assert not workdir.exists()
 
 
