@@ -1,10 +1,11 @@
 """Speed, measured side by side in one process (never in a timed test).
 
-    python -m llm.bench train --config=configs/gpt_tiny.py [--steps=20]
+    python -m llm.bench train --config=configs/gpt_tiny.py [--steps=20] [--compare_torch]
     python -m llm.bench generate --config=configs/gpt_tiny.py --config.model.max_len=512 \\
         [--batch=1 --prompt_len=16 --new_tokens=256] [--compare_hf]
 
-`train` times the jitted train step on the config's data after one warm-up (compile) step.
+`train` compiles the train step (timed; XLA's memory accounting of it: temporaries and
+arguments, per device) and times it on the config's data after one warm-up step.
 `generate` times prefill and decoding of a randomly initialised model of the config's shape, with
 and without the KV cache, and prints the ratio.
 """
@@ -28,13 +29,16 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-  flags.DEFINE_integer("steps", 20, "train: timed steps.")
+  flags.DEFINE_integer("steps", 20, "train: timed steps (0: compile and report memory only).")
   flags.DEFINE_integer("batch", 1, "generate: prompts per batch.")
   flags.DEFINE_integer("prompt_len", 16, "generate: prompt tokens.")
   flags.DEFINE_integer("new_tokens", 256, "generate: tokens to decode.")
   flags.DEFINE_integer("repeats", 3, "generate: timed repeats (the best counts).")
   flags.DEFINE_bool("compare_hf", False,
                     "generate: also time transformers' GPT-2 generate (CPU torch), same shape.")
+  flags.DEFINE_bool("compare_torch", False,
+                    "train: also time a torch.compile'd transformers GPT-2 train step (AdamW, "
+                    "same shape and batch), and print the ratio.")
 
 
 def _best_time(fn, repeats):
@@ -48,24 +52,34 @@ def _best_time(fn, repeats):
 
 
 def bench_train(cfg, steps: int) -> dict:
+  """Compile time, the step's memory (XLA's own accounting, per device), step time, tokens/s
+  and MFU of the config's train step, on its own data."""
   import tempfile
   from llm.train import Trainer, new_health
   with tempfile.TemporaryDirectory() as workdir:  # a run that writes nothing
     trainer = Trainer(cfg, workdir)
   state, frozen = trainer.init_state()
-  step_fn = trainer.jit_train_step()
   batches = [sharding.global_batch(next(trainer.batches), trainer.mesh)
              for _ in range(steps + 1)]
+  health = new_health()
   with sharding.activate(trainer.mesh, trainer.cfg.mesh):
-    health = new_health()
-    state, stats, health = step_fn(state, frozen, batches[0], health)
+    start = time.perf_counter()
+    step_fn = trainer.jit_train_step().lower(state, frozen, batches[0], health).compile()
+    compile_s = time.perf_counter() - start
+    memory = step_fn.memory_analysis()
+    memory = {"temp_gb": memory.temp_size_in_bytes / 1e9 if memory else None,
+              "arguments_gb": memory.argument_size_in_bytes / 1e9 if memory else None}
+    if not steps:  # the compiled step's size alone (a model too large to run here)
+      return {"compile_s": compile_s, **memory}
+    state, stats, health = step_fn(state, frozen, batches[0], health)  # warm-up
     jax.block_until_ready(stats)
     start = time.perf_counter()
     for batch in batches[1:]:
       state, stats, health = step_fn(state, frozen, batch, health)
     jax.block_until_ready(stats)
   seconds = time.perf_counter() - start
-  return {"step_ms": 1e3 * seconds / steps, **trainer.throughput()(steps, seconds)}
+  return {"compile_s": compile_s, **memory, "step_ms": 1e3 * seconds / steps,
+          **trainer.throughput()(steps, seconds)}
 
 
 def bench_generate(cfg, batch: int, prompt_len: int, new_tokens: int, repeats: int,
@@ -101,6 +115,53 @@ def bench_generate(cfg, batch: int, prompt_len: int, new_tokens: int, repeats: i
     result["cached_over_transformers"] = (result["cached_decode_tokens_per_sec"] /
                                           hf["transformers_decode_tokens_per_sec"])
   return result
+
+
+def _torch_gpt2_train(cfg, steps: int) -> dict:
+  """The reference: transformers' GPT2LMHeadModel of the same shape, compiled with
+  torch.compile, trained by torch.optim.AdamW with the same batch (CPU torch)."""
+  try:
+    import torch
+    import transformers
+  except ImportError:
+    raise UserError("--compare_torch needs torch and transformers "
+                    "(pip install torch==2.13.0 transformers)") from None
+  m, tr = cfg.model, cfg.train
+  if m.kind != "gpt" or cfg.task.kind != "lm":
+    raise UserError("--compare_torch compares GPT language-model training (task.kind=lm)")
+  vocab = max(m.vocab_size, cfg.tokenizer.vocab_size)
+  hf_cfg = transformers.GPT2Config(
+      vocab_size=vocab, n_positions=m.max_len, n_embd=m.d_model, n_layer=m.num_layers,
+      n_head=m.num_heads, n_inner=m.d_ff, resid_pdrop=m.dropout, embd_pdrop=m.dropout,
+      attn_pdrop=m.dropout, tie_word_embeddings=m.tie_embeddings)
+  model = transformers.GPT2LMHeadModel(hf_cfg).train()
+  optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, betas=(tr.b1, tr.b2),
+                                weight_decay=tr.weight_decay)
+  micro = tr.batch_size // tr.grad_accum
+  tokens = torch.randint(0, vocab, (tr.grad_accum, micro, cfg.data.max_length + 1))
+
+  def step():
+    for a in range(tr.grad_accum):
+      inputs, targets = tokens[a, :, :-1], tokens[a, :, 1:]
+      logits = compiled(inputs).logits
+      loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+      (loss / tr.grad_accum).backward()
+    if tr.grad_clip:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+  compiled = torch.compile(model)
+  start = time.perf_counter()
+  step()
+  step()  # the first steps compile (forward, then backward)
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  for _ in range(steps):
+    step()
+  seconds = (time.perf_counter() - start) / steps
+  return {"torch_compile_s": compile_s, "torch_step_ms": 1e3 * seconds,
+          "torch_tokens_per_sec": tr.batch_size * cfg.data.max_length / seconds}
 
 
 def _hf_gpt2_decode(cfg, prompt, new_tokens: int, repeats: int) -> dict:
@@ -144,6 +205,11 @@ def main(argv):
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   if argv[1] == "train":
     result = bench_train(FLAGS.config, FLAGS.steps)
+    if FLAGS.compare_torch:
+      torch_result = _torch_gpt2_train(FLAGS.config, max(FLAGS.steps, 1))
+      result.update(torch_result)
+      result["tokens_per_sec_over_torch"] = (result["tokens_per_sec"] /
+                                             torch_result["torch_tokens_per_sec"])
   else:
     result = bench_generate(FLAGS.config, FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens,
                             FLAGS.repeats, FLAGS.compare_hf)

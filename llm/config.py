@@ -9,7 +9,7 @@ import re
 import ml_collections
 
 from llm.errors import UserError
-from llm.model.layers import ACTIVATIONS
+from llm.model.layers import ACTIVATIONS, REMAT_POLICIES
 
 # Logical axis name -> mesh axes. A mesh axis is used at most once per array; rules are tried in
 # order, so activations ('batch', 'length', 'embed') take `fsdp` for the batch and leave 'embed'
@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.activation = "gelu_tanh"  # "gelu" (exact) or "relu"
   m.pre_ln = True  # False: LayerNorm after each residual (BERT)
   m.attention_impl = "xla"  # or "cudnn" (GPU, half precision)
+  m.remat = "none"  # per block, recompute in the backward pass: "full" (all), "dots" (all but
+  #                   the matmul outputs); saves activation memory for compute
+  m.logits_chunk = 0  # lm, instruct: positions whose logits exist at once in the loss; 0: all
 
   c.tokenizer = t = ml_collections.ConfigDict()
   t.kind = "sentencepiece"  # "sentencepiece" (BPE trained on the run's text), "gpt2", "wordpiece"
@@ -204,6 +207,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
          m.activation)
   _check(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
          f"use one of {ATTENTION_IMPLS}", m.attention_impl)
+  _check(m.remat in REMAT_POLICIES, "model.remat", f"use one of {tuple(REMAT_POLICIES)}", m.remat)
+  _check(m.logits_chunk >= 0, "model.logits_chunk", "use 0 (off) or a number of positions",
+         m.logits_chunk)
   _check(t.kind in TOKENIZER_KINDS, "tokenizer.kind", f"use one of {TOKENIZER_KINDS}", t.kind)
   _check(t.vocab_size >= 260, "tokenizer.vocab_size",
          "use at least 260 (256 byte pieces + specials)", t.vocab_size)

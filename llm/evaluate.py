@@ -47,7 +47,7 @@ def evaluate_lm(run: rundir.Run, path: str = "", text_field: str = "text",
     raise UserError(f"--max_length={max_length}: use 1 to the model's context "
                     f"{cfg.model.max_len}")
   batches = data.eval_batches(tokens, max_length, batch_size, num_batches=len(tokens))
-  evaluate = objectives.evaluator(objectives.causal_lm(run.model))
+  evaluate = objectives.evaluator(objectives.causal_lm(run.model, cfg.model.logits_chunk))
   with sharding.activate(run.mesh, run.mesh_cfg):
     return evaluate(run.params, {}, batches)
 

@@ -33,14 +33,24 @@ class Objective:
     return {weights: jnp.maximum(jnp.sum(batch[weights]), 1.0) for _, weights, _ in self.terms}
 
 
-def causal_lm(model) -> Objective:
-  """Next-token cross-entropy, weighted per target (weight 0: padding or a masked prompt)."""
+def causal_lm(model, logits_chunk: int = 0) -> Objective:
+  """Next-token cross-entropy, weighted per target (weight 0: padding or a masked prompt).
+
+  `logits_chunk` > 0: the logits are made and consumed `logits_chunk` positions at a time, and
+  made again in the backward pass, so a [B, L, V] float32 array never exists at once (at GPT-2
+  small's shape it is 3.3 GB per micro-batch of 16). Same loss and gradients.
+  """
 
   def loss(params, batch, dropout_rng, train):
-    logits_BxLxV = model.apply({"params": params}, batch["inputs"], deterministic=not train,
-                               rngs={"dropout": dropout_rng} if train else {})
-    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
-    return {"loss": jnp.sum(ce_BxL * batch["weights"]), "weight": jnp.sum(batch["weights"])}
+    kwargs = dict(deterministic=not train, rngs={"dropout": dropout_rng} if train else {})
+    if not logits_chunk:
+      logits_BxLxV = model.apply({"params": params}, batch["inputs"], **kwargs)
+      ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
+      return {"loss": jnp.sum(ce_BxL * batch["weights"]), "weight": jnp.sum(batch["weights"])}
+    x_BxLxD = model.apply({"params": params}, batch["inputs"], method="hidden", **kwargs)
+    return {"loss": _chunked_cross_entropy(model, params, x_BxLxD, batch["targets"],
+                                           batch["weights"], logits_chunk),
+            "weight": jnp.sum(batch["weights"])}
 
   def summarize(sums):
     mean = float(sums["loss"]) / max(float(sums["weight"]), 1.0)
@@ -48,6 +58,30 @@ def causal_lm(model) -> Objective:
             "tokens": int(np.nan_to_num(sums["weight"]))}
 
   return Objective(loss, summarize)
+
+
+def _chunked_cross_entropy(model, params, x_BxLxD, targets_BxL, weights_BxL, chunk: int):
+  """sum(cross-entropy x weight) over the positions, `chunk` positions of logits at a time."""
+  B, L, D = x_BxLxD.shape
+  pad = -L % chunk  # positions added with weight 0 so that the chunks divide L
+  x_BxLxD, targets_BxL, weights_BxL = (
+      jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+      for a in (x_BxLxD, targets_BxL, weights_BxL))
+  num = (L + pad) // chunk
+  to_chunks = lambda a: jnp.moveaxis(a.reshape(B, num, chunk, *a.shape[2:]), 1, 0)
+
+  @jax.checkpoint  # the backward pass makes each chunk's logits again instead of keeping them
+  def chunk_sum(x_BxCxD, targets_BxC, weights_BxC):
+    logits_BxCxV = model.apply({"params": params}, x_BxCxD, method="logits")
+    ce_BxC = optax.softmax_cross_entropy_with_integer_labels(logits_BxCxV, targets_BxC)
+    return jnp.sum(ce_BxC * weights_BxC)
+
+  def add_chunk(total, xs):
+    return total + chunk_sum(*xs), None
+
+  total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32),
+                          (to_chunks(x_BxLxD), to_chunks(targets_BxL), to_chunks(weights_BxL)))
+  return total
 
 
 def classification(model, labels: list[str]) -> Objective:

@@ -86,7 +86,7 @@ def build(cfg, docs, tokenizer, cache_dir: str = "", process_index=0, process_co
     evals = {"eval": data.eval_batches(val_tokens, d.max_length, micro, tr.eval_batches,
                                        **where)}
     model = build_model(cfg, tokenizer.vocab_size)
-    return Task(model, objectives.causal_lm(model), batches, evals,
+    return Task(model, objectives.causal_lm(model, cfg.model.logits_chunk), batches, evals,
                 f"{len(train_tokens):,} training tokens in {len(batches):,} windows")
 
   if cfg.task.kind == "mlm":
@@ -127,7 +127,7 @@ def build(cfg, docs, tokenizer, cache_dir: str = "", process_index=0, process_co
     examples = data.instruction_examples([dict(r) for r in docs], tokenizer, d.max_length,
                                          cfg.task.mask_prompt)
     model = build_model(cfg, tokenizer.vocab_size)
-    objective = objectives.causal_lm(model)
+    objective = objectives.causal_lm(model, cfg.model.logits_chunk)
     what = "instructions"
 
   parts = data.split_indices(len(examples["weights"]), d.val_fraction, d.test_fraction, cfg.seed,

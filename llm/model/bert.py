@@ -13,7 +13,7 @@ Layers are the GPT's (llm/model/layers.py).
 import flax.linen as nn
 import jax.numpy as jnp
 
-from llm.model.layers import ACTIVATIONS, Block, Dense, TransformerConfig, dense_init, layer_norm
+from llm.model.layers import ACTIVATIONS, Dense, TransformerConfig, dense_init, make_blocks, layer_norm
 
 
 class BERT(nn.Module):
@@ -29,7 +29,7 @@ class BERT(nn.Module):
     self.wse = embed(cfg.type_vocab_size, "wse")  # segment A / B
     self.ln_emb = layer_norm(cfg, "ln_emb")
     self.drop = nn.Dropout(cfg.dropout)
-    self.blocks = [Block(cfg, causal=False, name=f"block_{i}") for i in range(cfg.num_layers)]
+    self.blocks = make_blocks(cfg, causal=False)
     if cfg.pre_ln:
       self.ln_f = layer_norm(cfg, "ln_f")
     self.pooler = Dense((cfg.d_model, cfg.d_model), (None, "embed"), dtype=cfg.dtype)
@@ -48,7 +48,7 @@ class BERT(nn.Module):
     x_BxLxD = self.drop(self.ln_emb(x_BxLxD), deterministic=deterministic)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     for block in self.blocks:
-      x_BxLxD = block(x_BxLxD, valid_BxL, deterministic)
+      x_BxLxD = block(x_BxLxD, valid_BxL, deterministic, False)
     return self.ln_f(x_BxLxD) if self.cfg.pre_ln else x_BxLxD
 
   def pooled(self, x_BxLxD):

@@ -9,7 +9,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from llm.model.layers import Block, Dense, TransformerConfig, dense_init, layer_norm
+from llm.model.layers import Dense, TransformerConfig, dense_init, make_blocks, layer_norm
 
 
 class GPT(nn.Module):
@@ -24,7 +24,7 @@ class GPT(nn.Module):
         cfg.max_len, cfg.d_model, dtype=cfg.dtype,
         embedding_init=nn.with_logical_partitioning(dense_init(0.01), (None, "embed")))
     self.drop = nn.Dropout(cfg.dropout)
-    self.blocks = [Block(cfg, causal=True, name=f"block_{i}") for i in range(cfg.num_layers)]
+    self.blocks = make_blocks(cfg, causal=True)
     self.ln_f = layer_norm(cfg, "ln_f")
     if not cfg.tie_embeddings:
       self.lm_head = Dense((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), use_bias=False,

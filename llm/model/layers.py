@@ -32,6 +32,7 @@ class TransformerConfig:
   pre_ln: bool = True  # LayerNorm before each sublayer (GPT-2); False: after the residual (BERT)
   type_vocab_size: int = 2  # BERT's segment (token type) embeddings
   attention_impl: str = "xla"
+  remat: str = "none"  # a key of REMAT_POLICIES: what each block keeps for the backward pass
 
   @property
   def head_dim(self) -> int:
@@ -43,6 +44,14 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "relu": jax.nn.relu,
+}
+
+
+# What a block saves for the backward pass; the rest is recomputed there (MaxText's choices).
+REMAT_POLICIES = {
+    "none": None,  # everything: no recomputation
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the block's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the matmul outputs
 }
 
 
@@ -165,6 +174,15 @@ class MLP(nn.Module):
     out_BxLxD = Dense((cfg.d_ff, cfg.d_model), ("mlp", "embed"), use_bias=cfg.use_bias,
                       std=self.out_std, dtype=cfg.dtype, name="wo")(h_BxLxF)
     return nn.Dropout(cfg.dropout)(out_BxLxD, deterministic=deterministic)
+
+
+def make_blocks(cfg: TransformerConfig, causal: bool) -> list:
+  """The stack's blocks, block_0 ... block_{L-1}; with `cfg.remat`, each recomputes in the
+  backward pass what the policy does not save (same parameters, same gradients)."""
+  block = Block
+  if cfg.remat != "none":  # deterministic and decode are static (argument 0 is the module)
+    block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(3, 4))
+  return [block(cfg, causal=causal, name=f"block_{i}") for i in range(cfg.num_layers)]
 
 
 class Block(nn.Module):
