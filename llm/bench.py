@@ -133,7 +133,8 @@ def _torch_gpt2_train(cfg, steps: int) -> dict:
   hf_cfg = transformers.GPT2Config(
       vocab_size=vocab, n_positions=m.max_len, n_embd=m.d_model, n_layer=m.num_layers,
       n_head=m.num_heads, n_inner=m.d_ff, resid_pdrop=m.dropout, embd_pdrop=m.dropout,
-      attn_pdrop=m.dropout, tie_word_embeddings=m.tie_embeddings)
+      attn_pdrop=m.dropout, tie_word_embeddings=m.tie_embeddings, bos_token_id=None,
+      eos_token_id=None)
   model = transformers.GPT2LMHeadModel(hf_cfg).train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, betas=(tr.b1, tr.b2),
                                 weight_decay=tr.weight_decay)
