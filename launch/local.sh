@@ -18,8 +18,15 @@ for ((i = 0; i < n; i++)); do
   "$@" --coordinator_address="127.0.0.1:$port" --num_processes="$n" --process_id="$i" &
   pids+=($!)
 done
+# Ctrl-C reaches every process: each saves the current step and exits 75 (see
+# llm/preemption.py); this script outlives the signal and passes their exit status on.
+trap ':' INT TERM
 status=0
 for pid in "${pids[@]}"; do
-  wait "$pid" || status=$?
+  while true; do
+    wait "$pid" && rc=0 || rc=$?
+    kill -0 "$pid" 2>/dev/null || break  # else the wait was cut short by a signal
+  done
+  [ "$rc" -eq 0 ] || status=$rc
 done
 exit $status

@@ -18,6 +18,7 @@ import stat
 import sys
 import threading
 
+import jax
 from absl import app, flags, logging
 
 from llm import preemption
@@ -43,7 +44,8 @@ def _exits_cleanly(main):
     except UserError as e:
       fail(str(e))
     except preemption.Preempted as e:
-      print(e, file=sys.stderr)
+      if jax.process_index() == 0:  # every process saved; one says so
+        print(e, file=sys.stderr)
       sys.exit(preemption.EXIT_PREEMPTED)
 
   return wrapped

@@ -79,36 +79,48 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path, straight):
   assert steps == sorted(set(steps)) == list(range(1, 25))  # each step exactly once
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_the_current_step_and_exits_for_requeueing(tmp_path, straight, signum):
-  config, workdir = _config_file(tmp_path, FAULT_RUN), tmp_path / "run"
-  process = _start(config, workdir)
-  _wait_for_step(workdir, 5, process)
-  process.send_signal(signum)
-  _, err = process.communicate(timeout=120)
-  assert process.returncode == preemption.EXIT_PREEMPTED, err[-3000:]
-  stopped_at = max(_losses(workdir))
-  assert f"preempted at step {stopped_at}, saved; run the same command to resume" in err
-  assert "Traceback" not in err
-  assert _latest_step(workdir) == stopped_at < 24
-  train(tiny_config(tmp_path, **FAULT_RUN), str(workdir))  # resumes
-  assert _losses(workdir) == straight
-
-
-def test_sigterm_on_two_processes_saves_and_exits_for_requeueing(tmp_path):
-  overrides = {**FAULT_RUN, "mesh.data": 2}
-  config, workdir = _config_file(tmp_path, overrides), tmp_path / "run"
-  env_launcher = ("env", "DEVICES_PER_PROCESS=1", os.path.join(ROOT, "launch", "local.sh"), "2")
-  process = _start(config, workdir, launcher=env_launcher)
-  _wait_for_step(workdir, 5, process)
-  children = subprocess.run(["pgrep", "-f", "-s", str(process.pid), "llm.train"],
-                            capture_output=True, text=True).stdout.split()
-  os.kill(int(children[-1]), signal.SIGTERM)  # one host of the two is preempted
+def _stop_at(config, workdir, step, send, launcher=()) -> int:
+  """Starts (or resumes) the run, signals it once `step` is logged; returns the step it saved."""
+  process = _start(config, workdir, launcher=launcher)
+  _wait_for_step(workdir, step, process)
+  send(process)
   _, err = process.communicate(timeout=180)
   assert process.returncode == preemption.EXIT_PREEMPTED, err[-3000:]
   stopped_at = max(_losses(workdir))
-  assert f"preempted at step {stopped_at}, saved" in err
+  assert err.count(f"preempted at step {stopped_at}, saved; run the same command to resume") == 1
+  assert "Traceback" not in err
   assert _latest_step(workdir) == stopped_at < 24
+  return stopped_at
+
+
+def test_sigterm_and_ctrl_c_save_the_current_step_and_exit_for_requeueing(tmp_path, straight):
+  config, workdir = _config_file(tmp_path, FAULT_RUN), tmp_path / "run"
+  first = _stop_at(config, workdir, 5, lambda p: p.send_signal(signal.SIGTERM))
+  second = _stop_at(config, workdir, first + 6, lambda p: p.send_signal(signal.SIGINT))
+  assert second > first
+  train(tiny_config(tmp_path, **FAULT_RUN), str(workdir))  # resumes to the end
+  assert _losses(workdir) == straight
+
+
+def test_two_processes_stop_together_on_ctrl_c_or_one_host_preempted(tmp_path, straight):
+  overrides = {**FAULT_RUN, "mesh.data": 2}
+  config, workdir = _config_file(tmp_path, overrides), tmp_path / "run"
+  launcher = ("env", "DEVICES_PER_PROCESS=1", os.path.join(ROOT, "launch", "local.sh"), "2")
+
+  def preempt_one_host(process):
+    children = subprocess.run(["pgrep", "-f", "-s", str(process.pid), "llm.train"],
+                              capture_output=True, text=True).stdout.split()
+    os.kill(int(children[-1]), signal.SIGTERM)
+
+  first = _stop_at(config, workdir, 5, lambda p: os.killpg(p.pid, signal.SIGINT), launcher)
+  second = _stop_at(config, workdir, first + 6, preempt_one_host, launcher)
+  assert second > first
+  finished = _start(config, workdir, launcher=launcher)
+  assert finished.wait(timeout=300) == 0, finished.stderr.read()[-3000:]
+  resumed = _losses(workdir)
+  assert sorted(resumed) == sorted(straight)  # 2 x 1 devices: the 1-device losses, to rounding
+  np.testing.assert_allclose([resumed[s] for s in sorted(resumed)],
+                             [straight[s] for s in sorted(straight)], rtol=2e-5)
 
 
 def _latest_step(workdir):
