@@ -17,6 +17,10 @@ from llm import preemption, rundir
 from llm.errors import UserError
 from llm.train import train
 
+# Its tests share module fixtures: one pytest-xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group("faults")
+
+
 FAULT_RUN = {"model.d_model": 64, "model.d_ff": 128, "model.num_heads": 4, "train.steps": 24,
              "train.checkpoint_every": 2, "train.eval_every": 8, "train.log_every": 1}
 

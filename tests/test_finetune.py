@@ -14,6 +14,10 @@ from conftest import ROOT, read_metrics, tiny_config
 from llm import data
 from llm.errors import UserError
 
+# Its tests share module fixtures: one pytest-xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group("finetune")
+
+
 ALPACA_HEAD = ("Below is an instruction that describes a task. Write a response that "
                "appropriately completes the request.")
 

@@ -8,6 +8,10 @@ from llm.errors import UserError
 from llm.sampling import Generator
 from llm.train import train
 
+# Its tests share module fixtures: one pytest-xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group("generate")
+
+
 PROMPTS = ["The for statement", "Class definitions are executable statements. A class"]
 
 

@@ -13,6 +13,10 @@ import pytest
 
 from conftest import ROOT, read_metrics
 
+# Its tests share module fixtures: one pytest-xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group("sharding")
+
+
 HELPER = os.path.join(ROOT, "tests", "mesh_runs.py")
 
 
