@@ -96,8 +96,10 @@ def _is_terminal_or_pipe(fd: int) -> bool:
 
 
 def _filter(read_end: int, out: int) -> None:
-  pending = ""
+  pending, reader_gone = "", False
   while chunk := os.read(read_end, 65536):
+    if reader_gone:  # e.g. `| head`: keep draining, so that the program never blocks
+      continue
     pending += chunk.decode("utf-8", "replace")
     *lines, pending = pending.split("\n")
     kept = []
@@ -110,10 +112,16 @@ def _filter(read_end: int, out: int) -> None:
     if not _MAY_START_CHATTER.search(pending):
       kept.append(pending)
       pending = ""
-    if kept:
-      os.write(out, "".join(kept).encode())
-  if pending:
-    os.write(out, pending.encode())
+    try:
+      if kept:
+        os.write(out, "".join(kept).encode())
+    except OSError:
+      reader_gone = True
+  if pending and not reader_gone:
+    try:
+      os.write(out, pending.encode())
+    except OSError:
+      pass
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
