@@ -7,6 +7,7 @@ was damaged afterwards (a file truncated or deleted) is skipped on restore, with
 the newest one that loads.
 """
 
+import contextlib
 import errno
 import os
 import re
@@ -94,25 +95,21 @@ def _is_damage(e: Exception) -> bool:
       r"NOT_FOUND|DATA_LOSS|OUT_OF_RANGE|Error (reading|opening)|No such file", str(e)))
 
 
-class _disk_errors:
+@contextlib.contextmanager
+def _disk_errors(directory: str, step):
   """An OSError while saving (a full disk, an unwritable folder) as one line; the checkpoints
   saved before it stay intact."""
-
-  def __init__(self, directory: str, step):
-    self.directory, self.step = directory, step
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, kind, error, traceback):
+  try:
+    yield
+  except Exception as error:  # orbax may wrap the OSError of its background save
     cause = error
     while cause is not None and not isinstance(cause, OSError):
       cause = cause.__cause__ or cause.__context__
     if cause is None:
-      return False
+      raise
     reason = "the disk is full" if cause.errno == errno.ENOSPC else (
         cause.strerror or _first_line(cause))
-    raise UserError(f"could not save checkpoint {self.step} in {self.directory}: {reason}; the "
+    raise UserError(f"could not save checkpoint {step} in {directory}: {reason}; the "
                     "checkpoints saved before it are intact; make room and run the same command "
                     "again to resume") from None
 

@@ -69,7 +69,7 @@ def _hide_chatter() -> None:
   too) through a filter that drops CHATTER; a partial line such as a progress bar passes at
   once."""
   for fd in (1, 2):
-    if not _is_terminal_or_pipe(fd):
+    if not _is_stream_or_file(fd):
       continue
     original = os.dup(fd)
     read_end, write_end = os.pipe()
@@ -87,7 +87,7 @@ def _hide_chatter() -> None:
     atexit.register(restore)
 
 
-def _is_terminal_or_pipe(fd: int) -> bool:
+def _is_stream_or_file(fd: int) -> bool:
   try:
     mode = os.fstat(fd).st_mode
   except OSError:
