@@ -5,6 +5,10 @@ position. Orbax writes a step in the background into a temporary folder and rena
 is complete, so a run killed mid-save leaves the previous checkpoints as they were. A step that
 was damaged afterwards (a file truncated or deleted) is skipped on restore, with a warning, for
 the newest one that loads.
+
+Checkpoints load whichever way the blocks were laid out when they were saved (unrolled
+block_0 ... or scanned `blocks`, model.scan_layers): they are read in their own layout and
+converted to the config's on the devices.
 """
 
 import contextlib
@@ -14,8 +18,10 @@ import re
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from llm.errors import UserError
+from llm.model import layers
 
 
 class Checkpointer:
@@ -39,8 +45,9 @@ class Checkpointer:
     `abstract_state`'s shardings (any mesh, any device count)."""
     def restore(step):
       restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-      return restored.state, restored.data
+          state=ocp.args.StandardRestore(self._as_saved(step, abstract_state)),
+          data=ocp.args.JsonRestore()))
+      return _relayout(restored.state, abstract_state), restored.data
     step, (state, data) = self._newest_that_loads(restore, "this config")
     return step, state, data
 
@@ -48,13 +55,20 @@ class Checkpointer:
     """The newest loadable checkpoint's parameters alone, without the optimizer state: for
     sampling and evaluation."""
     def restore(step):
-      return self.manager.restore(step, args=ocp.args.Composite(
+      saved = {"params": self._as_saved(step, abstract_params)}
+      params = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(
-              {"params": abstract_params},
-              restore_args=ocp.checkpoint_utils.construct_restore_args(
-                  {"params": abstract_params}),
+              saved, restore_args=ocp.checkpoint_utils.construct_restore_args(saved),
               partial_restore=True))).state["params"]
+      return _relayout(params, abstract_params)
     return self._newest_that_loads(restore, "the run's config")[1]
+
+  def _as_saved(self, step: int, abstract):
+    """`abstract` in the block layout of checkpoint `step`."""
+    metadata = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(self.directory) / str(step) / "state")
+    scanned = layers.is_scanned(metadata.tree)
+    return abstract if scanned is None else layers.to_layout(abstract, scanned)
 
   def _newest_that_loads(self, restore, what: str):
     steps = sorted(self.manager.all_steps(), reverse=True)
@@ -112,6 +126,14 @@ def _disk_errors(directory: str, step):
     raise UserError(f"could not save checkpoint {step} in {directory}: {reason}; the "
                     "checkpoints saved before it are intact; make room and run the same command "
                     "again to resume") from None
+
+
+def _relayout(tree, abstract):
+  """A restored tree in `abstract`'s block layout, placed on its shardings."""
+  if layers.is_scanned(tree) == layers.is_scanned(abstract):
+    return tree
+  to_layout = lambda t: layers.to_layout(t, layers.is_scanned(abstract))
+  return jax.jit(to_layout, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))(tree)
 
 
 def abstract_like(tree, shardings):

@@ -9,7 +9,8 @@ import re
 import ml_collections
 
 from llm.errors import UserError
-from llm.model.layers import ACTIVATIONS, REMAT_POLICIES
+from llm.model import attention
+from llm.model.layers import ACTIVATIONS, MLPS, NORMS, POSITIONS, REMAT_POLICIES
 
 # Logical axis name -> mesh axes. A mesh axis is used at most once per array; rules are tried in
 # order, so activations ('batch', 'length', 'embed') take `fsdp` for the batch and leave 'embed'
@@ -18,18 +19,19 @@ DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
     ("vocab", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("embed", "fsdp"),
     ("kv", None),
     ("length", None),
+    ("layers", None),  # the stacked axis of scanned blocks (model.scan_layers)
 )
 
 TASK_KINDS = ("lm", "mlm", "classify", "instruct")
 DATA_FORMATS = ("", "text", "json", "csv", "tsv", "parquet")
-TOKENIZER_KINDS = ("sentencepiece", "gpt2", "wordpiece")
+TOKENIZER_KINDS = ("sentencepiece", "gpt2", "wordpiece", "hf")
 MODEL_KINDS = ("gpt", "bert")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -61,15 +63,30 @@ def base_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = True  # the LM head is the token embedding transposed
   m.use_bias = True  # biases in the attention and MLP projections
   m.ln_eps = 1e-5  # LayerNorm epsilon
-  m.activation = "gelu_tanh"  # "gelu" (exact) or "relu"
+  m.activation = "gelu_tanh"  # "gelu" (exact), "relu" or "silu"
   m.pre_ln = True  # False: LayerNorm after each residual (BERT)
-  m.attention_impl = "xla"  # or "cudnn" (GPU, half precision)
+  m.norm = "layernorm"  # or "rmsnorm" (Llama): every norm of the model
+  m.mlp = "plain"  # activation(x W_in) W_out; "gated": (activation(x W_gate) * x W_in) W_out,
+  #                  SwiGLU with activation="silu" (Llama), GeGLU with "gelu"
+  m.num_kv_heads = 0  # key/value heads, grouped-query attention (1: multi-query); 0: num_heads
+  m.qkv_bias = False  # biases in the query, key and value projections even without use_bias
+  #                     (Qwen2)
+  m.positions = "learned"  # "learned" (GPT-2, BERT), "sinusoidal" (added to the embeddings),
+  #                          "rope" (rotary, Llama) or "none" (NoPE)
+  m.rope_theta = 10000.0  # rope: the base of the rotation frequencies
+  m.rope_scaling = ()  # rope: Llama 3's (factor, low_freq_factor, high_freq_factor, original
+  #                      context) for a longer context; empty: none
+  m.attention_impl = "auto"  # "auto": splash on TPU, cuDNN on GPU in half precision, else XLA;
+  #                            or "xla", "cudnn", "splash" (off TPU: interpreted, for tests)
   m.remat = "none"  # per block, recompute in the backward pass: "full" (all), "dots" (all but
   #                   the matmul outputs); saves activation memory for compute
+  m.scan_layers = False  # one nn.scan over the blocks: compile time and program size independent
+  #                        of depth; checkpoints load either way
   m.logits_chunk = 0  # lm, instruct: positions whose logits exist at once in the loss; 0: all
 
   c.tokenizer = t = ml_collections.ConfigDict()
-  t.kind = "sentencepiece"  # "sentencepiece" (BPE trained on the run's text), "gpt2", "wordpiece"
+  t.kind = "sentencepiece"  # "sentencepiece" (BPE trained on the run's text), "gpt2", "wordpiece",
+  #                           "hf" (tokenizer.path's tokenizer.json, e.g. Llama 3's or SmolLM's)
   t.path = ""  # existing tokenizer files; empty: train one on the run's text
   t.vocab_size = 4096  # size of a trained tokenizer
   t.train_chars = 20_000_000  # text read to train a tokenizer
@@ -205,8 +222,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(m.dtype in DTYPES, "model.dtype", f"use one of {DTYPES}", m.dtype)
   _check(m.activation in ACTIVATIONS, "model.activation", f"use one of {tuple(ACTIVATIONS)}",
          m.activation)
-  _check(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
-         f"use one of {ATTENTION_IMPLS}", m.attention_impl)
+  _check(m.attention_impl in attention.IMPLS, "model.attention_impl",
+         f"use one of {attention.IMPLS}", m.attention_impl)
+  _check(m.norm in NORMS, "model.norm", f"use one of {NORMS}", m.norm)
+  _check(m.mlp in MLPS, "model.mlp", f"use one of {MLPS}", m.mlp)
+  _check(m.positions in POSITIONS, "model.positions", f"use one of {tuple(POSITIONS)}",
+         m.positions)
+  _check(m.num_kv_heads >= 0 and (m.num_kv_heads == 0 or m.num_heads % m.num_kv_heads == 0),
+         "model.num_kv_heads", f"use 0 or a divisor of model.num_heads={m.num_heads}",
+         m.num_kv_heads)
+  _check(m.positions != "rope" or (m.d_model // m.num_heads) % 2 == 0, "model.positions",
+         "rotary positions need an even head dimension (d_model / num_heads)", m.positions)
+  _check(m.positions != "sinusoidal" or m.d_model % 2 == 0, "model.positions",
+         "sinusoidal positions need an even d_model", m.positions)
+  _check(len(m.rope_scaling) in (0, 4), "model.rope_scaling",
+         "use () or (factor, low_freq_factor, high_freq_factor, original context)",
+         m.rope_scaling)
   _check(m.remat in REMAT_POLICIES, "model.remat", f"use one of {tuple(REMAT_POLICIES)}", m.remat)
   _check(m.logits_chunk >= 0, "model.logits_chunk", "use 0 (off) or a number of positions",
          m.logits_chunk)
@@ -243,6 +274,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     re.compile(c.lora.targets)
   except re.error as e:
     _check(False, "lora.targets", f"use a valid regular expression ({e})", c.lora.targets)
+  _check(not (m.scan_layers and tr.trainable.startswith("last:")), "train.trainable",
+         "last:K needs model.scan_layers=False (scanned blocks are one stacked array each)",
+         tr.trainable)
   _check(c.lora.rank == 0 or tr.trainable == "all", "train.trainable",
          "with lora.rank > 0 the adapters (and a task head) train; leave train.trainable=all",
          tr.trainable)

@@ -19,7 +19,9 @@ import csv
 import glob
 import hashlib
 import os
+import queue
 import re
+import threading
 
 import numpy as np
 
@@ -256,6 +258,60 @@ class Batches:
 
   def restore(self, state: dict) -> None:
     self.step = int(state["step"])
+
+
+class Prefetch:
+  """An iterator with `state()` (Batches), run `size` batches ahead in a thread.
+
+  Each batch is made and then passed through `place` (the copy onto the devices) while the
+  devices still compute the step before, so the step never waits for the host. `state()` is
+  the source's state after the last batch handed out, not after the ones made ahead: what a
+  checkpoint must hold for a resumed run to see the same batches.
+  """
+
+  def __init__(self, batches, place=lambda batch: batch, size: int = 2):
+    self._queue = queue.Queue(maxsize=size)
+    self._stop = threading.Event()
+    self._state = batches.state()
+    self._thread = threading.Thread(target=self._fill, args=(batches, place), daemon=True,
+                                    name="prefetch")
+    self._thread.start()
+
+  def _fill(self, batches, place):
+    try:
+      while not self._stop.is_set():
+        self._put((place(next(batches)), batches.state()))
+    except BaseException as error:  # handed to the consumer, raised by __next__
+      self._put((error, None))
+
+  def _put(self, item) -> None:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        continue
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch, state = self._queue.get()
+    if isinstance(batch, BaseException):
+      raise batch
+    self._state = state
+    return batch
+
+  def state(self) -> dict:
+    return self._state
+
+  def close(self) -> None:
+    self._stop.set()
+    while self._thread.is_alive():  # unblock a put waiting on a full queue
+      try:
+        self._queue.get(timeout=0.1)
+      except queue.Empty:
+        pass
 
 
 def fixed_batches(num_examples, take, batch_size, num_batches, process_index=0,

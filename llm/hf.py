@@ -18,6 +18,7 @@ from llm import config as config_lib
 from llm import model as model_lib
 from llm import tokenizer as tokenizer_lib
 from llm.errors import UserError
+from llm.model import layers
 
 HF_WEIGHTS = "model.safetensors"
 HF_WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -44,7 +45,8 @@ def resolve(name_or_path: str) -> str:
     from huggingface_hub import snapshot_download
     return snapshot_download(name_or_path, allow_patterns=[
         "config.json", HF_WEIGHTS, HF_WEIGHTS_INDEX, "model-*.safetensors", "vocab.json",
-        "merges.txt", "tokenizer.json", "vocab.txt"])
+        "merges.txt", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+        "tokenizer.model"])
   except Exception as e:  # offline, unknown name, gated repository: many error types
     raise UserError(f"{name_or_path!r} is neither a local folder nor a model the Hugging Face "
                     f"hub could give ({type(e).__name__}); offline, pass a local folder") from None
@@ -206,8 +208,14 @@ def gpt2_params_to_hf(params, m, vocab_size: int) -> dict[str, np.ndarray]:
 
 
 def gpt2_hf_config(model_cfg, vocab_size: int, eot_id: int) -> dict:
-  if not model_cfg.use_bias:
+  m = model_cfg
+  if not m.use_bias:
     raise UserError("transformers' GPT-2 always has biases; this run has model.use_bias=False")
+  if (m.positions, m.norm, m.mlp, m.num_kv_heads in (0, m.num_heads), m.qkv_bias) != (
+      "learned", "layernorm", "plain", True, False) or m.activation == "silu":
+    raise UserError("transformers has no model with this combination of model.positions, norm, "
+                    "mlp, num_kv_heads and activation; GPT-2 (learned, layernorm, plain, "
+                    "gelu_tanh, biases) and Llama (rope, rmsnorm, gated, silu, no biases) export")
   activation = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[model_cfg.activation]
   return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab_size,
           "n_positions": model_cfg.max_len, "n_embd": model_cfg.d_model,
@@ -337,12 +345,141 @@ def bert_hf_config(model_cfg, tokenizer) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Llama and its kin (Mistral, Qwen2, SmolLM): rotary positions, RMSNorm, SwiGLU, grouped-query
+# attention, no biases (Qwen2: on q, k and v)
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+_LLAMA_BUFFERS = ("rotary_emb.inv_freq",)  # saved by older transformers; computed, not learned
+
+
+def llama_model_config(hf: dict) -> dict:
+  """The `model` section of a run config for a transformers Llama, Mistral or Qwen2 config."""
+  kind = hf.get("model_type")
+  D, N = hf["hidden_size"], hf["num_attention_heads"]
+  unsupported = {
+      "hidden_act": hf.get("hidden_act", "silu") != "silu",
+      "head_dim": (hf.get("head_dim") or D // N) != D // N,
+      "mlp_bias": bool(hf.get("mlp_bias")),
+      "attention_bias": bool(hf.get("attention_bias")) and kind != "qwen2",  # o_proj's too
+      "use_sliding_window": bool(hf.get("use_sliding_window")),
+  }
+  for key, bad in unsupported.items():
+    if bad:
+      raise UserError(f"config.json sets {key}={hf[key]!r}, which this model does not implement")
+  # transformers 5 keeps theta and scaling in rope_parameters; earlier versions beside it.
+  rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0),
+                                       **(hf.get("rope_scaling") or {})}
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in ("default", "llama3"):
+    raise UserError(f"config.json: rope type {rope_type!r}; this model implements the plain and "
+                    "Llama 3 rotary positions")
+  scaling = () if rope_type == "default" else (
+      rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
+      rope["original_max_position_embeddings"])
+  max_len = hf["max_position_embeddings"]
+  if kind == "mistral" and hf.get("sliding_window") and hf["sliding_window"] < max_len:
+    max_len = hf["sliding_window"]  # within the window, windowed attention is full attention
+    print(f"note: attention is full over {max_len} positions (Mistral's sliding window)")
+  return dict(kind="gpt", num_layers=hf["num_hidden_layers"], num_heads=N,
+              num_kv_heads=hf.get("num_key_value_heads") or N, d_model=D,
+              d_ff=hf["intermediate_size"], max_len=max_len, vocab_size=hf["vocab_size"],
+              positions="rope", rope_theta=float(rope["rope_theta"]), rope_scaling=scaling,
+              norm="rmsnorm", mlp="gated", activation="silu", use_bias=False,
+              qkv_bias=kind == "qwen2", ln_eps=hf.get("rms_norm_eps", 1e-6),
+              tie_embeddings=hf.get("tie_word_embeddings", False), dropout=0.0)
+
+
+# transformers' names in a decoder layer -> ours, and the linear layer's [out, in] as our shape
+def _llama_layer(m) -> dict[str, tuple[str, tuple]]:
+  D, N, K, H, F = m.d_model, m.num_heads, m.kv_heads, m.head_dim, m.d_ff
+  return {"self_attn.q_proj": ("attn/query", (D, N, H)), "self_attn.k_proj": ("attn/key", (D, K, H)),
+          "self_attn.v_proj": ("attn/value", (D, K, H)), "self_attn.o_proj": ("attn/out", (N, H, D)),
+          "mlp.gate_proj": ("mlp/wg", (D, F)), "mlp.up_proj": ("mlp/wi", (D, F)),
+          "mlp.down_proj": ("mlp/wo", (F, D))}
+
+
+def llama_params_from_hf(tensors: dict[str, np.ndarray], m, directory: str = "checkpoint") -> dict:
+  """transformers LlamaForCausalLM (Mistral, Qwen2) tensors -> this GPT's parameter tree."""
+  t = _Tensors(tensors, directory, ignore=_LLAMA_BUFFERS)
+  D, V = m.d_model, m.vocab_size
+  params = {"wte": {"embedding": t.take("model.embed_tokens.weight", (V, D))},
+            "ln_f": {"scale": t.take("model.norm.weight", (D,))}}
+  for i in range(m.num_layers):
+    prefix, block = f"model.layers.{i}.", {}
+    block["ln_attn"] = {"scale": t.take(prefix + "input_layernorm.weight", (D,))}
+    block["ln_mlp"] = {"scale": t.take(prefix + "post_attention_layernorm.weight", (D,))}
+    for theirs, (ours, shape) in _llama_layer(m).items():
+      module, name = ours.split("/")
+      n_in = shape[0] if name != "out" else shape[0] * shape[1]
+      weight = t.take(prefix + theirs + ".weight", (int(np.prod(shape)) // n_in, n_in))
+      block.setdefault(module, {})[name] = {"kernel": weight.T.reshape(shape)}
+      if m.qkv_bias and name in ("query", "key", "value"):
+        block[module][name]["bias"] = t.take(prefix + theirs + ".bias",
+                                             (weight.shape[0],)).reshape(shape[1:])
+    params[f"block_{i}"] = block
+  if not m.tie_embeddings:
+    params["lm_head"] = {"kernel": t.take("lm_head.weight", (V, D)).T}
+  else:
+    t.unused.discard("lm_head.weight")
+  t.check_all_used()
+  return params
+
+
+def llama_params_to_hf(params, m, vocab_size: int) -> dict[str, np.ndarray]:
+  """The inverse of `llama_params_from_hf`; rows past `vocab_size` (padding) are dropped."""
+  p = _flat_numpy(params)
+  out = {"model.embed_tokens.weight": p["wte/embedding"][:vocab_size],
+         "model.norm.weight": p["ln_f/scale"]}
+  for i in range(m.num_layers):
+    ours, theirs = f"block_{i}/", f"model.layers.{i}."
+    out[theirs + "input_layernorm.weight"] = p[ours + "ln_attn/scale"]
+    out[theirs + "post_attention_layernorm.weight"] = p[ours + "ln_mlp/scale"]
+    for name, (path, shape) in _llama_layer(m).items():
+      kernel = p[f"{ours}{path}/kernel"]
+      n_in = shape[0] if not path.endswith("out") else shape[0] * shape[1]
+      out[theirs + name + ".weight"] = kernel.reshape(n_in, -1).T
+      if f"{ours}{path}/bias" in p:
+        out[theirs + name + ".bias"] = p[f"{ours}{path}/bias"].reshape(-1)
+  if not m.tie_embeddings:
+    out["lm_head.weight"] = p["lm_head/kernel"][:, :vocab_size].T
+  return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def llama_hf_config(model_cfg, tokenizer) -> dict:
+  """LlamaForCausalLM's config.json (Qwen2ForCausalLM's when q, k and v have biases)."""
+  m = model_cfg
+  if (m.positions, m.norm, m.mlp, m.activation, m.use_bias, m.pre_ln) != (
+      "rope", "rmsnorm", "gated", "silu", False, True):
+    raise UserError("transformers has no model with this combination of model.positions, norm, "
+                    "mlp, activation and use_bias; GPT-2 (learned, layernorm, plain, gelu_tanh, "
+                    "biases) and Llama (rope, rmsnorm, gated, silu, no biases) export")
+  rope = {"rope_type": "default", "rope_theta": m.rope_theta}
+  if m.rope_scaling:
+    factor, low, high, original = m.rope_scaling
+    rope = {**rope, "rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+            "high_freq_factor": high, "original_max_position_embeddings": original}
+  kind, architecture = ("qwen2", "Qwen2ForCausalLM") if m.qkv_bias else ("llama",
+                                                                        "LlamaForCausalLM")
+  bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
+  return {"architectures": [architecture], "model_type": kind,
+          "vocab_size": tokenizer.vocab_size, "hidden_size": m.d_model,
+          "intermediate_size": m.d_ff, "num_hidden_layers": m.num_layers,
+          "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads or m.num_heads,
+          "head_dim": m.d_model // m.num_heads, "max_position_embeddings": m.max_len,
+          "rms_norm_eps": m.ln_eps, "hidden_act": "silu", "tie_word_embeddings": m.tie_embeddings,
+          "attention_bias": False, "mlp_bias": False, "rope_parameters": rope,
+          "rope_theta": m.rope_theta, "rope_scaling": None if rope["rope_type"] == "default" else
+          rope, "bos_token_id": bos, "eos_token_id": tokenizer.eot_id, "torch_dtype": "float32"}
+
+
+# ---------------------------------------------------------------------------------------------
 # Whole folders
 
 
 # transformers' model_type -> (its config.json as our model section, its tensors as our tree)
 ARCHITECTURES = {"gpt2": (gpt2_model_config, gpt2_params_from_hf),
-                 "bert": (bert_model_config, bert_params_from_hf)}
+                 "bert": (bert_model_config, bert_params_from_hf),
+                 **{kind: (llama_model_config, llama_params_from_hf) for kind in LLAMA_FAMILY}}
 
 
 def model_values(hf: dict) -> dict:
@@ -372,6 +509,11 @@ def load_tokenizer(directory: str, hf: dict) -> tokenizer_lib.Tokenizer:
       spec = json.load(f)
     lowercase = (spec.get("normalizer") or {}).get("lowercase", lowercase)
     return tokenizer_lib.WordPieceTokenizer(spec["model"]["vocab"], lowercase)
+  if hf["model_type"] in LLAMA_FAMILY:
+    if os.path.isfile(os.path.join(directory, tokenizer_lib.HFTokenizer.FILE)):
+      return tokenizer_lib.HFTokenizer.from_folder(directory, hf)
+    if os.path.isfile(os.path.join(directory, "tokenizer.model")):  # Llama 2's sentencepiece
+      return tokenizer_lib.SentencePieceTokenizer(os.path.join(directory, "tokenizer.model"))
   return tokenizer_lib.GPT2Tokenizer(directory)
 
 
@@ -401,12 +543,17 @@ def load(name_or_path: str, allow_torch_bin: bool = False):
 
 
 def save(out: str, model_cfg, model_shape, tokenizer, params) -> int:
-  """Writes a folder transformers reads (AutoModelForCausalLM for GPT-2, BertForPreTraining for
-  BERT): config.json, model.safetensors and the tokenizer's files. Returns the tensor count."""
+  """Writes a folder transformers reads (AutoModelForCausalLM for GPT-2 and Llama-style models,
+  BertForPreTraining for BERT): config.json, model.safetensors and the tokenizer's files.
+  Returns the tensor count."""
   from safetensors.numpy import save_file
+  params = layers.to_layout(params, scanned=False)  # Hugging Face numbers its layers
   if model_cfg.kind == "bert":
     hf_config = bert_hf_config(model_cfg, tokenizer)
     tensors = bert_params_to_hf(params, model_shape, tokenizer.vocab_size)
+  elif model_cfg.positions == "rope":
+    hf_config = llama_hf_config(model_cfg, tokenizer)
+    tensors = llama_params_to_hf(params, model_shape, tokenizer.vocab_size)
   else:
     hf_config = gpt2_hf_config(model_cfg, tokenizer.vocab_size, tokenizer.eot_id)
     tensors = gpt2_params_to_hf(params, model_shape, tokenizer.vocab_size)
@@ -420,6 +567,12 @@ def save(out: str, model_cfg, model_shape, tokenizer, params) -> int:
       json.dump({"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_cfg.max_len,
                  "bos_token": tokenizer_lib.ENDOFTEXT, "eos_token": tokenizer_lib.ENDOFTEXT,
                  "unk_token": tokenizer_lib.ENDOFTEXT, "add_prefix_space": False}, f, indent=2)
+  elif isinstance(tokenizer, tokenizer_lib.HFTokenizer):
+    tokenizer.save(out)
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+      json.dump({"tokenizer_class": "PreTrainedTokenizerFast",
+                 "model_max_length": model_cfg.max_len, **tokenizer.special_tokens()}, f,
+                indent=2)
   elif isinstance(tokenizer, tokenizer_lib.WordPieceTokenizer):
     tokenizer.save(out)
     with open(os.path.join(out, "tokenizer_config.json"), "w") as f:

@@ -3,6 +3,8 @@
 import jax
 import optax
 
+from llm.model import layers
+
 
 def lr_schedule(train_cfg) -> optax.Schedule:
   """Linear warmup from 0 to `lr`, then cosine decay to `min_lr` at the last step."""
@@ -13,8 +15,12 @@ def lr_schedule(train_cfg) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """Weight decay on matrices (kernels, embeddings) only; not on biases and norm scales."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on matrices (kernels, embeddings) only; not on biases and norm scales.
+  Scanned blocks' arrays have one more dimension, the leading `layers` one."""
+  def is_matrix(path, p):
+    stacked = any(getattr(key, "key", None) == layers.SCANNED for key in path)
+    return p.ndim - stacked >= 2
+  return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def build(train_cfg) -> optax.GradientTransformation:

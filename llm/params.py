@@ -15,21 +15,26 @@ from flax import traverse_util
 
 from llm import sharding
 from llm.errors import UserError
-from llm.model import lora
+from llm import model as model_lib
+from llm.model import layers, lora
 
 HEADS = ("head", "lm_head")  # a classifier's head; an untied LM head
 
 
 def boxed(cfg, model, rng):
-  """Fresh parameters with logical axis names, LoRA adapters added where configured."""
-  params = model.init({"params": rng}, jnp.zeros((1, 1), jnp.int32))["params"]
+  """Fresh parameters with logical axis names, LoRA adapters added where configured.
+
+  They are drawn for the unrolled blocks and then stacked when the model scans its layers, so a
+  seed gives the same model either way.
+  """
+  params = model_lib.unrolled(model).init({"params": rng}, jnp.zeros((1, 1), jnp.int32))["params"]
   if cfg.lora.rank:
     params, num_adapted = lora.add(params, cfg.lora.rank, cfg.lora.targets,
                                    jax.random.fold_in(rng, 1))
     if not num_adapted:
       raise UserError(f"lora.targets={cfg.lora.targets!r} matches no kernel; parameter paths "
                       "look like block_0/attn/query/kernel or backbone/block_0/mlp/wi/kernel")
-  return params
+  return layers.to_layout(params, model_lib.shape_of(model).scan_layers)
 
 
 def abstract(cfg, model, mesh, mesh_cfg):
@@ -86,11 +91,13 @@ def assemble(cfg, trainable, frozen):
 def place(params, shardings, source_params, source_name: str):
   """`params` with every leaf the source also has replaced by the source's value.
 
-  A backbone's parameters fit under a classifier's "backbone" (and back); leaves the source
-  lacks (a new head, LoRA adapters) keep their fresh values.
+  A backbone's parameters fit under a classifier's "backbone" (and back), and unrolled blocks
+  under scanned ones (and back); leaves the source lacks (a new head, LoRA adapters) keep their
+  fresh values.
   """
   flat = traverse_util.flatten_dict(params, sep="/")
   shard = traverse_util.flatten_dict(shardings, sep="/")
+  source_params = layers.to_layout(source_params, layers.is_scanned(params))
   src = traverse_util.flatten_dict(source_params, sep="/")
   wants_backbone = any(p.startswith("backbone/") for p in flat)
   has_backbone = any(p.startswith("backbone/") for p in src)

@@ -128,7 +128,8 @@ class Generator:
                       "num_samples >= 1")
     if max_new_tokens < 1:
       raise UserError(f"max_new_tokens={max_new_tokens}: ask for at least 1 new token")
-    encoded = [self.tokenizer.encode(p) or [self.tokenizer.eot_id] for p in prompts]
+    bos = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]  # Llama's <s>
+    encoded = [bos + self.tokenizer.encode(p) or [self.tokenizer.eot_id] for p in prompts]
     longest = max(map(len, encoded))
     context = self.model.cfg.max_len
     if longest + max_new_tokens > context:

@@ -3,6 +3,7 @@
 - sentencepiece: BPE with byte fallback, trained on the run's text or loaded from a .model file.
 - gpt2: OpenAI's GPT-2 BPE through tiktoken, built offline from encoder.json + vocab.bpe.
 - wordpiece: BERT's WordPiece through `tokenizers`, trained on the run's text or from vocab.txt.
+- hf: any tokenizer.json of the `tokenizers` library (Llama 3, Mistral, Qwen2, SmolLM).
 
 `build` makes the one a config asks for; `load` reads the copy a run saved in DIR/tokenizer/.
 """
@@ -24,6 +25,7 @@ class Tokenizer:
   vocab_size: int
   eot_id: int  # ends a document; also what generation stops at
   pad_id: int
+  bos_id: int | None = None  # put before a prompt, where the model was trained with one
 
   def encode(self, text: str) -> list[int]:
     raise NotImplementedError
@@ -293,6 +295,88 @@ class WordPieceTokenizer(Tokenizer):
     return "wp-" + digest.hexdigest()[:16]
 
 
+class HFTokenizer(Tokenizer):
+  """A tokenizer.json of the Hugging Face `tokenizers` library, as Llama 3, Mistral, Qwen2 and
+  SmolLM ship theirs (byte-level or sentencepiece-style BPE), with the model's end-of-text and
+  beginning-of-text tokens.
+
+  `encode` gives the text's tokens alone; `bos_id` is what a prompt starts with.
+  """
+  kind = "hf"
+  FILE = "tokenizer.json"
+  SPECIALS_FILE = "special_tokens.json"
+
+  def __init__(self, path: str, eot_id: int, bos_id: int | None = None):
+    from tokenizers import Tokenizer as Loaded
+    try:
+      self._tok = Loaded.from_file(path)
+    except Exception as e:  # the library raises a plain Exception for a bad file
+      raise UserError(f"tokenizer: {path} is not a tokenizers tokenizer.json ({e})") from None
+    with open(path, "rb") as f:
+      self._json = f.read()
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    self.eot_id, self.bos_id = eot_id, bos_id
+    self.pad_id = eot_id
+
+  @classmethod
+  def from_folder(cls, directory: str, hf_config: dict | None = None) -> "HFTokenizer":
+    """tokenizer.json with its special tokens: from our special_tokens.json, else the ids in
+    transformers' config.json, else the token names in tokenizer_config.json."""
+    path = os.path.join(directory, cls.FILE)
+    if not os.path.isfile(path):
+      raise UserError(f"tokenizer.path: no {cls.FILE} in {directory}")
+    ours = os.path.join(directory, cls.SPECIALS_FILE)
+    if os.path.isfile(ours):
+      with open(ours) as f:
+        ids = json.load(f)
+      return cls(path, ids["eot_id"], ids.get("bos_id"))
+    hf_config = dict(hf_config or {})
+    settings = os.path.join(directory, "tokenizer_config.json")
+    names = json.load(open(settings)) if os.path.isfile(settings) else {}
+    tok = cls(path, 0)
+    ids = {}
+    for role in ("eos", "bos"):
+      value = hf_config.get(f"{role}_token_id")
+      if isinstance(value, list):  # several end tokens (Llama 3 instruct): the first
+        value = value[0]
+      if value is None and names.get(f"{role}_token"):
+        name = names[f"{role}_token"]
+        value = tok._tok.token_to_id(name["content"] if isinstance(name, dict) else name)
+      ids[role] = value
+    if ids["eos"] is None:
+      raise UserError(f"{directory}: neither config.json nor tokenizer_config.json names the "
+                      "end-of-text token (eos_token_id / eos_token)")
+    return cls(path, ids["eos"], ids["bos"])
+
+  def encode(self, text):
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts):
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids):
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def special_tokens(self) -> dict:
+    """transformers' names for the end- and beginning-of-text tokens."""
+    names = {"eos_token": self._tok.id_to_token(self.eot_id)}
+    if self.bos_id is not None:
+      names["bos_token"] = self._tok.id_to_token(self.bos_id)
+    return names
+
+  def save(self, directory):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, self.FILE), "wb") as f:
+      f.write(self._json)
+    with open(os.path.join(directory, self.SPECIALS_FILE), "w") as f:
+      json.dump({"eot_id": self.eot_id, "bos_id": self.bos_id}, f)
+
+  def fingerprint(self):
+    import hashlib
+    digest = hashlib.sha256(self._json + json.dumps([self.eot_id, self.bos_id]).encode())
+    return "hf-" + digest.hexdigest()[:16]
+
+
 def build(cfg, texts: Iterable[str] | None, directory: str) -> Tokenizer:
   """The tokenizer `cfg.tokenizer` asks for, saved into `directory` (a run's DIR/tokenizer).
 
@@ -327,11 +411,20 @@ def build(cfg, texts: Iterable[str] | None, directory: str) -> Tokenizer:
       tok = WordPieceTokenizer.train(texts, t.vocab_size, t.lowercase)
     tok.save(directory)
     return tok
+  if t.kind == "hf":
+    if not t.path:
+      raise UserError("tokenizer.kind=hf reads an existing tokenizer.json: set tokenizer.path to "
+                      "its folder")
+    tok = HFTokenizer.from_folder(t.path if os.path.isdir(t.path) else os.path.dirname(t.path))
+    tok.save(directory)
+    return tok
   raise UserError(f"tokenizer.kind={t.kind!r} is unknown")
 
 
 def load(directory: str) -> Tokenizer:
   """The tokenizer a run saved in DIR/tokenizer/."""
+  if os.path.isfile(os.path.join(directory, HFTokenizer.SPECIALS_FILE)):
+    return HFTokenizer.from_folder(directory)
   if os.path.isfile(os.path.join(directory, SentencePieceTokenizer.MODEL_FILE)):
     return SentencePieceTokenizer(os.path.join(directory, SentencePieceTokenizer.MODEL_FILE))
   if os.path.isfile(os.path.join(directory, WordPieceTokenizer.VOCAB_FILE)):

@@ -18,8 +18,8 @@ import optax
 from absl import flags
 from ml_collections import config_flags
 
-from llm import checkpoint, cli, config as config_lib, metrics, objectives, optim, preemption
-from llm import rundir, sharding
+from llm import checkpoint, cli, config as config_lib, data, metrics, objectives, optim
+from llm import preemption, rundir, sharding
 from llm import model as model_lib
 from llm import params as params_lib
 from llm import tasks
@@ -233,9 +233,10 @@ def _train(trainer: Trainer, ckpt, watcher) -> dict:
   eval_data = {split: [sharding.global_batch(b, mesh, batch_dim=0) for b in batches]
                for split, batches in trainer.task.evals.items()}
   last_eval = {}
+  batches = data.Prefetch(trainer.batches, lambda b: sharding.global_batch(b, mesh, batch_dim=1))
   try:
     for step in range(start + 1, tr.steps + 1):
-      batch = sharding.global_batch(next(trainer.batches), mesh, batch_dim=1)
+      batch = next(batches)
       with sharding.activate(mesh, cfg.mesh):
         state, stats, health = train_step(state, frozen, batch, health)
         log.trained(step, stats, health)
@@ -248,12 +249,13 @@ def _train(trainer: Trainer, ckpt, watcher) -> dict:
       if step % tr.checkpoint_every == 0 or step == tr.steps or preempted:
         log.phase("saving")
         skipped = log.check(step, health)  # never save a run that diverged
-        ckpt.save(step, state, {**trainer.batches.state(), "skipped": skipped})
+        ckpt.save(step, state, {**batches.state(), "skipped": skipped})
       if preempted:
         raise preemption.Preempted(f"preempted at step {step}, saved; run the same command to "
                                    "resume")
       log.phase("train")
   finally:
+    batches.close()
     log.close()
   return last_eval
 

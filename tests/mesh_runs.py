@@ -1,6 +1,7 @@
 """Helper for test_sharding.py, run in a subprocess so that it can choose its device count.
 
-    python tests/mesh_runs.py OUT_JSON TMP STEPS MESH [MESH...]   (MESH like 2x2x2)
+    python tests/mesh_runs.py OUT_JSON TMP STEPS MESH [MESH...]   (MESH like 2x2x2; 2x2x2:scan
+                                                                   with model.scan_layers)
 
 Trains the sharding test's tiny GPT on each mesh and writes {mesh: {step: loss}} plus the
 sharding of a large weight.
@@ -17,11 +18,14 @@ from llm.train import Trainer, train  # noqa: E402
 
 
 def sharding_config(tmp, mesh: str, steps: int):
-  data, fsdp, tensor = map(int, mesh.split("x"))
+  shape, _, layout = mesh.partition(":")
+  data, fsdp, tensor = map(int, shape.split("x"))
+  # A constant learning rate after warmup: a run stopped at any step is the start of a longer one.
   return tiny_config(tmp, **{
       "model.num_heads": 8, "model.d_model": 64, "model.d_ff": 128, "train.steps": steps,
+      "train.min_lr": 3e-3,
       "train.checkpoint_every": 3, "train.eval_every": 3, "mesh.data": data, "mesh.fsdp": fsdp,
-      "mesh.tensor": tensor})
+      "mesh.tensor": tensor, "model.scan_layers": layout == "scan"})
 
 
 def main(out, tmp, steps, *meshes):
@@ -50,8 +54,29 @@ def main(out, tmp, steps, *meshes):
     results["2x2x2"]["generate_equal"] = (
         split.generate(prompts, max_new_tokens=8, temperature=0) ==
         alone.generate(prompts, max_new_tokens=8, temperature=0))
+    results["2x2x2"]["splash_error"] = _splash_error_on_mesh(
+        sharding_config(pathlib.Path(tmp), "2x2x2", int(steps)).mesh)
   with open(out, "w") as f:
     json.dump(results, f)
+
+
+def _splash_error_on_mesh(mesh_cfg) -> float:
+  """The splash kernel split over the mesh (batch over data and fsdp, heads over tensor)
+  against XLA's attention on one device, at real tokens."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from llm import sharding
+  from llm.model import attention
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(4, 128, 4, 32)), jnp.float32) for _ in range(3))
+  valid = np.ones((4, 128), bool)
+  valid[0, 90:] = False
+  mask = jnp.asarray(valid)[:, None]
+  reference = attention.attend(q, k, v, mask, True, "xla")
+  with sharding.activate(sharding.make_mesh(mesh_cfg), mesh_cfg):
+    out = jax.jit(lambda q, k, v: attention.attend(q, k, v, mask, True, "splash"))(q, k, v)
+  return float(np.abs(np.asarray(out) - np.asarray(reference))[valid].max())
 
 
 if __name__ == "__main__":

@@ -34,6 +34,35 @@ def test_batches_depend_only_on_seed_and_position():
   assert sorted(epoch[:124].tolist()) == list(range(0, 992, 8))
 
 
+def test_prefetching_hands_out_the_same_batches_and_the_consumed_position():
+  tokens = np.arange(1000)
+  plain = data.lm_batches(tokens, 8, 8, batch_size=4, grad_accum=1, seed=1)
+  ahead = data.Prefetch(data.lm_batches(tokens, 8, 8, batch_size=4, grad_accum=1, seed=1),
+                        place=lambda b: {**b, "placed": True}, size=3)
+  try:
+    for step in range(1, 6):
+      batch = next(ahead)
+      assert batch["placed"] and (batch["inputs"] == next(plain)["inputs"]).all()
+      assert ahead.state() == {"step": step}  # not the batches made ahead
+  finally:
+    ahead.close()
+
+  class Broken:  # its second batch fails
+    step = 0
+    def __next__(self):
+      self.step += 1
+      if self.step == 2:
+        raise UserError("bad record 7")
+      return {"inputs": np.zeros(1)}
+    def state(self):
+      return {"step": self.step}
+  failing = data.Prefetch(Broken())
+  next(failing)
+  with pytest.raises(UserError, match="bad record 7"):
+    next(failing)
+  failing.close()
+
+
 def test_processes_read_disjoint_shares_of_the_global_batch():
   tokens = np.arange(1000)
   whole = next(data.lm_batches(tokens, 8, 8, batch_size=8, grad_accum=2, seed=0))

@@ -1,5 +1,5 @@
-"""Memory-for-compute switches: rematerialised blocks and the cross-entropy in chunks give the
-same losses and gradients as the plain computation."""
+"""Switches for size: rematerialised blocks, the cross-entropy in chunks and scanned layers give
+the same losses, gradients and samples as the plain computation."""
 
 import flax.linen as nn
 import jax
@@ -7,13 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm import config as config_lib, objectives
+from llm import config as config_lib, objectives, params as params_lib, sampling
 from llm import model as model_lib
+from llm.model import attention, layers, lora
 
 
 def _model(**changes):
   cfg = config_lib.base_config().model
-  cfg.update(num_layers=2, num_heads=2, d_model=32, d_ff=64, max_len=16, **changes)
+  cfg.update({"num_layers": 2, "num_heads": 2, "d_model": 32, "d_ff": 64, "max_len": 16,
+              **changes})
   return model_lib.build(cfg, 97)
 
 
@@ -61,3 +63,75 @@ def test_every_remat_policy_gives_the_gradients_of_none(policy):
   assert jax.tree.structure(_init(remat)) == jax.tree.structure(params)  # same checkpoints
   _assert_same(_loss_and_grads(remat, params, dropout=True),
                _loss_and_grads(plain, params, dropout=True), 0.0)
+
+
+def test_scanned_layers_give_the_losses_gradients_and_tokens_of_unrolled_ones():
+  # (scanned without remat trains in test_sharding)
+  unrolled, scanned = _model(num_layers=3), _model(num_layers=3, scan_layers=True, remat="dots")
+  params = _init(unrolled)
+  stacked = layers.to_layout(params, scanned=True)
+  assert jax.tree.structure(stacked) == jax.tree.structure(_init(scanned))
+  assert stacked["blocks"]["attn"]["query"]["kernel"].shape == (3, 32, 2, 16)
+  loss, grads = _loss_and_grads(scanned, stacked)
+  _assert_same((loss, layers.to_layout(grads, scanned=False)), _loss_and_grads(unrolled, params),
+               1e-6)
+  # KV-cache decoding of a left-padded batch: the cache is stacked too.
+  prompt = np.array([[0, 5, 6, 7], [8, 9, 10, 11]], np.int32)
+  valid = np.array([[0, 1, 1, 1], [1, 1, 1, 1]], bool)
+  tokens = [sampling.generate_tokens(model, p, prompt, valid, jax.random.PRNGKey(0), 96,
+                                     max_new_tokens=6, temperature=0.0, top_k=0, top_p=1.0,
+                                     use_cache=True)
+            for model, p in ((unrolled, params), (scanned, stacked))]
+  np.testing.assert_array_equal(*tokens)
+  assert layers.to_layout(stacked, scanned=False).keys() == params.keys()
+
+
+def test_scanned_lora_and_imported_weights_equal_unrolled_ones():
+  cfg = config_lib.base_config()
+  cfg.lora.update(rank=4, targets="attn/(query|out)/kernel")
+  model = _model(num_layers=3, scan_layers=True)
+  adapted = params_lib.boxed(cfg, model, jax.random.PRNGKey(0))
+  query = adapted["blocks"]["attn"]["query"]  # stacked, and split over devices by name
+  assert query["lora_a"].value.shape == (3, 32, 4) and query["lora_a"].names[0] == "layers"
+  assert query["lora_b"].value.shape == (3, 4, 2, 16)
+  # The same seed draws the same model (adapters included) whether its layers scan or not.
+  unrolled = params_lib.boxed(cfg, _model(num_layers=3), jax.random.PRNGKey(0))
+  params = nn.meta.unbox(adapted)
+  for x, y in zip(jax.tree.leaves(params),
+                  jax.tree.leaves(layers.to_layout(nn.meta.unbox(unrolled), scanned=True))):
+    np.testing.assert_array_equal(x, y)
+  params = jax.tree.map(lambda x: x + 0.01, params)  # B no longer zero
+  merged = layers.to_layout(lora.merge(params, 2.0), scanned=False)
+  expected = lora.merge(layers.to_layout(params, scanned=False), 2.0)
+  for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(x, y, atol=1e-6)
+  # Weights with numbered blocks (a Hugging Face import, an unrolled run) go into a scanned
+  # model's stacked arrays.
+  source = jax.tree.map(np.asarray, _init(_model(num_layers=3)))
+  fresh = _init(model)
+  placed = params_lib.place(fresh, jax.tree.map(lambda x: x.sharding, fresh), source, "source")
+  for x, y in zip(jax.tree.leaves(placed), jax.tree.leaves(layers.to_layout(source, True))):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_splash_attention_equals_xla(is_causal):
+  # The TPU kernel, run by Pallas's interpreter here: causal (GPT) or bidirectional (BERT),
+  # with right padding as fine-tuning batches have. Outputs at real tokens and gradients equal
+  # the XLA formulation's.
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 128, 2, 32)), jnp.float32) for _ in range(3))
+  valid = np.ones((2, 128), bool)
+  valid[0, 100:] = False
+
+  def attend(impl):
+    def out(q, k, v):
+      return attention.attend(q, k, v, jnp.asarray(valid)[:, None], is_causal, impl)
+    loss = lambda *qkv: jnp.mean(jnp.where(valid[..., None, None], out(*qkv), 0.0) ** 2)
+    return jax.jit(out)(q, k, v)[valid], jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  (out, grads), (ref_out, ref_grads) = attend("splash"), attend("xla")
+  np.testing.assert_allclose(out, ref_out, atol=2e-6)
+  for g, ref in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, ref, atol=1e-5 * float(jnp.abs(ref).max()))
+  assert attention.choose("auto", jnp.float32, 128, decode=False) == "xla"  # on CPU

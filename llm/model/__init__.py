@@ -20,7 +20,8 @@ def transformer_config(model_cfg, vocab_size: int) -> TransformerConfig:
   same_names = {f.name: model_cfg[f.name] for f in dataclasses.fields(TransformerConfig)
                 if f.name in model_cfg}
   return TransformerConfig(**{**same_names, "vocab_size": max(model_cfg.vocab_size, vocab_size),
-                              "dtype": jnp.dtype(model_cfg.dtype)})
+                              "dtype": jnp.dtype(model_cfg.dtype),
+                              "rope_scaling": tuple(model_cfg.rope_scaling)})
 
 
 def build(model_cfg, vocab_size: int, num_classes: int = 0):
@@ -32,3 +33,10 @@ def build(model_cfg, vocab_size: int, num_classes: int = 0):
 def shape_of(model) -> TransformerConfig:
   """The transformer's shape, for a family model or one under a task head."""
   return model.backbone.cfg if isinstance(model, Classifier) else model.cfg
+
+
+def unrolled(model):
+  """The same model with its blocks unrolled (block_0, block_1, ...), whatever its config says."""
+  backbone = model.backbone if isinstance(model, Classifier) else model
+  backbone = backbone.clone(cfg=dataclasses.replace(backbone.cfg, scan_layers=False))
+  return model.clone(backbone=backbone) if isinstance(model, Classifier) else backbone

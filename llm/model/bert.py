@@ -13,7 +13,8 @@ Layers are the GPT's (llm/model/layers.py).
 import flax.linen as nn
 import jax.numpy as jnp
 
-from llm.model.layers import ACTIVATIONS, Dense, TransformerConfig, dense_init, make_blocks, layer_norm
+from llm.model.layers import (ACTIVATIONS, Dense, TransformerConfig, dense_init, make_blocks,
+                              norm, run_blocks, sinusoidal)
 
 
 class BERT(nn.Module):
@@ -25,16 +26,18 @@ class BERT(nn.Module):
         n, cfg.d_model, dtype=cfg.dtype, name=name,
         embedding_init=nn.with_logical_partitioning(dense_init(), ("vocab", "embed")
                                                     if name == "wte" else (None, "embed")))
-    self.wte, self.wpe = embed(cfg.vocab_size, "wte"), embed(cfg.max_len, "wpe")
+    self.wte = embed(cfg.vocab_size, "wte")
+    if cfg.positions == "learned":
+      self.wpe = embed(cfg.max_len, "wpe")
     self.wse = embed(cfg.type_vocab_size, "wse")  # segment A / B
-    self.ln_emb = layer_norm(cfg, "ln_emb")
+    self.ln_emb = norm(cfg, "ln_emb")
     self.drop = nn.Dropout(cfg.dropout)
     self.blocks = make_blocks(cfg, causal=False)
     if cfg.pre_ln:
-      self.ln_f = layer_norm(cfg, "ln_f")
+      self.ln_f = norm(cfg, "ln_f")
     self.pooler = Dense((cfg.d_model, cfg.d_model), (None, "embed"), dtype=cfg.dtype)
     self.mlm_dense = Dense((cfg.d_model, cfg.d_model), (None, "embed"), dtype=cfg.dtype)
-    self.mlm_ln = layer_norm(cfg, "mlm_ln")
+    self.mlm_ln = norm(cfg, "mlm_ln")
     self.mlm_bias = self.param("mlm_bias", nn.with_logical_partitioning(
         nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,), jnp.float32)
     self.nsp = Dense((cfg.d_model, 2), ("embed", None), dtype=cfg.dtype)
@@ -43,12 +46,15 @@ class BERT(nn.Module):
     """The last block's output for every position, x_BxLxD."""
     if segments_BxL is None:
       segments_BxL = jnp.zeros_like(tokens_BxL)
-    positions_L = jnp.arange(tokens_BxL.shape[1])
-    x_BxLxD = self.wte(tokens_BxL) + self.wpe(positions_L)[None] + self.wse(segments_BxL)
+    positions_1xL = jnp.arange(tokens_BxL.shape[1])[None]
+    x_BxLxD = self.wte(tokens_BxL) + self.wse(segments_BxL)
+    if self.cfg.positions == "learned":
+      x_BxLxD = x_BxLxD + self.wpe(positions_1xL)
+    elif self.cfg.positions == "sinusoidal":
+      x_BxLxD = x_BxLxD + sinusoidal(positions_1xL, self.cfg.d_model).astype(x_BxLxD.dtype)
     x_BxLxD = self.drop(self.ln_emb(x_BxLxD), deterministic=deterministic)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
-    for block in self.blocks:
-      x_BxLxD = block(x_BxLxD, valid_BxL, deterministic, False)
+    x_BxLxD = run_blocks(self.blocks, x_BxLxD, valid_BxL, positions_1xL, deterministic, False)
     return self.ln_f(x_BxLxD) if self.cfg.pre_ln else x_BxLxD
 
   def pooled(self, x_BxLxD):

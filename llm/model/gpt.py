@@ -1,4 +1,6 @@
-"""GPT-2: token + learned position embeddings, pre-LN causal blocks, final LayerNorm, LM head.
+"""GPT-2: token + learned position embeddings, pre-LN causal blocks, final LayerNorm, LM head;
+with the config's switches, Llama too (rotary positions, RMSNorm, SwiGLU, grouped-query
+attention; see layers.py).
 
     logits_BxLxV = GPT(cfg).apply({"params": params}, tokens_BxL)
 
@@ -9,7 +11,8 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from llm.model.layers import Dense, TransformerConfig, dense_init, make_blocks, layer_norm
+from llm.model.layers import (Dense, TransformerConfig, dense_init, make_blocks, norm,
+                              run_blocks, sinusoidal)
 
 
 class GPT(nn.Module):
@@ -20,12 +23,13 @@ class GPT(nn.Module):
     self.wte = nn.Embed(
         cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
         embedding_init=nn.with_logical_partitioning(dense_init(), ("vocab", "embed")))
-    self.wpe = nn.Embed(
-        cfg.max_len, cfg.d_model, dtype=cfg.dtype,
-        embedding_init=nn.with_logical_partitioning(dense_init(0.01), (None, "embed")))
+    if cfg.positions == "learned":
+      self.wpe = nn.Embed(
+          cfg.max_len, cfg.d_model, dtype=cfg.dtype,
+          embedding_init=nn.with_logical_partitioning(dense_init(0.01), (None, "embed")))
     self.drop = nn.Dropout(cfg.dropout)
     self.blocks = make_blocks(cfg, causal=True)
-    self.ln_f = layer_norm(cfg, "ln_f")
+    self.ln_f = norm(cfg, "ln_f")
     if not cfg.tie_embeddings:
       self.lm_head = Dense((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), use_bias=False,
                            dtype=cfg.dtype)
@@ -35,11 +39,14 @@ class GPT(nn.Module):
     """The final LayerNorm's output, x_BxLxD: what the LM head and task heads read."""
     if positions_BxL is None:
       positions_BxL = jnp.arange(tokens_BxL.shape[1])[None, :]
-    x_BxLxD = self.wte(tokens_BxL) + self.wpe(positions_BxL)
+    x_BxLxD = self.wte(tokens_BxL)
+    if self.cfg.positions == "learned":
+      x_BxLxD = x_BxLxD + self.wpe(positions_BxL)
+    elif self.cfg.positions == "sinusoidal":
+      x_BxLxD = x_BxLxD + sinusoidal(positions_BxL, self.cfg.d_model).astype(x_BxLxD.dtype)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     x_BxLxD = self.drop(x_BxLxD, deterministic=deterministic)
-    for block in self.blocks:
-      x_BxLxD = block(x_BxLxD, valid_BxL, deterministic, decode)
+    x_BxLxD = run_blocks(self.blocks, x_BxLxD, valid_BxL, positions_BxL, deterministic, decode)
     return self.ln_f(x_BxLxD)
 
   def features(self, tokens_BxL, valid_BxL, deterministic=True):

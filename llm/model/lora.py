@@ -7,7 +7,9 @@ The adapters live in the parameter tree beside the kernel they adapt:
 `add` puts them there (A random, B zero: the model starts exactly as the base), and `merge`
 folds them into the kernels, giving the plain tree the model's `apply` takes. So LoRA works on
 every module of every family without touching the layers, and a merged checkpoint is the
-base model's layout. Merging per step costs about r / (batch x length) of the forward pass.
+base model's layout. Scanned blocks (model.scan_layers) stack every kernel and both its adapters
+along a leading `layers` axis. Merging per step costs about r / (batch x length) of the forward
+pass.
 """
 
 import re
@@ -63,7 +65,10 @@ def merge(params, scale: float):
       continue
     if leaf == "kernel" and f"{module}/{A}" in flat:
       a, b = flat[f"{module}/{A}"], flat[f"{module}/{B}"]
-      delta = jnp.tensordot(a, b, axes=1)  # [in..., r] x [r, out...]
+      product = lambda a, b: jnp.tensordot(a, b, axes=1)  # [in..., r] x [r, out...]
+      if a.ndim + b.ndim - 2 > value.ndim:  # scanned blocks: a leading layers axis on all three
+        product = jax.vmap(product)
+      delta = product(a, b)
       value = value + scale * delta.astype(value.dtype)
     merged[path] = value
   return traverse_util.unflatten_dict(merged, sep="/")

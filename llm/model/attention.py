@@ -1,0 +1,87 @@
+"""Scaled dot-product attention through the kernel each platform does best.
+
+    out_BxLxNxH = attend(q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, mask_BxLxS, is_causal, impl)
+
+`impl` (model.attention_impl):
+- "xla": jax.nn.dot_product_attention's XLA formulation, everywhere (the reference).
+- "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, float16 / bfloat16).
+- "splash": the Pallas splash-attention kernel for TPUs (blocked, never materialises the
+  L x S scores). Off TPU it runs in Pallas's interpreter: correct but slow, for tests.
+- "auto": splash on TPU, cuDNN on GPU in half precision, XLA otherwise; XLA for KV-cache
+  decoding and for lengths the fused kernels do not take.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLS = ("auto", "xla", "cudnn", "splash")
+SPLASH_BLOCK = 128  # the splash kernel's block: sequence lengths must be multiples of it
+
+
+def choose(impl: str, dtype, length: int, decode: bool) -> str:
+  """The kernel `attend` uses for `impl` on this platform."""
+  if impl != "auto":
+    return impl
+  platform = jax.default_backend()
+  if decode:
+    return "xla"
+  if platform == "tpu" and length % SPLASH_BLOCK == 0:
+    return "splash"
+  if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla"
+
+
+def attend(q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, mask_BxLxS, is_causal: bool, impl: str):
+  """Softmax(q k^T / sqrt(H)) v over the keys the mask (None: all) and causality allow."""
+  if impl == "splash":
+    if mask_BxLxS is not None and mask_BxLxS.shape[1] != 1:
+      raise ValueError("splash attention takes a padding mask ([B, 1, S]), not a full one")
+    valid_BxS = None if mask_BxLxS is None else mask_BxLxS[:, 0]
+    return _splash(q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, valid_BxS, is_causal)
+  return jax.nn.dot_product_attention(
+      q_BxLxNxH, k_BxSxNxH, v_BxSxNxH,
+      mask=None if mask_BxLxS is None else mask_BxLxS[:, None], is_causal=is_causal,
+      implementation=None if impl == "xla" else impl)
+
+
+def _splash(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, valid_BxL, is_causal: bool):
+  """Splash attention, split over the mesh by batch and heads (each device runs the kernel on
+  its own share: a Pallas kernel is not partitioned by XLA). Padding is a segment of its own,
+  so real tokens never attend to it."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  B, L, N, H = q_BxLxNxH.shape
+  if L % SPLASH_BLOCK:
+    raise ValueError(f"splash attention needs a sequence length that is a multiple of "
+                     f"{SPLASH_BLOCK}, not {L}; use model.attention_impl=auto or xla")
+  if valid_BxL is None:
+    valid_BxL = jnp.ones((B, L), bool)
+  q_BxLxNxH = q_BxLxNxH / np.sqrt(H).astype(q_BxLxNxH.dtype)  # the kernel does not scale
+
+  def local(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segments_BxL):
+    kernel = _splash_kernel(q_BxLxNxH.shape[2], L, is_causal, jax.default_backend() != "tpu")
+    to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # the kernel's [N, L, H] per example
+    out_BxNxLxH = jax.vmap(kernel)(
+        to_heads_first(q_BxLxNxH), to_heads_first(k_BxLxNxH), to_heads_first(v_BxLxNxH),
+        segment_ids=sk.SegmentIds(q=segments_BxL, kv=segments_BxL))
+    return to_heads_first(out_BxNxLxH)
+
+  segments_BxL = valid_BxL.astype(jnp.int32)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return local(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segments_BxL)
+  spec_BxLxNxH = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
+  spec_BxL = nn.logical_to_mesh_axes(("batch", "length"))
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec_BxLxNxH,) * 3 + (spec_BxL,),
+                       out_specs=spec_BxLxNxH, check_vma=False)(
+                           q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segments_BxL)
+
+
+def _splash_kernel(num_heads: int, length: int, is_causal: bool, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  mask = sm.CausalMask((length, length)) if is_causal else sm.FullMask((length, length))
+  return sk.make_splash_mha(sm.MultiHeadMask([mask] * num_heads), head_shards=1,
+                            q_seq_shards=1, interpret=interpret)
