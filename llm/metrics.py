@@ -53,6 +53,18 @@ class Throughput:
     return {"tokens_per_sec": steps * self.tokens_per_step / seconds, "mfu": mfu}
 
 
+def read(path: str) -> list[dict]:
+  """The records of a metrics.jsonl, in order; a line torn by a kill is left out."""
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except ValueError:
+        continue
+  return records
+
+
 class MetricsWriter:
   """Appends one JSON object per line to a metrics.jsonl file, flushed at once, plus
   TensorBoard events in the same folder.

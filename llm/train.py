@@ -126,7 +126,8 @@ class Trainer:
     """Tokens/s and MFU of timed steps (after init_state, which counts the parameters)."""
     m = model_lib.shape_of(self.model)
     length = self.tokens_per_step // self.cfg.train.batch_size
-    non_embedding = self.num_params - m.max_len * m.d_model  # position embeddings do no matmul
+    non_embedding = self.num_params - (  # learned position embeddings do no matmul
+        m.max_len * m.d_model if m.positions == "learned" else 0)
     flops = metrics.flops_per_token(non_embedding, m.num_layers, m.num_heads, m.head_dim,
                                     length) * self.tokens_per_step
     peak = metrics.peak_flops(jax.devices()[0].device_kind, self.cfg.train.peak_flops)

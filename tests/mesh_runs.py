@@ -1,7 +1,7 @@
 """Helper for test_sharding.py, run in a subprocess so that it can choose its device count.
 
-    python tests/mesh_runs.py OUT_JSON TMP STEPS MESH [MESH...]   (MESH like 2x2x2; 2x2x2:scan
-                                                                   with model.scan_layers)
+    python tests/mesh_runs.py OUT_JSON TMP STEPS MESH [MESH...]   (MESH like 2x2x2, 2x2x2:scan,
+                                                                   2x2x2:llama; see sharding_config)
 
 Trains the sharding test's tiny GPT on each mesh and writes {mesh: {step: loss}} plus the
 sharding of a large weight.
@@ -17,15 +17,22 @@ from conftest import read_metrics, tiny_config  # noqa: E402
 from llm.train import Trainer, train  # noqa: E402
 
 
+LLAMA = {"model.positions": "rope", "model.norm": "rmsnorm", "model.mlp": "gated",
+         "model.activation": "silu", "model.num_kv_heads": 2, "model.use_bias": False,
+         "model.tie_embeddings": False}
+
+
 def sharding_config(tmp, mesh: str, steps: int):
-  shape, _, layout = mesh.partition(":")
+  """MESH like 2x2x2, with :scan (scanned layers) and :llama (Llama's blocks) as options."""
+  shape, *options = mesh.split(":")
   data, fsdp, tensor = map(int, shape.split("x"))
   # A constant learning rate after warmup: a run stopped at any step is the start of a longer one.
   return tiny_config(tmp, **{
       "model.num_heads": 8, "model.d_model": 64, "model.d_ff": 128, "train.steps": steps,
       "train.min_lr": 3e-3,
       "train.checkpoint_every": 3, "train.eval_every": 3, "mesh.data": data, "mesh.fsdp": fsdp,
-      "mesh.tensor": tensor, "model.scan_layers": layout == "scan"})
+      "mesh.tensor": tensor, "model.scan_layers": "scan" in options,
+      **(LLAMA if "llama" in options else {})})
 
 
 def main(out, tmp, steps, *meshes):
@@ -39,18 +46,18 @@ def main(out, tmp, steps, *meshes):
     wte = state["params"]["wte"]["embedding"]
     results[mesh] = {
         "losses": {m["step"]: m["loss"] for m in read_metrics(workdir) if m["split"] == "train"},
-        "wte_spec": [a if isinstance(a, (str, type(None))) else list(a) for a in wte.sharding.spec],
+        "wte_spec": _spec(wte),
         "wte_shard": list(wte.addressable_shards[0].data.shape),
     }
+    if "block_0" in state["params"]:  # (scanned layers keep one stacked "blocks")
+      results[mesh]["key_spec"] = _spec(state["params"]["block_0"]["attn"]["key"]["kernel"])
   if "2x2x2" in results:  # sampling with parameters split over all devices, and on one
     import jax
     from llm.sampling import Generator
     workdir = os.path.join(tmp, "run-2x2x2")
     prompts = ["The for statement", "Class definitions"]
     split, alone = Generator(workdir), Generator(workdir, jax.devices()[:1])
-    results["2x2x2"]["generate_spec"] = [
-        a if isinstance(a, (str, type(None))) else list(a)
-        for a in split.params["wte"]["embedding"].sharding.spec]
+    results["2x2x2"]["generate_spec"] = _spec(split.params["wte"]["embedding"])
     results["2x2x2"]["generate_equal"] = (
         split.generate(prompts, max_new_tokens=8, temperature=0) ==
         alone.generate(prompts, max_new_tokens=8, temperature=0))
@@ -58,6 +65,11 @@ def main(out, tmp, steps, *meshes):
         sharding_config(pathlib.Path(tmp), "2x2x2", int(steps)).mesh)
   with open(out, "w") as f:
     json.dump(results, f)
+
+
+def _spec(array) -> list:
+  """An array's PartitionSpec as JSON: a mesh axis name, None, or a list of names per dim."""
+  return [a if isinstance(a, (str, type(None))) else list(a) for a in array.sharding.spec]
 
 
 def _splash_error_on_mesh(mesh_cfg) -> float:

@@ -206,3 +206,45 @@ def test_llama_family_imports_and_exports_with_transformers_parity(tmp_path, tok
   their_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
   assert their_tokenizer(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
   assert their_tokenizer.eos_token_id == tokenizer.eot_id
+  # A run keeps it (DIR/tokenizer) and reads it back; tokenizer.kind=hf builds it from a folder.
+  from llm import tokenizer as tokenizer_lib
+  tokenizer.save(str(tmp_path / "kept"))
+  for again in (tokenizer_lib.load(str(tmp_path / "kept")), tokenizer_lib.build(
+      config_lib.replace(config_lib.base_config(), {"tokenizer.kind": "hf",
+                                                    "tokenizer.path": str(tokenizer_dir)}),
+      None, str(tmp_path / "built"))):
+    assert (again.encode(text), again.eot_id, again.bos_id) == (tokenizer.encode(text), 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing runs
+
+
+def test_compare_and_plot_draw_the_runs_and_name_what_differs(tmp_path, test_data):
+  import matplotlib.image
+  from conftest import tiny_config
+  from llm import compare, plot, rundir, tokenizer as tokenizer_lib
+  runs, tokenizer = {}, tokenizer_lib.GPT2Tokenizer(os.path.join(test_data, "gpt2"))
+  for i, (name, switches) in enumerate((("gpt", {}), ("rope", {"model.positions": "rope",
+                                                               "model.norm": "rmsnorm"}))):
+    runs[name] = str(tmp_path / name)  # a run's directory as training leaves it
+    rundir.start(runs[name], tiny_config(tmp_path, **switches), tokenizer)
+    with open(rundir.path(runs[name], rundir.METRICS), "w") as f:
+      for step in range(1, 5):
+        f.write(json.dumps({"step": step, "split": "train", "loss": 6.0 - step / (i + 2),
+                            "lr": 1e-3, "grad_norm": 1.0, "tokens_per_sec": 1000.0 + i}) + "\n")
+      f.write(json.dumps({"step": 4, "split": "eval", "loss": 5.5 - i}) + "\n")
+  opened = [compare.Run(runs["gpt"]), compare.Run(runs["rope"])]
+  assert compare.differing_keys(opened) == ["model.norm", "model.positions"]
+  table = compare.table(opened).splitlines()
+  assert table[0].split()[:3] == ["run", "model.norm", "model.positions"]
+  gpt_row, rope_row = table[2].split(), table[3].split()
+  assert gpt_row == ["gpt", "layernorm", "learned", gpt_row[3], "4.0000", "5.5000", "1,000"]
+  assert rope_row[:3] == ["rope", "rmsnorm", "rope"] and rope_row[5] == "4.5000"
+  # no position embedding (32 x 32) and no norm biases (5 x 32) in the rotary RMSNorm model
+  assert int(gpt_row[3].replace(",", "")) - int(rope_row[3].replace(",", "")) == 32 * 32 + 5 * 32
+  compare.plot(opened, str(tmp_path / "compare.png"))
+  plot.plot(runs["rope"], str(tmp_path / "curves.png"))
+  for png in ("compare.png", "curves.png"):
+    height, width, _ = matplotlib.image.imread(str(tmp_path / png)).shape
+    assert width > 1000 and height > 300

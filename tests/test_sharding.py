@@ -40,19 +40,27 @@ def _close(a, b):
 
 
 @pytest.fixture(scope="module")
-def single_device(tmp_path_factory):
-  return _mesh_runs(tmp_path_factory.mktemp("one"), 1, 6, "1x1x1")["1x1x1"]
+def single_device_runs(tmp_path_factory):
+  return _mesh_runs(tmp_path_factory.mktemp("one"), 1, 6, "1x1x1", "1x1x1:llama")
+
+
+@pytest.fixture(scope="module")
+def single_device(single_device_runs):
+  return single_device_runs["1x1x1"]
 
 
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
-  return _mesh_runs(tmp_path_factory.mktemp("eight"), 8, 6, "1x1x8", "2x2x2")
+  return _mesh_runs(tmp_path_factory.mktemp("eight"), 8, 6, "1x1x8", "2x2x2", "2x2x2:llama")
 
 
-def test_every_mesh_gives_the_single_device_losses(eight_devices, single_device):
+def test_every_mesh_gives_the_single_device_losses(eight_devices, single_device_runs):
   runs = eight_devices
-  for mesh, run in runs.items():
-    _close(run["losses"], single_device["losses"])
+  for mesh in ("1x1x8", "2x2x2"):
+    _close(runs[mesh]["losses"], single_device_runs["1x1x1"]["losses"])
+  # Llama's blocks too, with its 2 key/value heads split over the tensor axis.
+  _close(runs["2x2x2:llama"]["losses"], single_device_runs["1x1x1:llama"]["losses"])
+  assert runs["2x2x2:llama"]["key_spec"] == ["fsdp", "tensor", None]
   # The token embedding [vocab 512, embed 64] is really split: vocab over tensor, embed over fsdp.
   # (2x2x2 has all three axes at once: data, fsdp and tensor parallelism.)
   assert runs["2x2x2"]["wte_spec"] == ["tensor", "fsdp"]

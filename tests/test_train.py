@@ -161,5 +161,5 @@ def test_shipped_configs_are_valid():
       config_lib.validate(module.get_config(variant))
 
 
-VARIANTS = {"gpt_small.py": ("tiny",), "finetune_classify.py": ("lora",),
-            "finetune_instruct.py": ("lora",)}
+VARIANTS = {"gpt_small.py": ("tiny",), "llama_small.py": ("tiny",),
+            "finetune_classify.py": ("lora",), "finetune_instruct.py": ("lora",)}

@@ -1,0 +1,59 @@
+"""Draws one run's curves from its metrics.jsonl: loss (train and validation), learning rate,
+gradient norm and throughput, against steps.
+
+    python -m llm.plot --workdir=runs/gpt_tiny [--out=runs/gpt_tiny/curves.png]
+"""
+
+import os
+
+from absl import flags
+
+from llm import cli, metrics, rundir
+from llm.errors import UserError
+
+FLAGS = flags.FLAGS
+PANELS = (("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient norm"),
+          ("tokens_per_sec", "tokens/s"))
+
+
+def define_flags():
+  flags.DEFINE_string("workdir", None, "The run directory.")
+  flags.DEFINE_string("out", None, "The figure's path (default: DIR/curves.png).")
+
+
+def plot(workdir: str, out: str) -> None:
+  path = rundir.path(workdir, rundir.METRICS)
+  if not os.path.isfile(path):
+    raise UserError(f"{workdir} has no {rundir.METRICS}: it has not trained yet")
+  records = metrics.read(path)
+  import matplotlib
+  matplotlib.use("Agg")  # files only, no display
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.5))
+  for ax, (key, title) in zip(axes, PANELS):
+    for split, style in (("train", "-"), ("eval", "o--")):
+      points = [(r["step"], r[key]) for r in records if r["split"] == split
+                and r.get(key) is not None]
+      if points:
+        ax.plot(*zip(*points), style, label="validation" if split == "eval" else split)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize="small")
+  fig.suptitle(os.path.basename(os.path.normpath(workdir)))
+  fig.tight_layout()
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  if not FLAGS.workdir:
+    raise UserError("usage: python -m llm.plot --workdir=DIR [--out=FILE.png]")
+  out = FLAGS.out or rundir.path(FLAGS.workdir, "curves.png")
+  plot(FLAGS.workdir, out)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  cli.run(main, define_flags)
