@@ -9,7 +9,7 @@ arguments, per device) and times it after one warm-up step on batches already on
 (`step_ms`), then fed as training feeds it, by a host thread that makes the next batches
 (`step_ms_with_data`).
 `generate` times prefill and decoding of a randomly initialised model of the config's shape, with
-and without the KV cache, and prints the ratio.
+and without the KV cache, and prints the ratio and the cache's size.
 """
 
 import time
@@ -112,7 +112,9 @@ def bench_generate(cfg, batch: int, prompt_len: int, new_tokens: int, repeats: i
                              max_new_tokens=n, temperature=0.0, top_k=0, top_p=1.0,
                              use_cache=use_cache)
 
-  result = {}
+  cache = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(
+      (batch, prompt_len + new_tokens), jnp.int32), decode=True)["cache"])
+  result = {"kv_cache_mb": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) / 1e6}
   for use_cache in (True, False):
     name = "cached" if use_cache else "uncached"
     prefill = _best_time(run(1, use_cache), repeats)
