@@ -27,7 +27,7 @@ DEFAULT_RULES = (
     ("layers", None),  # the stacked axis of scanned blocks (model.scan_layers)
 )
 
-TASK_KINDS = ("lm", "mlm", "classify", "instruct")
+TASK_KINDS = ("lm", "mlm", "classify", "instruct", "reward", "dpo")
 DATA_FORMATS = ("", "text", "json", "csv", "tsv", "parquet")
 TOKENIZER_KINDS = ("sentencepiece", "gpt2", "wordpiece", "hf")
 MODEL_KINDS = ("gpt", "bert")
@@ -43,12 +43,15 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.task = ta = ml_collections.ConfigDict()
   ta.kind = "lm"  # "lm": next-token pre-training; "mlm": BERT's masked LM + next sentence;
-  #                 "classify"; "instruct" (Alpaca records)
+  #                 "classify"; "instruct" (Alpaca records); on preference pairs, "reward"
+  #                 (a reward model) or "dpo" (direct preference optimisation)
   ta.mask_rate = 0.15  # mlm: share of tokens selected (80% [MASK], 10% random, 10% kept)
   ta.mlm_weight = 1.0  # mlm: loss = mlm_weight * MLM + nsp_weight * NSP
   ta.nsp_weight = 1.0  # mlm: see task.mlm_weight
   ta.labels = ""  # classify: class names in order, comma-separated; empty: sorted from the data
   ta.mask_prompt = True  # instruct: only the response (and its end-of-text) is a target
+  ta.beta = 0.1  # dpo: how far the policy may move from the reference (the rewards' scale)
+  ta.dpo_average = False  # dpo: average the answer's token log-probabilities instead of summing
 
   c.model = m = ml_collections.ConfigDict()
   m.kind = "gpt"  # "gpt" (causal decoder) or "bert" (bidirectional encoder)
@@ -101,6 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
   d.columns = ""  # column names of a CSV/TSV file without a header row, comma-separated
   d.text_field = "text"  # the column holding the text
   d.label_field = "label"  # classify: the column holding the label
+  d.chosen_field = "chosen"  # reward, dpo: the preferred answer (prompt: instruction, input)
+  d.rejected_field = "rejected"  # reward, dpo: the other answer
   d.balance = False  # classify: undersample every class to the smallest one's size
   d.skip_bad_rows = False  # classify, instruct: leave out records that lack a field (else stop)
   d.max_length = 256  # tokens per training window (inputs) or longest record; 0: the context
@@ -260,8 +265,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.task.kind in TASK_KINDS, "task.kind", f"use one of {TASK_KINDS}", c.task.kind)
   _check(c.task.kind != "mlm" or m.kind == "bert", "task.kind",
          "masked-LM pre-training needs model.kind=bert", c.task.kind)
-  _check(c.task.kind not in ("lm", "instruct") or m.kind == "gpt", "task.kind",
+  _check(c.task.kind not in ("lm", "instruct", "dpo") or m.kind == "gpt", "task.kind",
          "next-token training needs model.kind=gpt", c.task.kind)
+  _check(c.task.beta > 0, "task.beta", "use a positive value (0.1 is usual)", c.task.beta)
   _check(m.kind != "bert" or t.kind == "wordpiece", "tokenizer.kind",
          "BERT needs the wordpiece tokenizer ([CLS], [SEP], [MASK])", t.kind)
   _check(0.0 < c.task.mask_rate < 1.0, "task.mask_rate", "use a value in (0, 1)",

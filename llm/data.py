@@ -458,8 +458,9 @@ def instruction_examples(records, tokenizer, max_length: int, mask_prompt: bool)
   is never a target. Sequences are cut to max_length + 1 tokens.
   """
   eot = tokenizer.eot_id
-  prompts = tokenizer.encode_batch([alpaca_prompt(r["instruction"], r.get("input") or "")
-                                    for r in records])
+  bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # as generation starts a prompt
+  prompts = [bos + p for p in tokenizer.encode_batch(
+      [alpaca_prompt(r["instruction"], r.get("input") or "") for r in records])]
   responses = tokenizer.encode_batch([r["output"] for r in records])
   rows = [(p + r + [eot])[:max_length + 1] for p, r in zip(prompts, responses)]
   length = max(map(len, rows)) - 1
@@ -470,6 +471,54 @@ def instruction_examples(records, tokenizer, max_length: int, mask_prompt: bool)
     first = len(p) - 1 if mask_prompt else 0
     weights[i, first:len(row) - 1] = 1.0
   return {"inputs": seq[:, :-1], "targets": seq[:, 1:], "weights": weights}
+
+
+PREFERENCE = ("chosen", "rejected")  # the two answers of a pair, in this order
+
+
+def preference_examples(records, tokenizer, max_length: int, chosen_field: str = "chosen",
+                        rejected_field: str = "rejected") -> tuple[dict, dict]:
+  """Pairs of answers to one prompt (the Alpaca template of instruction and input), as
+  (examples, report).
+
+  Examples, with N pairs and the two answers (chosen, rejected) on axis 1:
+    tokens [N, 2, T]    prompt + answer + end-of-text, padded with end-of-text
+    valid [N, 2, T]     the real tokens
+    response [N, 2, T]  1 at the answer's tokens and its end-of-text: what a log-probability sums
+    weights [N]         1 per pair
+  A sequence longer than `max_length` is cut (its end-of-text lost); a record whose prompt
+  alone takes `max_length` tokens is dropped. The report counts both: {"kept", "cut",
+  "dropped"}, and "rows", the index of each kept record.
+  """
+  eot = tokenizer.eot_id
+  bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  prompts = [bos + p for p in tokenizer.encode_batch(
+      [alpaca_prompt(r["instruction"], r.get("input") or "") for r in records])]
+  answers = [tokenizer.encode_batch([r[field] for r in records])
+             for field in (chosen_field, rejected_field)]
+  rows, kept, cut = [], [], 0
+  for i, prompt in enumerate(prompts):
+    if len(prompt) >= max_length:
+      continue
+    pair = [prompt + answer[i] + [eot] for answer in answers]
+    cut += any(len(seq) > max_length for seq in pair)
+    rows.append([seq[:max_length] for seq in pair])
+    kept.append(i)
+  if not rows:
+    raise UserError(f"data.max_length={max_length}: every prompt fills it; no preference pair "
+                    "is left")
+  length = max(len(seq) for pair in rows for seq in pair)
+  tokens = np.full((len(rows), 2, length), eot, np.int32)
+  valid = np.zeros((len(rows), 2, length), bool)
+  response = np.zeros((len(rows), 2, length), np.float32)
+  for n, (i, pair) in enumerate(zip(kept, rows)):
+    for a, seq in enumerate(pair):
+      tokens[n, a, :len(seq)], valid[n, a, :len(seq)] = seq, True
+      response[n, a, len(prompts[i]):len(seq)] = 1.0
+  examples = {"tokens": tokens, "valid": valid, "response": response,
+              "weights": np.ones(len(rows), np.float32)}
+  return examples, {"kept": len(rows), "cut": cut, "dropped": len(records) - len(rows),
+                    "rows": np.asarray(kept)}
 
 
 def take_rows(arrays: dict):

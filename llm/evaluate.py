@@ -4,6 +4,7 @@
     python -m llm.evaluate --workdir=runs/gpt2 --data.path=the-verdict.txt   # any text
     python -m llm.evaluate --workdir=runs/spam                                # a classifier
     python -m llm.evaluate --workdir=runs/instruct                            # instruction tuning
+    python -m llm.evaluate --workdir=runs/dpo                                 # reward or DPO
 
 A language model: the loss and perplexity of every token of its own validation split (the run's
 data, tokenized and split as in training), or of the file at --data.path, read in back-to-back
@@ -12,16 +13,20 @@ context). A classifier: accuracy,
 per-class precision / recall / F1 and the confusion matrix on its validation and test splits
 (the run's own data and seed, or --data.path). An instruction-tuned model: the loss on those
 splits, and its responses to the test split written to a JSON lines file beside the references,
-ready for judging.
+ready for judging. A reward model or a DPO run: loss, (reward) accuracy, margin and the chosen
+and rejected rewards on those splits; a DPO run also writes its test responses beside those of
+the reference model it started from.
 """
 
+import dataclasses
 import json
 import os
 
 import ml_collections
 from absl import flags
 
-from llm import cli, config as config_lib, data, objectives, rundir, sharding, tasks
+from llm import cli, config as config_lib, data, objectives, params as params_lib, rundir
+from llm import sharding, tasks
 from llm.errors import UserError
 
 
@@ -59,7 +64,12 @@ def run_task(run: rundir.Run, data_path: str = ""):
   if data_path:
     cfg = config_lib.replace(cfg, {"data.path": data_path, "data.hf_name": ""})
   docs = tasks.load_data(cfg)
-  return tasks.build(cfg, docs, run.tokenizer), docs
+  source = lambda: rundir.Source(cfg.init_from).params() if cfg.init_from else None
+  starting = lambda model: params_lib.starting(cfg, model, run.mesh, run.mesh_cfg, source(),
+                                               cfg.init_from)
+  task_data = "" if data_path else rundir.path(run.workdir, rundir.TASK_DATA)
+  return tasks.build(cfg, docs, run.tokenizer, starting_params=starting,
+                     task_data=task_data), docs
 
 
 def evaluate_splits(run: rundir.Run, task: tasks.Task) -> dict:
@@ -70,24 +80,38 @@ def evaluate_splits(run: rundir.Run, task: tasks.Task) -> dict:
 
 
 def write_responses(run: rundir.Run, task: tasks.Task, docs, out: str, max_new_tokens: int,
-                    batch_size: int) -> int:
-  """An instruction-tuned run's greedy responses to its test split, as JSON lines."""
+                    batch_size: int, reference: rundir.Run | None = None) -> int:
+  """An instruction-tuned run's greedy responses to its test split, as JSON lines beside the
+  record's own fields; with `reference` (DPO's starting model), its responses too."""
   from llm.sampling import Generator
-  gen = Generator("", run=run)
+  generators = {"response": Generator("", run=run)}
+  if reference is not None:
+    generators["reference_response"] = Generator("", run=reference)
   if not len(task.splits.get("test", ())):
     raise UserError("this run has no test split (data.test_fraction=0)")
-  records = [docs[int(i)] for i in task.splits["test"]]
+  records = [dict(docs[int(i)]) for i in task.splits["test"]]
+  gen = generators["response"]
   with open(out, "w") as f:
     for b in range(0, len(records), batch_size):
       chunk = records[b:b + batch_size]
       prompts = [data.alpaca_prompt(r["instruction"], r.get("input") or "") for r in chunk]
       room = gen.model.cfg.max_len - max(len(gen.tokenizer.encode(p)) for p in prompts)
-      responses = gen.generate(prompts, max_new_tokens=max(min(max_new_tokens, room), 1),
-                               temperature=0.0)
-      for r, [response] in zip(chunk, responses):
-        f.write(json.dumps({"instruction": r["instruction"], "input": r.get("input") or "",
-                            "output": r["output"], "response": response.strip()}) + "\n")
+      for key, generator in generators.items():
+        responses = generator.generate(prompts, max_new_tokens=max(min(max_new_tokens, room), 1),
+                                       temperature=0.0)
+        for r, [response] in zip(chunk, responses):
+          r[key] = response.strip()
+      for r in chunk:
+        f.write(json.dumps({"input": "", **r}) + "\n")
   return len(records)
+
+
+def reference_run(run: rundir.Run) -> rundir.Run:
+  """A DPO run's reference: the same model with the parameters it started from."""
+  cfg = run.cfg
+  source = rundir.Source(cfg.init_from).params() if cfg.init_from else None
+  return dataclasses.replace(run, params=params_lib.starting(cfg, run.model, run.mesh,
+                                                             run.mesh_cfg, source, cfg.init_from))
 
 
 def _print_split(split: str, result: dict) -> None:
@@ -133,10 +157,12 @@ def main(argv):
   task, docs = run_task(run, data_path)
   for split, result in evaluate_splits(run, task).items():
     _print_split(split, result)
-  if kind == "instruct":
+  if kind in ("instruct", "dpo"):
     out = FLAGS.output or os.path.join(FLAGS.workdir, "test_responses.jsonl")
-    n = write_responses(run, task, docs, out, FLAGS.max_new_tokens, FLAGS.batch_size)
-    print(f"wrote {n} test responses to {out}")
+    reference = reference_run(run) if kind == "dpo" else None
+    n = write_responses(run, task, docs, out, FLAGS.max_new_tokens, FLAGS.batch_size, reference)
+    also = " and the reference model's" if reference else ""
+    print(f"wrote {n} test responses{also} to {out}")
 
 
 if __name__ == "__main__":

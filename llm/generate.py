@@ -2,6 +2,8 @@
 
     python -m llm.generate --workdir=runs/gpt_tiny --prompt="The for statement" \\
         --max_new_tokens=100 --temperature=0.8 --top_k=50 --top_p=0.95 --num_samples=2
+    python -m llm.generate --workdir=runs/dpo --instruction="..." --reward_model=runs/reward \\
+        --best_of=8 --temperature=0.8 [--verbose: every sample's reward]
 """
 
 import json
@@ -33,13 +35,21 @@ def define_flags():
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_string("stop", None, "Cut each sample at this string.")
   flags.DEFINE_bool("kv_cache", True, "Decode with the KV cache.")
+  flags.DEFINE_string("reward_model", None, "A reward run: of --best_of samples per prompt, the "
+                      "one it scores highest is returned.")
+  flags.DEFINE_integer("best_of", 1, "Samples per prompt for --reward_model to choose from.")
 
 
 def main(argv):
   del argv
   if not FLAGS.workdir:
     raise UserError("usage: python -m llm.generate --workdir=DIR --prompt=TEXT")
+  if FLAGS.prompt_file and not os.path.isfile(FLAGS.prompt_file):
+    raise UserError(f"--prompt_file: no such file {FLAGS.prompt_file}")
   gen = Generator(FLAGS.workdir)
+  if FLAGS.reward_model:
+    _best_of(gen)
+    return
   if FLAGS.instruction is not None:
     [[response]] = gen.generate([alpaca_prompt(FLAGS.instruction, FLAGS.input)],
                                 FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
@@ -48,8 +58,6 @@ def main(argv):
     print()
     return
   if FLAGS.prompt_file:
-    if not os.path.isfile(FLAGS.prompt_file):
-      raise UserError(f"--prompt_file: no such file {FLAGS.prompt_file}")
     with open(FLAGS.prompt_file) as f:
       prompts = [line.rstrip("\n") for line in f if line.strip()]
   else:
@@ -70,6 +78,32 @@ def main(argv):
       else:
         print(("" if i == 0 else "\n" + "-" * 40 + "\n") + prompt + text)
   sys.stdout.flush()
+
+
+def _best_of(gen) -> None:
+  """--reward_model: the best of --best_of samples per prompt (all rewards with --verbose, and
+  always in the JSON lines of --prompt_file)."""
+  from llm.scoring import Scorer, best_of
+  if FLAGS.instruction is not None:
+    prompts = [alpaca_prompt(FLAGS.instruction, FLAGS.input)]
+  elif FLAGS.prompt_file:
+    with open(FLAGS.prompt_file) as f:
+      prompts = [line.rstrip("\n") for line in f if line.strip()]
+  else:
+    prompts = [FLAGS.prompt]
+  results = best_of(gen, Scorer(FLAGS.reward_model), prompts, FLAGS.best_of,
+                    max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                    top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, stop=FLAGS.stop,
+                    use_cache=FLAGS.kv_cache)
+  for prompt, best in zip(prompts, results):
+    if FLAGS.prompt_file:
+      print(json.dumps({"prompt": prompt, "text": best.text, "reward": best.reward,
+                        "rewards": best.rewards}))
+      continue
+    if FLAGS.verbose:
+      for reward, sample in zip(best.rewards, best.samples):
+        print(f"[reward {reward:+.4f}] {sample!r}", file=sys.stderr)
+    print(best.text if FLAGS.instruction is not None else prompt + best.text)
 
 
 if __name__ == "__main__":

@@ -161,3 +161,75 @@ def mlm_nsp(model, mlm_weight: float = 1.0, nsp_weight: float = 1.0) -> Objectiv
 
   return Objective(loss, summarize, terms=(("mlm_loss", "mlm_weights", mlm_weight),
                                            ("nsp_loss", "weights", nsp_weight)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Preferences: pairs (chosen, rejected) of answers to one prompt (data.preference_examples)
+
+
+def _pairs_apply(fn, batch, *arrays):
+  """fn on the [2B, ...] rows of [B, 2, ...] arrays; the result back as [B, 2, ...]."""
+  B = batch["weights"].shape[0]
+  out = fn(*(a.reshape(2 * B, *a.shape[2:]) for a in arrays))
+  return out.reshape(B, 2, *out.shape[1:])
+
+
+def sequence_logps(model, params, batch, average: bool, dropout_rng=None, train=False):
+  """log π(answer | prompt) of both answers of each pair, [B, 2]: the answer tokens' (and the
+  end-of-text's) log-probabilities summed, or averaged with `average`."""
+  kwargs = dict(deterministic=not train, rngs={"dropout": dropout_rng} if train else {})
+
+  def logps(tokens_MxT, response_MxT):
+    logits_MxLxV = model.apply({"params": params}, tokens_MxT[:, :-1], **kwargs)
+    token_logps_MxL = -optax.softmax_cross_entropy_with_integer_labels(logits_MxLxV,
+                                                                       tokens_MxT[:, 1:])
+    mask_MxL = response_MxT[:, 1:]  # the token at t + 1 is predicted at t
+    total_M = jnp.sum(token_logps_MxL * mask_MxL, axis=-1)
+    return total_M / jnp.maximum(jnp.sum(mask_MxL, axis=-1), 1.0) if average else total_M
+
+  return _pairs_apply(logps, batch, batch["tokens"], batch["response"])
+
+
+def dpo(model, beta: float, average: bool) -> Objective:
+  """Direct preference optimisation (Rafailov et al. 2023): -log σ(β · ((log π(chosen) -
+  log π_ref(chosen)) - (log π(rejected) - log π_ref(rejected)))), the reference's
+  log-probabilities given with the batch (`reference` [B, 2], computed once from the starting
+  model). A pair's rewards are the β-scaled log-ratios."""
+
+  def loss(params, batch, dropout_rng, train):
+    logps_Bx2 = sequence_logps(model, params, batch, average, dropout_rng, train)
+    rewards_Bx2 = beta * (logps_Bx2 - batch["reference"])
+    return _pair_sums(rewards_Bx2[:, 0] - rewards_Bx2[:, 1], batch["weights"], rewards_Bx2)
+
+  return Objective(loss, _summarize_pairs("reward_accuracy"))
+
+
+def reward(model) -> Objective:
+  """A reward model's pairwise (Bradley-Terry) loss: -log σ(r(chosen) - r(rejected)), r the
+  scalar head on each whole sequence."""
+
+  def loss(params, batch, dropout_rng, train):
+    def score(tokens_MxT, valid_MxT):
+      return model.apply({"params": params}, tokens_MxT, valid_MxT, deterministic=not train,
+                         rngs={"dropout": dropout_rng} if train else {})[:, 0]
+    rewards_Bx2 = _pairs_apply(score, batch, batch["tokens"], batch["valid"])
+    return _pair_sums(rewards_Bx2[:, 0] - rewards_Bx2[:, 1], batch["weights"], rewards_Bx2)
+
+  return Objective(loss, _summarize_pairs("accuracy"))
+
+
+def _pair_sums(margin_B, weights_B, rewards_Bx2) -> dict:
+  w = weights_B
+  return {"loss": jnp.sum(jax.nn.softplus(-margin_B) * w),  # -log σ(margin)
+          "weight": jnp.sum(w), "correct": jnp.sum((margin_B > 0) * w),
+          "margin": jnp.sum(margin_B * w), "chosen": jnp.sum(rewards_Bx2[:, 0] * w),
+          "rejected": jnp.sum(rewards_Bx2[:, 1] * w)}
+
+
+def _summarize_pairs(accuracy_name: str):
+  def summarize(sums):
+    mean = lambda key: float(sums[key]) / max(float(sums["weight"]), 1.0)
+    return {"loss": mean("loss"), accuracy_name: mean("correct"), "margin": mean("margin"),
+            "chosen_reward": mean("chosen"), "rejected_reward": mean("rejected"),
+            "pairs": int(np.nan_to_num(sums["weight"]))}
+  return summarize

@@ -6,6 +6,8 @@
                         step, RNG and data position
     DIR/metrics.jsonl   one JSON line per log (metrics.py), and TensorBoard events beside it
     DIR/.lock           while a run trains in DIR: its host and process id
+    DIR/task_data.npz   what the task computed once from the starting model (DPO: the
+                        reference log-probabilities), read back on resume
 
 `python -m llm.train` creates DIR (`start`); `python -m llm.convert` writes a complete one from
 a Hugging Face folder (`write`); `init_from` names one or a Hugging Face folder (`Source`); the
@@ -34,12 +36,12 @@ from llm import model as model_lib
 from llm import tokenizer as tokenizer_lib
 from llm.errors import UserError
 
-CONFIG, TOKENIZER, CHECKPOINTS, METRICS, LOCK = ("config.json", "tokenizer", "checkpoints",
-                                                 "metrics.jsonl", ".lock")
+CONFIG, TOKENIZER, CHECKPOINTS, METRICS, LOCK, TASK_DATA = (
+    "config.json", "tokenizer", "checkpoints", "metrics.jsonl", ".lock", "task_data.npz")
 
 
 def path(workdir: str, name: str) -> str:
-  """DIR/name for one of CONFIG, TOKENIZER, CHECKPOINTS, METRICS."""
+  """DIR/name for one of CONFIG, TOKENIZER, CHECKPOINTS, METRICS, LOCK, TASK_DATA."""
   return os.path.join(workdir, name)
 
 
@@ -232,6 +234,7 @@ class Run:
   params: dict
   mesh: jax.sharding.Mesh
   mesh_cfg: ml_collections.ConfigDict
+  workdir: str = ""
 
 
 def load(workdir: str, devices=None) -> Run:
@@ -246,4 +249,4 @@ def load(workdir: str, devices=None) -> Run:
       {"data": 1, "fsdp": 1, "tensor": len(devices), "rules": cfg.mesh.rules})
   mesh = sharding.make_mesh(mesh_cfg, devices)
   params = load_params(cfg, model, workdir, mesh, mesh_cfg)
-  return Run(cfg, tokenizer, model, params, mesh, mesh_cfg)
+  return Run(cfg, tokenizer, model, params, mesh, mesh_cfg, workdir)

@@ -4,11 +4,14 @@
 - mlm: masked-LM + next-sentence prediction on sentence pairs (BERT pre-training).
 - classify: a head on the backbone's one vector per sequence; text + label records.
 - instruct: next-token prediction on Alpaca records, the prompt masked out of the loss.
+- reward: a scalar head scoring answers, trained on preference pairs (chosen over rejected).
+- dpo: the policy tuned on preference pairs against its starting point (DPO).
 
 The train loop sees a Task and nothing else of the kind it trains.
 """
 
 import dataclasses
+import os
 
 import flax.linen as nn
 import numpy as np
@@ -18,6 +21,7 @@ from llm import model as model_lib
 from llm.errors import UserError
 
 INSTRUCTION_FIELDS = ("instruction", "output")  # and "input", which may be missing
+RECORD_TASKS = ("classify", "instruct", "reward", "dpo")
 
 
 @dataclasses.dataclass
@@ -34,8 +38,7 @@ class Task:
 def load_data(cfg):
   """The task's records: documents for lm and mlm; for classify and instruct, records that
   must have every field `fields` names."""
-  return data.load_documents(cfg.data, fields(cfg),
-                             complete=cfg.task.kind in ("classify", "instruct"))
+  return data.load_documents(cfg.data, fields(cfg), complete=cfg.task.kind in RECORD_TASKS)
 
 
 def fields(cfg) -> tuple[str, ...]:
@@ -44,14 +47,19 @@ def fields(cfg) -> tuple[str, ...]:
     return cfg.data.text_field, cfg.data.label_field
   if cfg.task.kind == "instruct":
     return INSTRUCTION_FIELDS
+  if cfg.task.kind in ("reward", "dpo"):
+    return "instruction", cfg.data.chosen_field, cfg.data.rejected_field
   return (cfg.data.text_field,)
 
 
 def texts(cfg, docs):
   """Text to train a tokenizer on, when the run has none."""
-  if cfg.task.kind == "instruct":
+  answers = {"instruct": ("output",), "reward": (cfg.data.chosen_field, cfg.data.rejected_field),
+             "dpo": (cfg.data.chosen_field, cfg.data.rejected_field)}.get(cfg.task.kind)
+  if answers:
     docs = docs.map(lambda r: {"text": data.alpaca_prompt(r["instruction"], r.get("input") or "")
-                               + r["output"]}, remove_columns=docs.column_names)
+                               + "\n".join(r[a] for a in answers)},
+                    remove_columns=docs.column_names)
     return data.texts(docs, "text", cfg.tokenizer.train_chars)
   return data.texts(docs, cfg.data.text_field, cfg.tokenizer.train_chars)
 
@@ -68,12 +76,18 @@ def data_labels(cfg, docs) -> list[str] | None:
 
 
 def build_model(cfg, vocab_size: int) -> nn.Module:
-  num_classes = len(labels(cfg)) if cfg.task.kind == "classify" else 0
+  num_classes = {"classify": len(labels(cfg)), "reward": 1}.get(cfg.task.kind, 0)
   return model_lib.build(cfg.model, vocab_size, num_classes)
 
 
-def build(cfg, docs, tokenizer, cache_dir: str = "", process_index=0, process_count=1) -> Task:
-  """The task of the resolved config `cfg` on `docs`."""
+def build(cfg, docs, tokenizer, cache_dir: str = "", process_index=0, process_count=1,
+          starting_params=None, task_data: str = "") -> Task:
+  """The task of the resolved config `cfg` on `docs`.
+
+  What a task computes once from the model a run starts from (DPO: the reference
+  log-probabilities of every pair) comes from `starting_params(model)` -> parameters, and is
+  kept in the file `task_data` (the run directory's), so a resumed run reads it back.
+  """
   tr, d = cfg.train, cfg.data
   micro = tr.batch_size // tr.grad_accum
   where = dict(process_index=process_index, process_count=process_count)
@@ -122,13 +136,26 @@ def build(cfg, docs, tokenizer, cache_dir: str = "", process_index=0, process_co
     objective = objectives.classification(model, names)
     counts = np.bincount(examples["labels"], minlength=len(names))
     what = ", ".join(f"{n} {c}" for n, c in zip(names, counts))
-  else:  # instruct
+  elif cfg.task.kind == "instruct":
     rows = np.arange(len(docs))
     examples = data.instruction_examples([dict(r) for r in docs], tokenizer, d.max_length,
                                          cfg.task.mask_prompt)
     model = build_model(cfg, tokenizer.vocab_size)
     objective = objectives.causal_lm(model, cfg.model.logits_chunk)
     what = "instructions"
+  else:  # reward, dpo: preference pairs
+    examples, report = data.preference_examples([dict(r) for r in docs], tokenizer,
+                                                d.max_length, d.chosen_field, d.rejected_field)
+    rows = report["rows"]
+    model = build_model(cfg, tokenizer.vocab_size)
+    what = (f"preference pairs; {report['cut']} cut to data.max_length={d.max_length}, "
+            f"{report['dropped']} dropped as their prompt alone fills it")
+    if cfg.task.kind == "reward":
+      objective = objectives.reward(model)
+    else:
+      objective = objectives.dpo(model, cfg.task.beta, cfg.task.dpo_average)
+      examples["reference"] = _reference_logps(cfg, model, examples, starting_params, task_data,
+                                               micro)
 
   parts = data.split_indices(len(examples["weights"]), d.val_fraction, d.test_fraction, cfg.seed,
                              what="records")
@@ -138,8 +165,34 @@ def build(cfg, docs, tokenizer, cache_dir: str = "", process_index=0, process_co
   evals = {name: data.fixed_batches(len(idx), data.take_rows(subset[name]), micro, len(idx),
                                     **where)
            for name, idx in parts.items() if name != "train" and len(idx)}
-  length = examples["tokens" if "tokens" in examples else "inputs"].shape[1]
+  length = examples["tokens" if "tokens" in examples else "inputs"].shape[-1]
   return Task(model, objective, batches, evals,
               f"{len(examples['weights']):,} records ({what}), padded to {length} tokens: "
               + ", ".join(f"{len(idx)} {name}" for name, idx in parts.items()),
               splits={name: rows[idx] for name, idx in parts.items()})
+
+
+def _reference_logps(cfg, model, examples, starting_params, path: str, batch_size: int):
+  """log π_ref of both answers of every pair, [N, 2]: the starting model's, computed once
+  (with LoRA, the base without its adapters, which start at zero) and kept at `path`."""
+  import jax
+  n = len(examples["weights"])
+  if path and os.path.isfile(path):
+    with np.load(path) as saved:
+      if saved["reference"].shape == (n, 2) and float(saved["beta"]) == cfg.task.beta:
+        return saved["reference"]
+  if starting_params is None:
+    raise UserError("DPO needs its reference model's log-probabilities: train with "
+                    "init_from set, or keep the run directory's task data")
+  params = starting_params(model)
+  logps = jax.jit(lambda p, b: objectives.sequence_logps(model, p, b, cfg.task.dpo_average))
+  fields = ("tokens", "response", "weights")
+  reference = np.concatenate([
+      np.asarray(logps(params, {k: examples[k][i:i + batch_size] for k in fields}))
+      for i in range(0, n, batch_size)])
+  if path and jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:  # whole or not at all
+      np.savez(f, reference=reference, beta=cfg.task.beta)
+    os.replace(path + ".tmp", path)
+  return reference

@@ -63,7 +63,11 @@ class Trainer:
       raise UserError(f"config: model.vocab_size={cfg.model.vocab_size} is smaller than the "
                       f"tokenizer's {self.tokenizer.vocab_size}; use 0 or a larger size")
     self.task = tasks.build(cfg, docs, self.tokenizer, process_index=jax.process_index(),
-                            process_count=jax.process_count())
+                            process_count=jax.process_count(),
+                            starting_params=lambda model: params_lib.starting(
+                                cfg, model, self.mesh, cfg.mesh,
+                                self.source and self.source.params(), cfg.init_from),
+                            task_data=rundir.path(workdir, rundir.TASK_DATA))
     self.model, self.objective = self.task.model, self.task.objective
     self.batches = self.task.batches
     self.trainable = params_lib.is_trainable(cfg, model_lib.shape_of(self.model).num_layers)
@@ -119,7 +123,7 @@ class Trainer:
   @property
   def tokens_per_step(self) -> int:
     example = self.batches.take(np.zeros(1, int), np.zeros(1, int))
-    length = max(x.shape[1] if x.ndim > 1 else 1 for x in example.values())
+    length = max(int(np.prod(x.shape[1:])) for x in example.values())  # a pair: 2 x length
     return self.cfg.train.batch_size * length
 
   def throughput(self) -> metrics.Throughput:

@@ -162,4 +162,5 @@ def test_shipped_configs_are_valid():
 
 
 VARIANTS = {"gpt_small.py": ("tiny",), "llama_small.py": ("tiny",),
-            "finetune_classify.py": ("lora",), "finetune_instruct.py": ("lora",)}
+            "finetune_classify.py": ("lora",), "finetune_instruct.py": ("lora",),
+            "reward.py": ("lora",), "dpo.py": ("lora",)}

@@ -1,0 +1,68 @@
+"""A reward model opened for scoring answers, and best-of-n sampling with it.
+
+    scorer = Scorer("runs/reward")
+    rewards = scorer.score([alpaca_prompt("Fix the spelling", "freind")], ["friend"])
+    best = best_of(Generator("runs/instruct"), scorer, prompts, n=8, temperature=0.8)
+
+A prompt and its answer are tokenized as the reward model was trained on them (prompt, answer,
+end-of-text; see data.preference_examples).
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from llm import rundir, sharding
+from llm.errors import UserError
+
+
+class Scorer:
+  """A reward run directory (task.kind=reward) that gives (prompt, answer) pairs a reward."""
+
+  def __init__(self, workdir: str, devices=None):
+    self.run = run = rundir.load(workdir, devices)
+    if run.cfg.task.kind != "reward":
+      raise UserError(f"{workdir} is a {run.cfg.task.kind} run, not a reward model "
+                      "(task.kind=reward)")
+    self.tokenizer, self.max_len = run.tokenizer, run.model.backbone.cfg.max_len
+
+  def score(self, prompts: list[str], answers: list[str], batch_size: int = 8) -> np.ndarray:
+    """The reward of each answer to its prompt."""
+    tok = self.tokenizer
+    bos = [] if tok.bos_id is None else [tok.bos_id]
+    rows = [(bos + p + a + [tok.eot_id])[:self.max_len]
+            for p, a in zip(tok.encode_batch(prompts), tok.encode_batch(answers))]
+    rewards = []
+    for start in range(0, len(rows), batch_size):
+      chunk = rows[start:start + batch_size]
+      length = max(map(len, chunk))
+      tokens = np.full((len(chunk), length), tok.eot_id, np.int32)
+      valid = np.zeros((len(chunk), length), bool)
+      for i, row in enumerate(chunk):
+        tokens[i, :len(row)], valid[i, :len(row)] = row, True
+      with sharding.activate(self.run.mesh, self.run.mesh_cfg):
+        out = self.run.model.apply({"params": self.run.params}, jnp.asarray(tokens),
+                                   jnp.asarray(valid))
+      rewards.append(np.asarray(out)[:, 0])
+    return np.concatenate(rewards) if rewards else np.zeros(0, np.float32)
+
+
+@dataclasses.dataclass
+class Best:
+  text: str  # the answer the reward model scored highest
+  reward: float
+  rewards: list[float]  # of all n samples, in the order they were drawn
+  samples: list[str]
+
+
+def best_of(generator, scorer: Scorer, prompts: list[str], n: int, **sampling) -> list[Best]:
+  """For each prompt, n samples from the generator; the one with the highest reward wins."""
+  if n < 1:
+    raise UserError(f"--best_of={n}: use 1 or more samples")
+  best = []
+  for prompt, samples in zip(prompts, generator.generate(prompts, num_samples=n, **sampling)):
+    rewards = scorer.score([prompt] * n, samples)
+    i = int(np.argmax(rewards))
+    best.append(Best(samples[i], float(rewards[i]), [float(r) for r in rewards], samples))
+  return best

@@ -1,0 +1,235 @@
+"""Preference tuning: a reward model, DPO against a frozen reference, best-of-n sampling."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, read_metrics, tiny_config
+from llm import config as config_lib, data, objectives, rundir
+from llm.train import Trainer, train
+
+# Its tests share module fixtures: one pytest-xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group("preference")
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory, test_data):
+  """The first 48 of the 200 preference records (polite chosen, impolite rejected)."""
+  with open(os.path.join(test_data, "preference", "preference-examples.json")) as f:
+    rows = json.load(f)[:48]
+  path = tmp_path_factory.mktemp("records") / "preference.json"
+  path.write_text(json.dumps(rows))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, records):
+  """A tiny random GPT with a tokenizer of the records' text, as a run directory: the policy's
+  and the reward model's start."""
+  import flax.linen as nn
+  from llm import model as model_lib, tokenizer as tokenizer_lib
+  tmp = tmp_path_factory.mktemp("base")
+  with open(records) as f:
+    texts = [" ".join(r.values()) for r in json.load(f)]
+  tokenizer = tokenizer_lib.SentencePieceTokenizer.train(texts, 512, str(tmp / "tokenizer"))
+  cfg = tiny_config(tmp, **{"model.max_len": 128})
+  model = model_lib.build(cfg.model, tokenizer.vocab_size)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 1), np.int32))["params"])
+  rundir.write(str(tmp / "run"), cfg, tokenizer, params)
+  return str(tmp / "run")
+
+
+def preference_config(tmp_path, base, records, kind, **overrides):
+  c = config_lib.base_config()
+  c.init_from = base
+  c.task.kind = kind
+  c.data.update(path=records, max_length=128, val_fraction=0.25, test_fraction=0.1,
+                cache_dir=str(tmp_path / "cache"))
+  c.train.update(steps=6, batch_size=8, lr=2e-3, min_lr=2e-3, warmup_steps=0, log_every=1,
+                 eval_every=6, checkpoint_every=3, peak_flops=1e9)
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  return c
+
+
+def _np_logps(logits_MxLxV, tokens_MxT, response_MxT, average):
+  """log π(answer | prompt) by hand: the answer tokens' log-softmax, summed or averaged."""
+  logits = np.asarray(logits_MxLxV, np.float64)
+  log_softmax = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
+      -1, keepdims=True)) - logits.max(-1, keepdims=True)
+  picked = np.take_along_axis(log_softmax, tokens_MxT[:, 1:, None], -1)[..., 0]
+  mask = response_MxT[:, 1:]
+  total = (picked * mask).sum(-1)
+  return total / mask.sum(-1) if average else total
+
+
+def test_dpo_starts_at_ln2_and_equals_the_formula(tmp_path, base_run, records):
+  cfg = preference_config(tmp_path, base_run, records, "dpo")
+  trainer = Trainer(cfg, str(tmp_path / "dpo"))
+  state, frozen = trainer.init_state()
+  # Of the 48 records, those whose prompt alone fills 128 tokens are dropped, longer ones cut,
+  # and the summary says how many.
+  kept, cut, dropped = map(int, re.match(
+      r"(\d+) records \(preference pairs; (\d+) cut to data.max_length=128, (\d+) dropped as "
+      r"their prompt alone fills it\)", trainer.task.summary).groups())
+  assert kept + dropped == 48 and dropped > 0 and cut > 0
+  # Step 0: the policy is its reference, so every reward is 0 and the loss is ln 2.
+  start = trainer.jit_evaluate()(state["params"], frozen, trainer.task.evals["eval"])
+  assert start["loss"] == pytest.approx(math.log(2), abs=1e-6)
+  assert abs(start["chosen_reward"]) < 1e-5 and abs(start["margin"]) < 1e-5
+  assert start["pairs"] == len(trainer.task.splits["eval"]) == round(kept * 0.25)
+
+  # Against a direct computation from the model's logits, with another reference, for the
+  # summed and the averaged log-probabilities.
+  model, params = trainer.model, state["params"]
+  batch = dict(trainer.task.evals["eval"][0])
+  batch["reference"] = np.random.default_rng(0).normal(-50, 5, batch["reference"].shape)
+  B, _, T = batch["tokens"].shape
+  tokens, response = batch["tokens"].reshape(2 * B, T), batch["response"].reshape(2 * B, T)
+  logits = model.apply({"params": params}, tokens[:, :-1])
+  w = batch["weights"]
+  for average in (False, True):
+    logps = _np_logps(logits, tokens, response, average).reshape(B, 2)
+    rewards = 0.1 * (logps - batch["reference"])
+    margin = rewards[:, 0] - rewards[:, 1]
+    sums = jax.device_get(objectives.dpo(model, 0.1, average).loss(params, batch, None, False))
+    np.testing.assert_allclose(sums["loss"], np.sum(np.log1p(np.exp(-margin)) * w), rtol=1e-4)
+    np.testing.assert_allclose(sums["chosen"], np.sum(rewards[:, 0] * w), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(sums["correct"], np.sum((margin > 0) * w))
+    # Padding changes nothing: other tokens there give the same log-probabilities.
+    padded = dict(batch, tokens=np.where(batch["valid"], batch["tokens"], 7))
+    assert (padded["tokens"] != batch["tokens"]).any()
+    again = jax.device_get(objectives.sequence_logps(model, params, padded, average))
+    np.testing.assert_allclose(again, logps, rtol=1e-5)
+  # Only the answers count: the prompt's tokens are outside the response mask.
+  record = _record(records, trainer.task.splits["eval"][0])
+  prompt = data.alpaca_prompt(record["instruction"], record.get("input") or "")
+  assert np.argmax(batch["response"][0, 0] > 0) == len(trainer.tokenizer.encode(prompt))
+
+
+def _record(records, row):
+  with open(records) as f:
+    return json.load(f)[int(row)]
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(tmp_path_factory, base_run, records):
+  """A DPO run of 6 steps, and the same run stopped after 3 and resumed."""
+  tmp = tmp_path_factory.mktemp("dpo")
+  straight, resumed = str(tmp / "straight"), str(tmp / "resumed")
+  train(preference_config(tmp, base_run, records, "dpo"), straight)
+  train(preference_config(tmp, base_run, records, "dpo", **{"train.steps": 3}), resumed)
+  os.remove(rundir.path(resumed, rundir.TASK_DATA))  # recomputed on resume: the same numbers
+  train(preference_config(tmp, base_run, records, "dpo"), resumed)
+  return straight, resumed
+
+
+def test_dpo_raises_the_reward_margin_and_resumes_bit_exactly(dpo_runs):
+  straight, resumed = dpo_runs
+  lines = [m for m in read_metrics(straight) if m["split"] == "train"]
+  assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1: policy = reference
+  late = lines[-3:]  # (rewards are beta = 0.1 times the log-ratios; step 1's are all 0)
+  assert np.mean([m["margin"] for m in late]) > 0.1
+  assert np.mean([m["reward_accuracy"] for m in late]) > 0.7
+  assert np.mean([m["loss"] for m in late]) < math.log(2) - 0.05
+  assert lines[-1]["chosen_reward"] > lines[-1]["rejected_reward"]
+  assert [m["loss"] for m in read_metrics(resumed) if m["split"] == "train"] == [
+      m["loss"] for m in lines]
+  assert os.path.isfile(rundir.path(resumed, rundir.TASK_DATA))
+
+
+def test_lora_dpo_starts_where_full_dpo_does_with_one_copy_of_the_weights(tmp_path, base_run,
+                                                                         records):
+  cfg = preference_config(tmp_path, base_run, records, "dpo", **{"lora.rank": 4})
+  trainer = Trainer(cfg, str(tmp_path / "lora"))
+  state, frozen = trainer.init_state()
+  assert trainer.num_trainable < trainer.num_params / 5  # adapters train; the base is shared
+  start = trainer.jit_evaluate()(state["params"], frozen, trainer.task.evals["eval"])
+  assert start["loss"] == pytest.approx(math.log(2), abs=1e-6)
+  assert abs(start["margin"]) < 1e-5
+
+
+def test_dpo_evaluation_writes_policy_and_reference_responses(dpo_runs):
+  from llm import evaluate
+  straight = dpo_runs[0]
+  run = rundir.load(straight)
+  task, docs = evaluate.run_task(run)
+  results = evaluate.evaluate_splits(run, task)
+  assert set(results) == {"eval", "test"} and 0 <= results["test"]["reward_accuracy"] <= 1
+  out = os.path.join(straight, "test_responses.jsonl")
+  n = evaluate.write_responses(run, task, docs, out, 8, 8, evaluate.reference_run(run))
+  rows = [json.loads(line) for line in open(out)]
+  assert n == len(rows) == len(task.splits["test"]) > 0
+  assert {"instruction", "chosen", "rejected", "response", "reference_response"} <= set(rows[0])
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory, base_run, records):
+  tmp = tmp_path_factory.mktemp("reward")
+  train(preference_config(tmp, base_run, records, "reward", **{"train.steps": 24}),
+        str(tmp / "run"))
+  return str(tmp / "run")
+
+
+def test_reward_model_loss_is_bradley_terry_and_it_learns(reward_run, records):
+  from llm import evaluate
+  from llm.scoring import Scorer
+  run = rundir.load(reward_run)
+  task, _ = evaluate.run_task(run)
+  # It ranks the training pairs right (chance: half of them).
+  train_pairs = task.batches.take(np.arange(len(task.batches)), None)
+  sums = objectives.reward(run.model).loss(run.params, train_pairs, None, False)
+  assert float(sums["correct"]) / float(sums["weight"]) > 0.7  # 17 of 24 by chance: p < 0.04
+  # The loss of a batch, by hand from the two scores of each pair.
+  batch = task.evals["eval"][0]
+  B, _, T = batch["tokens"].shape
+  scores = np.asarray(run.model.apply({"params": run.params}, batch["tokens"].reshape(2 * B, T),
+                                      batch["valid"].reshape(2 * B, T)))[:, 0].reshape(B, 2)
+  delta = scores[:, 0] - scores[:, 1]
+  sums = objectives.reward(run.model).loss(run.params, batch, None, False)
+  np.testing.assert_allclose(float(sums["loss"]), np.sum(-np.log(1 / (1 + np.exp(-delta)))
+                                                         * batch["weights"]), rtol=1e-5)
+  # The scorer gives a pair what the objective does.
+  record = _record(records, task.splits["eval"][0])
+  prompt = data.alpaca_prompt(record["instruction"], record.get("input") or "")
+  got = Scorer(reward_run).score([prompt, prompt], [record["chosen"], record["rejected"]])
+  np.testing.assert_allclose(got, scores[0], rtol=1e-5, atol=1e-5)
+
+
+def test_best_of_n_returns_the_highest_reward_and_best_of_1_is_plain_sampling(
+    tmp_path, base_run, reward_run):
+  from llm.sampling import Generator
+  from llm.scoring import Scorer, best_of
+  gen, scorer = Generator(base_run), Scorer(reward_run)
+  prompts = [data.alpaca_prompt("Rewrite the sentence politely.", "Give me the salt.")]
+  sampling = dict(max_new_tokens=12, temperature=1.0, seed=3)
+  [best] = best_of(gen, scorer, prompts, 4, **sampling)
+  one_by_one = [float(scorer.score(prompts, [s])[0]) for s in best.samples]
+  np.testing.assert_allclose(best.rewards, one_by_one, rtol=1e-5, atol=1e-5)
+  assert best.text == best.samples[int(np.argmax(one_by_one))]
+  assert best.samples == gen.generate(prompts, num_samples=4, **sampling)[0]
+  [single] = best_of(gen, scorer, prompts, 1, **sampling)
+  assert [single.text] == gen.generate(prompts, **sampling)[0]
+  # The command line: JSON lines with every reward.
+  prompt_file = tmp_path / "prompts.txt"
+  prompt_file.write_text("The weather today\n")
+  out = subprocess.run(
+      [sys.executable, "-m", "llm.generate", f"--workdir={base_run}",
+       f"--reward_model={reward_run}", "--best_of=3", f"--prompt_file={prompt_file}",
+       "--max_new_tokens=6", "--seed=1"], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  [line] = [json.loads(x) for x in out.stdout.splitlines()]
+  assert len(line["rewards"]) == 3 and line["reward"] == max(line["rewards"])
+  scored = subprocess.run(
+      [sys.executable, "-m", "llm.score", f"--workdir={reward_run}", "--prompt=The weather today",
+       f"--response={line['text']}"], cwd=ROOT, capture_output=True, text=True)
+  assert scored.returncode == 0, scored.stderr[-2000:]
+  assert float(scored.stdout.split()[0]) == pytest.approx(line["reward"], abs=1e-3)
