@@ -73,12 +73,13 @@ def test_no_test_or_module_reads_outside_the_repository(tmp_path):
     if os.path.isfile(os.path.join(ROOT, name)):
       os.makedirs(clone / os.path.dirname(name), exist_ok=True)
       shutil.copy(os.path.join(ROOT, name), clone / name)
-  collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q"],
+  # (-n 0: one process is enough here; pytest.ini would start two workers)
+  collected = subprocess.run([sys.executable, "-m", "pytest", "-n", "0", "--collect-only", "-q"],
                              cwd=clone, capture_output=True, text=True)
   assert collected.returncode == 0, collected.stdout[-2000:]
   assert re.search(r"\d+ tests collected", collected.stdout)
-  result = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_tokenizer.py"],
-                          cwd=clone, capture_output=True, text=True)
+  result = subprocess.run([sys.executable, "-m", "pytest", "-n", "0", "-q",
+                           "tests/test_tokenizer.py"], cwd=clone, capture_output=True, text=True)
   assert result.returncode == 0, result.stdout[-2000:]
   assert os.listdir(tmp_path / "alone") == ["llm"]
 
