@@ -14,6 +14,7 @@ import dataclasses
 import os
 
 import flax.linen as nn
+import jax
 import numpy as np
 
 from llm import data, objectives
@@ -175,24 +176,25 @@ def build(cfg, docs, tokenizer, cache_dir: str = "", process_index=0, process_co
 def _reference_logps(cfg, model, examples, starting_params, path: str, batch_size: int):
   """log π_ref of both answers of every pair, [N, 2]: the starting model's, computed once
   (with LoRA, the base without its adapters, which start at zero) and kept at `path`."""
-  import jax
-  n = len(examples["weights"])
+  n, average = len(examples["weights"]), cfg.task.dpo_average
   if path and os.path.isfile(path):
     with np.load(path) as saved:
-      if saved["reference"].shape == (n, 2) and float(saved["beta"]) == cfg.task.beta:
+      if saved["reference"].shape == (n, 2) and bool(saved["average"]) == average:
         return saved["reference"]
   if starting_params is None:
     raise UserError("DPO needs its reference model's log-probabilities: train with "
                     "init_from set, or keep the run directory's task data")
   params = starting_params(model)
-  logps = jax.jit(lambda p, b: objectives.sequence_logps(model, p, b, cfg.task.dpo_average))
-  fields = ("tokens", "response", "weights")
-  reference = np.concatenate([
-      np.asarray(logps(params, {k: examples[k][i:i + batch_size] for k in fields}))
-      for i in range(0, n, batch_size)])
+  logps = jax.jit(lambda p, b: objectives.sequence_logps(model, p, b, average))
+  reference = []
+  for start in range(0, n, batch_size):  # every chunk of one shape: one compile
+    rows = np.arange(start, start + batch_size) % n
+    chunk = {k: examples[k][rows] for k in ("tokens", "response", "weights")}
+    reference.append(np.asarray(logps(params, chunk))[:min(batch_size, n - start)])
+  reference = np.concatenate(reference)
   if path and jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "wb") as f:  # whole or not at all
-      np.savez(f, reference=reference, beta=cfg.task.beta)
+      np.savez(f, reference=reference, average=average)
     os.replace(path + ".tmp", path)
   return reference

@@ -123,13 +123,14 @@ class Trainer:
   @property
   def tokens_per_step(self) -> int:
     example = self.batches.take(np.zeros(1, int), np.zeros(1, int))
-    length = max(int(np.prod(x.shape[1:])) for x in example.values())  # a pair: 2 x length
-    return self.cfg.train.batch_size * length
+    tokens = max(int(np.prod(x.shape[1:])) for x in example.values())  # a pair: 2 sequences
+    return self.cfg.train.batch_size * tokens
 
   def throughput(self) -> metrics.Throughput:
     """Tokens/s and MFU of timed steps (after init_state, which counts the parameters)."""
     m = model_lib.shape_of(self.model)
-    length = self.tokens_per_step // self.cfg.train.batch_size
+    example = self.batches.take(np.zeros(1, int), np.zeros(1, int))
+    length = max(x.shape[-1] for x in example.values() if x.ndim > 1)  # one sequence's
     non_embedding = self.num_params - (  # learned position embeddings do no matmul
         m.max_len * m.d_model if m.positions == "learned" else 0)
     flops = metrics.flops_per_token(non_embedding, m.num_layers, m.num_heads, m.head_dim,

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ROOT, read_metrics, tiny_config
 from llm import data
+from llm import tokenizer as tokenizer_lib
 from llm.errors import UserError
 
 # Its tests share module fixtures: one pytest-xdist worker runs them all.
@@ -30,7 +31,7 @@ def test_alpaca_prompt_with_and_without_input():
       "\n\n### Response:\n")
 
 
-class CharTokenizer:
+class CharTokenizer(tokenizer_lib.Tokenizer):
   """One token per character (code point % 250), end-of-text 255: easy to count by hand."""
   eot_id = pad_id = 255
   vocab_size = 256

@@ -293,22 +293,15 @@ def run_blocks(blocks: list, x_BxLxD, valid_BxL, positions_BxL, deterministic: b
 SCANNED = "blocks"  # the scanned stack's name; unrolled blocks are block_0, block_1, ...
 
 
+def _holds_blocks(node) -> bool:
+  return isinstance(node, dict) and (SCANNED in node or "block_0" in node)
+
+
 def is_scanned(tree) -> bool | None:
   """Whether a parameter tree (or anything holding one: a train state, a checkpoint's metadata)
   has its blocks scanned; None when it holds no blocks."""
-  found = []
-  def visit(node):
-    if isinstance(node, dict):
-      if SCANNED in node or "block_0" in node:
-        found.append(SCANNED in node)
-        return
-      for child in node.values():
-        visit(child)
-    elif isinstance(node, (list, tuple)):
-      for child in node:
-        visit(child)
-  visit(tree)
-  return found[0] if found else None
+  holders = [n for n in jax.tree.leaves(tree, is_leaf=_holds_blocks) if _holds_blocks(n)]
+  return SCANNED in holders[0] if holders else None
 
 
 def to_layout(tree, scanned: bool):
@@ -319,9 +312,8 @@ def to_layout(tree, scanned: bool):
   (whose shardings gain or lose the leading, unsharded `layers` axis) or boxes with logical
   axis names (which gain or lose `layers`). Already in that layout: returned as it is.
   """
-  def convert(node):
-    if not isinstance(node, dict):
-      return node
+  def convert(node: dict) -> dict:
+    node = dict(node)
     if scanned and "block_0" in node:
       num_layers = sum(1 for k in node if re.fullmatch(r"block_\d+", k))
       layers = [node.pop(f"block_{i}") for i in range(num_layers)]
@@ -333,9 +325,8 @@ def to_layout(tree, scanned: bool):
                                                     is_leaf=_is_box)
                          for i in range(num_layers)}}
     return node
-  holds_blocks = lambda node: isinstance(node, dict) and (SCANNED in node or "block_0" in node)
-  return jax.tree.map(lambda node: convert(dict(node)) if holds_blocks(node) else node, tree,
-                      is_leaf=holds_blocks)
+  return jax.tree.map(lambda node: convert(node) if _holds_blocks(node) else node, tree,
+                      is_leaf=_holds_blocks)
 
 
 _is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
