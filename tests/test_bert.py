@@ -87,7 +87,7 @@ def test_tiny_bert_learns_mlm_and_nsp(tmp_path, capsys):
   from llm.train import train
   cfg = tiny_config(tmp_path, **{
       "model.kind": "bert", "model.pre_ln": False, "model.activation": "gelu",
-      "model.d_model": 64, "model.d_ff": 128, "model.num_heads": 4, "model.max_len": 128,
+      "model.d_model": 32, "model.d_ff": 64, "model.num_heads": 2, "model.max_len": 128,
       "tokenizer.kind": "wordpiece", "tokenizer.vocab_size": 1000, "task.kind": "mlm",
       "data.max_length": 128, "data.val_fraction": 0.2, "train.steps": 400,
       "train.batch_size": 32, "train.lr": 5e-3, "train.min_lr": 5e-4, "train.warmup_steps": 10,

@@ -21,12 +21,14 @@ from llm.train import train
 pytestmark = pytest.mark.xdist_group("faults")
 
 
+# Dropout and gradient accumulation on: a resumed run must draw the same masks and micro-batches.
 FAULT_RUN = {"model.d_model": 64, "model.d_ff": 128, "model.num_heads": 4, "train.steps": 24,
-             "train.checkpoint_every": 2, "train.eval_every": 8, "train.log_every": 1}
+             "train.checkpoint_every": 2, "train.eval_every": 8, "train.log_every": 1,
+             "train.grad_accum": 2, "model.dropout": 0.1}
 
 
-def _losses(workdir):
-  return {m["step"]: m["loss"] for m in read_metrics(workdir) if m["split"] == "train"}
+def _losses(workdir, split="train"):
+  return {m["step"]: m["loss"] for m in read_metrics(workdir) if m["split"] == split}
 
 
 def _config_file(tmp_path, overrides: dict) -> str:
@@ -60,14 +62,20 @@ def _wait_for_step(workdir, step: int, process, timeout=120):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-  """The losses of an uninterrupted run."""
+def straight_run(tmp_path_factory):
+  """An uninterrupted run."""
   tmp = tmp_path_factory.mktemp("straight")
   train(tiny_config(tmp, **FAULT_RUN), str(tmp / "run"))
-  return _losses(tmp / "run")
+  return tmp / "run"
 
 
-def test_kill_9_at_random_moments_loses_nothing(tmp_path, straight):
+@pytest.fixture(scope="module")
+def straight(straight_run):
+  """The training losses of the uninterrupted run."""
+  return _losses(straight_run)
+
+
+def test_kill_9_at_random_moments_loses_nothing(tmp_path, straight, straight_run):
   config, workdir = _config_file(tmp_path, FAULT_RUN), tmp_path / "run"
   rng = random.Random(0)
   for until_step in (3, 9, 15):  # three kills, while training or saving
@@ -79,6 +87,7 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path, straight):
   finished = _start(config, workdir)
   assert finished.wait(timeout=300) == 0, finished.stderr.read()[-3000:]
   assert _losses(workdir) == straight  # bit for bit
+  assert _losses(workdir, "eval") == _losses(straight_run, "eval")
   steps = [m["step"] for m in read_metrics(workdir) if m["split"] == "train"]
   assert steps == sorted(set(steps)) == list(range(1, 25))  # each step exactly once
 

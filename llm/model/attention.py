@@ -35,11 +35,17 @@ def choose(impl: str, dtype, length: int, decode: bool) -> str:
 
 
 def attend(q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, mask_BxLxS, is_causal: bool, impl: str):
-  """Softmax(q k^T / sqrt(H)) v over the keys the mask (None: all) and causality allow."""
+  """Softmax(q k^T / sqrt(H)) v over the keys the mask (None: all) and causality allow.
+
+  Keys and values may have fewer heads than the queries (grouped-query attention: K divides N,
+  and query head n reads key/value head n // (N / K)); their arrays are named ..NxH here all
+  the same."""
   if impl == "splash":
     if mask_BxLxS is not None and mask_BxLxS.shape[1] != 1:
       raise ValueError("splash attention takes a padding mask ([B, 1, S]), not a full one")
     valid_BxS = None if mask_BxLxS is None else mask_BxLxS[:, 0]
+    group = q_BxLxNxH.shape[2] // k_BxSxNxH.shape[2]  # grouped-query: each KV head N/K times
+    k_BxSxNxH, v_BxSxNxH = (jnp.repeat(x, group, axis=2) for x in (k_BxSxNxH, v_BxSxNxH))
     return _splash(q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, valid_BxS, is_causal)
   return jax.nn.dot_product_attention(
       q_BxLxNxH, k_BxSxNxH, v_BxSxNxH,
