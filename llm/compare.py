@@ -23,7 +23,7 @@ def define_flags():
   flags.DEFINE_string("out", "compare.png", "The figure's path.")
 
 
-class Run:
+class RunSummary:
   """What a comparison reads of a run directory: its config, size and logged metrics."""
 
   def __init__(self, workdir: str):
@@ -45,7 +45,7 @@ class Run:
     return float(np.median(speeds)) if speeds else None
 
 
-def differing_keys(runs: list[Run]) -> list[str]:
+def differing_keys(runs: list[RunSummary]) -> list[str]:
   """'section.key' of every config value that is not the same in all runs."""
   flat = [_flatten(run.cfg.to_dict()) for run in runs]
   keys = sorted(set().union(*flat))
@@ -62,7 +62,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return out
 
 
-def table(runs: list[Run]) -> str:
+def table(runs: list[RunSummary]) -> str:
   keys = [k for k in differing_keys(runs) if k != "data.cache_dir"]
   flat = [_flatten(run.cfg.to_dict()) for run in runs]
   fmt = lambda x, spec: "-" if x is None else format(x, spec)
@@ -76,7 +76,7 @@ def table(runs: list[Run]) -> str:
   return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def plot(runs: list[Run], out: str) -> None:
+def plot(runs: list[RunSummary], out: str) -> None:
   import matplotlib
   matplotlib.use("Agg")  # files only, no display
   import matplotlib.pyplot as plt
@@ -106,7 +106,7 @@ def main(argv):
   workdirs = argv[1:]
   if len(workdirs) < 2:
     raise UserError("usage: python -m llm.compare RUN_DIR RUN_DIR [...] [--out=compare.png]")
-  runs = [Run(w) for w in workdirs]
+  runs = [RunSummary(w) for w in workdirs]
   print(table(runs))
   plot(runs, FLAGS.out)
   print(f"wrote {FLAGS.out}")

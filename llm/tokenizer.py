@@ -218,7 +218,21 @@ class GPT2Tokenizer(Tokenizer):
     return "gpt2-" + digest.hexdigest()[:16]
 
 
-class WordPieceTokenizer(Tokenizer):
+class _TokenizersLibrary(Tokenizer):
+  """A tokenizer held by the `tokenizers` library (self._tok): the text's tokens alone, with no
+  special tokens added; special tokens are left out when decoding."""
+
+  def encode(self, text):
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts):
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids):
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class WordPieceTokenizer(_TokenizersLibrary):
   """BERT's WordPiece through the `tokenizers` library: BERT's normaliser (lower-casing and
   accent stripping when `lowercase`), its pre-tokenizer, and [PAD] [UNK] [CLS] [SEP] [MASK].
 
@@ -273,15 +287,6 @@ class WordPieceTokenizer(Tokenizer):
         show_progress=False))
     return cls(tok.get_vocab(), lowercase)
 
-  def encode(self, text):
-    return self._tok.encode(text, add_special_tokens=False).ids
-
-  def encode_batch(self, texts):
-    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-  def decode(self, ids):
-    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
-
   def save(self, directory):
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, self.VOCAB_FILE), "w", encoding="utf-8") as f:
@@ -295,7 +300,7 @@ class WordPieceTokenizer(Tokenizer):
     return "wp-" + digest.hexdigest()[:16]
 
 
-class HFTokenizer(Tokenizer):
+class HFTokenizer(_TokenizersLibrary):
   """A tokenizer.json of the Hugging Face `tokenizers` library, as Llama 3, Mistral, Qwen2 and
   SmolLM ship theirs (byte-level or sentencepiece-style BPE), with the model's end-of-text and
   beginning-of-text tokens.
@@ -347,15 +352,6 @@ class HFTokenizer(Tokenizer):
       raise UserError(f"{directory}: neither config.json nor tokenizer_config.json names the "
                       "end-of-text token (eos_token_id / eos_token)")
     return cls(path, ids["eos"], ids["bos"])
-
-  def encode(self, text):
-    return self._tok.encode(text, add_special_tokens=False).ids
-
-  def encode_batch(self, texts):
-    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-  def decode(self, ids):
-    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
   def special_tokens(self) -> dict:
     """transformers' names for the end- and beginning-of-text tokens."""

@@ -234,7 +234,7 @@ def test_compare_and_plot_draw_the_runs_and_name_what_differs(tmp_path, test_dat
         f.write(json.dumps({"step": step, "split": "train", "loss": 6.0 - step / (i + 2),
                             "lr": 1e-3, "grad_norm": 1.0, "tokens_per_sec": 1000.0 + i}) + "\n")
       f.write(json.dumps({"step": 4, "split": "eval", "loss": 5.5 - i}) + "\n")
-  opened = [compare.Run(runs["gpt"]), compare.Run(runs["rope"])]
+  opened = [compare.RunSummary(runs["gpt"]), compare.RunSummary(runs["rope"])]
   assert compare.differing_keys(opened) == ["model.norm", "model.positions"]
   table = compare.table(opened).splitlines()
   assert table[0].split()[:3] == ["run", "model.norm", "model.positions"]
