@@ -22,7 +22,8 @@ HELPER = os.path.join(ROOT, "tests", "mesh_runs.py")
 
 def _env(devices):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} " \
+                     f"--xla_force_host_platform_device_count={devices}"
   return env
 
 
