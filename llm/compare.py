@@ -12,6 +12,7 @@ import os
 import jax
 import numpy as np
 from absl import flags
+from flax import traverse_util
 
 from llm import cli, metrics, rundir, tasks
 from llm.errors import UserError
@@ -47,24 +48,18 @@ class RunSummary:
 
 def differing_keys(runs: list[RunSummary]) -> list[str]:
   """'section.key' of every config value that is not the same in all runs."""
-  flat = [_flatten(run.cfg.to_dict()) for run in runs]
+  flat = [_flatten(run.cfg) for run in runs]
   keys = sorted(set().union(*flat))
   return [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value
-  return out
+def _flatten(cfg) -> dict:
+  return traverse_util.flatten_dict(cfg.to_dict(), sep=".")
 
 
 def table(runs: list[RunSummary]) -> str:
   keys = [k for k in differing_keys(runs) if k != "data.cache_dir"]
-  flat = [_flatten(run.cfg.to_dict()) for run in runs]
+  flat = [_flatten(run.cfg) for run in runs]
   fmt = lambda x, spec: "-" if x is None else format(x, spec)
   header = ["run", *keys, "parameters", "train loss", "val loss", "tokens/s"]
   rows = [[run.name, *(str(f.get(k)) for k in keys), f"{run.num_params:,}",

@@ -411,7 +411,8 @@ def balance(labels: np.ndarray, seed: int) -> np.ndarray:
   return np.sort(np.concatenate(keep))
 
 
-def _pad(rows: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def pad(rows: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Rows of ids right-padded to `length`: (tokens [N, length] int32, valid [N, length])."""
   tokens = np.full((len(rows), length), pad_id, np.int32)
   valid = np.zeros((len(rows), length), bool)
   for r, ids in enumerate(rows):
@@ -431,7 +432,7 @@ def encode_texts(texts: list[str], tokenizer, max_length: int) -> tuple[np.ndarr
   """Texts as a classifier or encoder reads them: right-padded ids [n, L] (L: the longest text,
   at most max_length) and their validity mask."""
   rows = [with_specials(ids, tokenizer, max_length) for ids in tokenizer.encode_batch(texts)]
-  return _pad(rows, max(map(len, rows)), tokenizer.pad_id)
+  return pad(rows, max(map(len, rows)), tokenizer.pad_id)
 
 
 def classification_examples(texts: list[str], labels: np.ndarray, tokenizer,
@@ -464,7 +465,7 @@ def instruction_examples(records, tokenizer, max_length: int, mask_prompt: bool)
   responses = tokenizer.encode_batch([r["output"] for r in records])
   rows = [(p + r + [eot])[:max_length + 1] for p, r in zip(prompts, responses)]
   length = max(map(len, rows)) - 1
-  seq, _ = _pad(rows, length + 1, eot)
+  seq, _ = pad(rows, length + 1, eot)
   weights = np.zeros((len(rows), length), np.float32)
   for i, (p, row) in enumerate(zip(prompts, rows)):
     # The target at position len(p) - 1 is the response's first token.
@@ -508,12 +509,11 @@ def preference_examples(records, tokenizer, max_length: int, chosen_field: str =
     raise UserError(f"data.max_length={max_length}: every prompt fills it; no preference pair "
                     "is left")
   length = max(len(seq) for pair in rows for seq in pair)
-  tokens = np.full((len(rows), 2, length), eot, np.int32)
-  valid = np.zeros((len(rows), 2, length), bool)
+  tokens, valid = (x.reshape(len(rows), 2, length)
+                   for x in pad([seq for pair in rows for seq in pair], length, eot))
   response = np.zeros((len(rows), 2, length), np.float32)
   for n, (i, pair) in enumerate(zip(kept, rows)):
     for a, seq in enumerate(pair):
-      tokens[n, a, :len(seq)], valid[n, a, :len(seq)] = seq, True
       response[n, a, len(prompts[i]):len(seq)] = 1.0
   examples = {"tokens": tokens, "valid": valid, "response": response,
               "weights": np.ones(len(rows), np.float32)}
@@ -594,7 +594,7 @@ class SentencePairs:
         (a if len(a) >= len(b) else b).pop()
       rows.append(([tok.cls_id] + a + [tok.sep_id] + b + [tok.sep_id], len(a) + 2))
       labels.append(label)
-    tokens, valid = _pad([r for r, _ in rows], L, tok.pad_id)
+    tokens, valid = pad([r for r, _ in rows], L, tok.pad_id)
     segments = (np.arange(L)[None, :] >= np.array([n for _, n in rows])[:, None]) & valid
     return {"tokens": tokens, "segments": segments.astype(np.int32), "valid": valid,
             "nsp_labels": np.array(labels, np.int32), "weights": np.ones(len(rows), np.float32)}

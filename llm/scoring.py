@@ -13,7 +13,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from llm import rundir, sharding
+from llm import data, rundir, sharding
 from llm.errors import UserError
 
 
@@ -36,11 +36,7 @@ class Scorer:
     rewards = []
     for start in range(0, len(rows), batch_size):
       chunk = rows[start:start + batch_size]
-      length = max(map(len, chunk))
-      tokens = np.full((len(chunk), length), tok.eot_id, np.int32)
-      valid = np.zeros((len(chunk), length), bool)
-      for i, row in enumerate(chunk):
-        tokens[i, :len(row)], valid[i, :len(row)] = row, True
+      tokens, valid = data.pad(chunk, max(map(len, chunk)), tok.eot_id)
       with sharding.activate(self.run.mesh, self.run.mesh_cfg):
         out = self.run.model.apply({"params": self.run.params}, jnp.asarray(tokens),
                                    jnp.asarray(valid))
