@@ -113,6 +113,13 @@ def base_config() -> ml_collections.ConfigDict:
   d.val_fraction = 0.1  # held out for validation (the end of the token stream, or records)
   d.test_fraction = 0.0  # classify, instruct: held out for the final test evaluation
   d.cache_dir = ""  # tokenized data; empty: ~/.cache/llm
+  d.prepared = ""  # lm: a folder (local or gs://) of shards from python -m llm.prepare, read
+  #                  instead of data.path / hf_name, with the tokenizer saved there
+  d.streaming = False  # lm: read the hub data set (or data.path) as a stream, tokenized on the
+  #                      fly: no download or preparation first; see data.shuffle_buffer
+  d.shuffle_buffer = 10_000  # streaming: windows shuffled together (0: the stream's order)
+  d.document_masks = False  # lm: attention stays within a document (never across an
+  #                           end-of-text) and positions restart at each document
 
   c.train = tr = ml_collections.ConfigDict()
   tr.steps = 1000  # optimizer steps
@@ -263,6 +270,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "data.test_fraction", f"use a value in [0, 1 - data.val_fraction={d.val_fraction})",
          d.test_fraction)
   _check(c.task.kind in TASK_KINDS, "task.kind", f"use one of {TASK_KINDS}", c.task.kind)
+  for key in ("prepared", "streaming", "document_masks"):
+    _check(not d[key] or c.task.kind == "lm", f"data.{key}",
+           "only next-token pre-training (task.kind=lm) reads a token stream", d[key])
+  _check(not (d.prepared and d.streaming), "data.streaming",
+         "read prepared shards (data.prepared) or a stream, not both", d.streaming)
+  _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", "use 0 (no shuffle) or a number of "
+         "windows", d.shuffle_buffer)
   _check(c.task.kind != "mlm" or m.kind == "bert", "task.kind",
          "masked-LM pre-training needs model.kind=bert", c.task.kind)
   _check(c.task.kind not in ("lm", "instruct", "dpo") or m.kind == "gpt", "task.kind",

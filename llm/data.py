@@ -1,10 +1,12 @@
 """Text in, batches of token windows out.
 
     documents (hub, local files or the embedded corpus)
-      -> token stream (documents joined by end-of-text, tokenized once and cached as .npy)
+      -> token stream (documents joined by end-of-text, tokenized once into memory-mapped
+         shards: token_shards.py; or streamed from the hub and tokenized on the fly: streaming.py)
       -> train / validation split (the last `val_fraction` of the stream is held out)
       -> windows of max_length + 1 tokens every `stride` tokens (the book's sliding window)
-      -> batches: inputs = window[:-1], targets = window[1:], weights = 1
+      -> batches: inputs = window[:-1], targets = window[1:], weights = 1 (with
+         data.document_masks, also each token's document and its position in it)
 
 Fine-tuning reads records instead (text + label for classification; Alpaca instruction, input,
 output for instruction tuning), split into train / validation / test by fractions and seed, and
@@ -25,6 +27,7 @@ import threading
 
 import numpy as np
 
+from llm import token_shards
 from llm.errors import UserError
 
 EXTENSIONS = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".csv": "csv",
@@ -160,43 +163,29 @@ def texts(ds, text_field: str, max_chars: int):
       return
 
 
-def token_stream(ds, tokenizer, text_field: str, cache_dir: str) -> np.ndarray:
-  """All documents' tokens, each followed by end-of-text, as one array (memory-mapped).
+def token_stream(ds, tokenizer, text_field: str, cache_dir: str) -> token_shards.Tokens:
+  """All documents' tokens, each followed by end-of-text, memory-mapped.
 
-  Tokenized once with `datasets.map` and cached by (data, tokenizer) fingerprint: a second run
-  on the same data reads the cache instead of tokenizing again.
+  Tokenized once into shards (token_shards.prepare) under the cache folder, by (data, tokenizer,
+  text field): a second run on the same data reads them instead of tokenizing again.
   """
+  return token_shards.prepare(ds, tokenizer, text_field,
+                              token_cache(ds, tokenizer, text_field, cache_dir)).tokens
+
+
+def token_cache(ds, tokenizer, text_field: str, cache_dir: str) -> str:
+  """The cache folder of the shards of (data, tokenizer, text field)."""
   cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "llm")
-  os.makedirs(cache_dir, exist_ok=True)
   key = hashlib.sha256(
       f"{ds._fingerprint}|{tokenizer.fingerprint()}|{text_field}".encode()).hexdigest()[:20]
-  path = os.path.join(cache_dir, f"tokens-{key}.npy")
-  if not os.path.exists(path):
-    eot = tokenizer.eot_id
-    tokenized = ds.map(
-        lambda batch: {"ids": [ids + [eot] for ids in tokenizer.encode_batch(
-            [t or "" for t in batch[text_field]])]},
-        batched=True, batch_size=1000, remove_columns=ds.column_names,
-        desc="tokenizing")
-    lengths = np.array([len(ids) for ids in tokenized["ids"]], np.int64)
-    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    tmp = f"{path}.{os.getpid()}.tmp"
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(int(lengths.sum()),))
-    pos = 0
-    for batch in tokenized.iter(batch_size=1000):
-      for ids in batch["ids"]:
-        out[pos:pos + len(ids)] = ids
-        pos += len(ids)
-    out.flush()
-    del out
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
-  return np.load(path, mmap_mode="r")
+  return os.path.join(cache_dir, f"tokens-{key}")
 
 
-def split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+def split(tokens, val_fraction: float) -> tuple[token_shards.Tokens, token_shards.Tokens]:
   """Holds out the last `val_fraction` of the token stream for validation."""
+  tokens = token_shards.as_tokens(tokens)
   cut = int(round(len(tokens) * (1.0 - val_fraction)))
-  return tokens[:cut], tokens[cut:]
+  return tokens.sub(0, cut), tokens.sub(cut, len(tokens))
 
 
 def window_starts(num_tokens: int, max_length: int, stride: int) -> np.ndarray:
@@ -204,10 +193,31 @@ def window_starts(num_tokens: int, max_length: int, stride: int) -> np.ndarray:
   return np.arange(0, max(num_tokens - max_length, 0), stride, dtype=np.int64)
 
 
-def _lm_example(tokens: np.ndarray, starts: np.ndarray, max_length: int) -> dict:
-  windows = np.stack([tokens[s:s + max_length + 1] for s in starts]).astype(np.int32)
-  return {"inputs": windows[..., :-1], "targets": windows[..., 1:],
-          "weights": np.ones(windows[..., 1:].shape, np.float32)}
+def _lm_example(tokens: token_shards.Tokens, starts: np.ndarray, max_length: int,
+                eot_id: int | None = None) -> dict:
+  """Windows of max_length + 1 tokens from `starts`: inputs, targets and weights [n, max_length].
+
+  With `eot_id` (data.document_masks) also each input's document, counted from 0 in the window
+  (`documents`: a document starts after each end-of-text), and its position in that document
+  (`positions`), so that attention stays within a document and positions restart in each.
+  """
+  return window_examples(np.stack([tokens.read(s, s + max_length + 1) for s in starts]), eot_id)
+
+
+def window_examples(windows, eot_id: int | None = None) -> dict:
+  """`_lm_example` of windows [n, max_length + 1] already read."""
+  windows = windows.astype(np.int32)
+  example = {"inputs": windows[..., :-1], "targets": windows[..., 1:],
+             "weights": np.ones(windows[..., 1:].shape, np.float32)}
+  if eot_id is not None:
+    inputs = example["inputs"]
+    starts_doc = np.ones(inputs.shape, bool)
+    starts_doc[:, 1:] = inputs[:, :-1] == eot_id
+    index = np.broadcast_to(np.arange(inputs.shape[1]), inputs.shape)
+    first = np.maximum.accumulate(np.where(starts_doc, index, 0), axis=1)
+    example["documents"] = (np.cumsum(starts_doc, axis=1) - 1).astype(np.int32)
+    example["positions"] = (index - first).astype(np.int32)
+  return example
 
 
 class Batches:
@@ -336,25 +346,33 @@ def fixed_batches(num_examples, take, batch_size, num_batches, process_index=0,
 
 
 def lm_batches(tokens, max_length, stride, batch_size, grad_accum, seed, process_index=0,
-               process_count=1) -> Batches:
-  """Training windows of the token stream, shuffled."""
+               process_count=1, eot_id=None) -> Batches:
+  """Training windows of the token stream, shuffled (with documents kept apart: `eot_id`).
+
+  Each process reads only the windows of its share of each batch from the (memory-mapped)
+  stream; the global order depends on the seed alone, not on the number of processes.
+  """
+  tokens = token_shards.as_tokens(tokens)
   starts = window_starts(len(tokens), max_length, stride)
   if len(starts) == 0:
     raise UserError(f"the training text has {len(tokens)} tokens, fewer than one window of "
                     f"data.max_length + 1 = {max_length + 1}; use more text or a smaller "
                     f"data.max_length")
-  return Batches(len(starts), lambda idx, _: _lm_example(tokens, starts[idx], max_length),
+  return Batches(len(starts),
+                 lambda idx, _: _lm_example(tokens, starts[idx], max_length, eot_id),
                  batch_size, grad_accum, seed, process_index, process_count)
 
 
 def eval_batches(tokens, max_length, batch_size, num_batches, process_index=0,
-                 process_count=1) -> list[dict]:
+                 process_count=1, eot_id=None) -> list[dict]:
   """The validation tokens cut into back-to-back windows."""
+  tokens = token_shards.as_tokens(tokens)
   starts = window_starts(len(tokens), max_length, max_length)
   if len(starts) == 0:
     raise UserError(f"the evaluation text has {len(tokens)} tokens, fewer than one window of "
                     f"{max_length + 1}; use more text (or raise data.val_fraction)")
-  return fixed_batches(len(starts), lambda idx, _: _lm_example(tokens, starts[idx], max_length),
+  return fixed_batches(len(starts),
+                       lambda idx, _: _lm_example(tokens, starts[idx], max_length, eot_id),
                        batch_size, num_batches, process_index, process_count)
 
 

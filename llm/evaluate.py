@@ -42,10 +42,11 @@ def evaluate_lm(run: rundir.Run, path: str = "", text_field: str = "text",
         {"hf_name": "", "path": path, "text_field": text_field}))
     tokens = data.token_stream(docs, run.tokenizer, text_field, cache_dir)
   else:
-    text_field = cfg.data.text_field
-    docs = data.load_documents(cfg.data, (text_field,))
-    tokens = data.split(data.token_stream(docs, run.tokenizer, text_field,
-                                          cache_dir or cfg.data.cache_dir),
+    if cfg.data.streaming:
+      raise UserError("a streamed run holds out the first windows of its stream; evaluate it "
+                      "on a file with --data=PATH")
+    docs = tasks.load_data(cfg)
+    tokens = data.split(tasks.token_stream(cfg, docs, run.tokenizer, cache_dir),
                         cfg.data.val_fraction)[1]
   max_length = max_length or (not path and cfg.data.max_length) or cfg.model.max_len
   if not 1 <= max_length <= cfg.model.max_len:

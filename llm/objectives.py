@@ -43,6 +43,8 @@ def causal_lm(model, logits_chunk: int = 0) -> Objective:
 
   def loss(params, batch, dropout_rng, train):
     kwargs = dict(deterministic=not train, rngs={"dropout": dropout_rng} if train else {})
+    if "documents" in batch:  # data.document_masks: documents packed in a window kept apart
+      kwargs.update(documents_BxL=batch["documents"], positions_BxL=batch["positions"])
     if not logits_chunk:
       logits_BxLxV = model.apply({"params": params}, batch["inputs"], **kwargs)
       ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from llm import data, objectives
+from llm import data, objectives, streaming, token_shards
 from llm import model as model_lib
 from llm.errors import UserError
 
@@ -38,8 +38,20 @@ class Task:
 
 def load_data(cfg):
   """The task's records: documents for lm and mlm; for classify and instruct, records that
-  must have every field `fields` names."""
+  must have every field `fields` names. None when the run reads prepared shards."""
+  if cfg.data.prepared:
+    return None
+  if cfg.data.streaming:
+    return streaming.open_documents(cfg.data)
   return data.load_documents(cfg.data, fields(cfg), complete=cfg.task.kind in RECORD_TASKS)
+
+
+def token_stream(cfg, docs, tokenizer, cache_dir: str = ""):
+  """The lm task's whole token stream: data.prepared's shards, or `docs` tokenized once into
+  the cache."""
+  if cfg.data.prepared:
+    return token_shards.open_shards(cfg.data.prepared, tokenizer).tokens
+  return data.token_stream(docs, tokenizer, cfg.data.text_field, cache_dir or cfg.data.cache_dir)
 
 
 def fields(cfg) -> tuple[str, ...]:
@@ -71,7 +83,7 @@ def labels(cfg) -> list[str]:
 
 def data_labels(cfg, docs) -> list[str] | None:
   """The classes a classifier without task.labels finds in its data (see config.resolve)."""
-  if cfg.task.kind != "classify" or cfg.task.labels:
+  if cfg.task.kind != "classify" or cfg.task.labels or docs is None:
     return None
   return data.label_names(docs[cfg.data.label_field])
 
@@ -94,14 +106,24 @@ def build(cfg, docs, tokenizer, cache_dir: str = "", process_index=0, process_co
   where = dict(process_index=process_index, process_count=process_count)
 
   if cfg.task.kind == "lm":
-    tokens = data.token_stream(docs, tokenizer, d.text_field, cache_dir or d.cache_dir)
+    eot_id = tokenizer.eot_id if d.document_masks else None
+    model = build_model(cfg, tokenizer.vocab_size)
+    objective = objectives.causal_lm(model, cfg.model.logits_chunk)
+    if d.streaming:
+      batches, evals = streaming.lm_batches(docs, tokenizer, d.text_field, d.max_length,
+                                            d.stride, tr.batch_size, tr.grad_accum,
+                                            tr.eval_batches, d.shuffle_buffer, cfg.seed,
+                                            eot_id=eot_id, **where)
+      return Task(model, objective, batches, {"eval": evals},
+                  f"a stream of {d.hf_name or d.path} tokenized on the fly; "
+                  f"{len(evals) * micro} windows held out for validation")
+    tokens = token_stream(cfg, docs, tokenizer, cache_dir)
     train_tokens, val_tokens = data.split(tokens, d.val_fraction)
     batches = data.lm_batches(train_tokens, d.max_length, d.stride, tr.batch_size,
-                              tr.grad_accum, cfg.seed, **where)
+                              tr.grad_accum, cfg.seed, eot_id=eot_id, **where)
     evals = {"eval": data.eval_batches(val_tokens, d.max_length, micro, tr.eval_batches,
-                                       **where)}
-    model = build_model(cfg, tokenizer.vocab_size)
-    return Task(model, objectives.causal_lm(model, cfg.model.logits_chunk), batches, evals,
+                                       eot_id=eot_id, **where)}
+    return Task(model, objective, batches, evals,
                 f"{len(train_tokens):,} training tokens in {len(batches):,} windows")
 
   if cfg.task.kind == "mlm":

@@ -19,7 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from llm import checkpoint, cli, config as config_lib, data, metrics, objectives, optim
-from llm import preemption, rundir, sharding
+from llm import preemption, rundir, sharding, token_shards
 from llm import model as model_lib
 from llm import params as params_lib
 from llm import tasks
@@ -56,6 +56,8 @@ class Trainer:
       self.tokenizer = rundir.read_tokenizer(workdir)
     elif self.source:
       self.tokenizer = self.source.tokenizer
+    elif cfg.data.prepared:
+      self.tokenizer = token_shards.read_tokenizer(cfg.data.prepared)
     else:
       with tempfile.TemporaryDirectory() as tmp:
         self.tokenizer = tokenizer_lib.build(cfg, tasks.texts(cfg, docs), tmp)

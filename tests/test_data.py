@@ -89,11 +89,11 @@ def test_tokens_are_cached(tmp_path, monkeypatch):
   from llm import tokenizer
   docs = data.embedded_corpus().select(range(5))
   tok = tokenizer.SentencePieceTokenizer.train(data.texts(docs, "text", 10**9), 512, str(tmp_path))
-  first = data.token_stream(docs, tok, "text", str(tmp_path / "cache"))
+  first = np.asarray(data.token_stream(docs, tok, "text", str(tmp_path / "cache")))
   assert first[-1] == tok.eot_id and (first == tok.eot_id).sum() == 5
   assert first.tolist() == sum((tok.encode(t) + [tok.eot_id] for t in docs["text"]), [])
   monkeypatch.setattr(tok, "encode_batch", lambda _: pytest.fail("tokenized again"))
-  assert (data.token_stream(docs, tok, "text", str(tmp_path / "cache")) == first).all()
+  assert (np.asarray(data.token_stream(docs, tok, "text", str(tmp_path / "cache"))) == first).all()
 
 
 @pytest.mark.parametrize("name,content", [

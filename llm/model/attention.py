@@ -1,6 +1,7 @@
 """Scaled dot-product attention through the kernel each platform does best.
 
-    out_BxLxNxH = attend(q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, mask_BxLxS, is_causal, impl)
+    out_BxLxNxH = attend(q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, mask_BxLxS, is_causal, impl,
+                         documents_BxL)
 
 `impl` (model.attention_impl):
 - "xla": jax.nn.dot_product_attention's XLA formulation, everywhere (the reference).
@@ -34,8 +35,10 @@ def choose(impl: str, dtype, length: int, decode: bool) -> str:
   return "xla"
 
 
-def attend(q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, mask_BxLxS, is_causal: bool, impl: str):
-  """Softmax(q k^T / sqrt(H)) v over the keys the mask (None: all) and causality allow.
+def attend(q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, mask_BxLxS, is_causal: bool, impl: str,
+           documents_BxL=None):
+  """Softmax(q k^T / sqrt(H)) v over the keys the mask (None: all), causality and the
+  documents (None: one; else a query sees only keys of its own document, L = S) allow.
 
   Keys and values may have fewer heads than the queries (grouped-query attention: K divides N,
   and query head n reads key/value head n // (N / K)); their arrays are named ..NxH here all
@@ -44,19 +47,23 @@ def attend(q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, mask_BxLxS, is_causal: bool, impl: s
     if mask_BxLxS is not None and mask_BxLxS.shape[1] != 1:
       raise ValueError("splash attention takes a padding mask ([B, 1, S]), not a full one")
     valid_BxS = None if mask_BxLxS is None else mask_BxLxS[:, 0]
+    segments_BxS = None if documents_BxL is None else documents_BxL + 1  # 0: padding
     group = q_BxLxNxH.shape[2] // k_BxSxNxH.shape[2]  # grouped-query: each KV head N/K times
     k_BxSxNxH, v_BxSxNxH = (jnp.repeat(x, group, axis=2) for x in (k_BxSxNxH, v_BxSxNxH))
-    return _splash(q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, valid_BxS, is_causal)
+    return _splash(q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, valid_BxS, is_causal, segments_BxS)
+  if documents_BxL is not None:
+    same_BxLxS = documents_BxL[:, :, None] == documents_BxL[:, None, :]
+    mask_BxLxS = same_BxLxS if mask_BxLxS is None else mask_BxLxS & same_BxLxS
   return jax.nn.dot_product_attention(
       q_BxLxNxH, k_BxSxNxH, v_BxSxNxH,
       mask=None if mask_BxLxS is None else mask_BxLxS[:, None], is_causal=is_causal,
       implementation=None if impl == "xla" else impl)
 
 
-def _splash(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, valid_BxL, is_causal: bool):
+def _splash(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, valid_BxL, is_causal: bool, segments_BxL=None):
   """Splash attention, split over the mesh by batch and heads (each device runs the kernel on
-  its own share: a Pallas kernel is not partitioned by XLA). Padding is a segment of its own,
-  so real tokens never attend to it."""
+  its own share: a Pallas kernel is not partitioned by XLA). Tokens attend within their segment
+  (`segments_BxL`, from 1; None: one); padding is segment 0, so real tokens never see it."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   B, L, N, H = q_BxLxNxH.shape
   if L % SPLASH_BLOCK:
@@ -74,7 +81,9 @@ def _splash(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, valid_BxL, is_causal: bool):
         segment_ids=sk.SegmentIds(q=segments_BxL, kv=segments_BxL))
     return to_heads_first(out_BxNxLxH)
 
-  segments_BxL = valid_BxL.astype(jnp.int32)
+  if segments_BxL is None:
+    segments_BxL = jnp.ones((B, L), jnp.int32)
+  segments_BxL = jnp.where(valid_BxL, segments_BxL, 0).astype(jnp.int32)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return local(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segments_BxL)

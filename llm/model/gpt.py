@@ -6,6 +6,8 @@ attention; see layers.py).
 
 `positions_BxL` and `valid_BxL` let left-padded prompts of different lengths run in one batch
 (positions count from each prompt's first real token; padding is never attended to).
+`documents_BxL` keeps the documents packed into one window apart (data.document_masks): a
+token attends only to tokens of its own document, and `positions_BxL` restart in each.
 """
 
 import flax.linen as nn
@@ -35,7 +37,7 @@ class GPT(nn.Module):
                            dtype=cfg.dtype)
 
   def hidden(self, tokens_BxL, positions_BxL=None, valid_BxL=None, deterministic=True,
-             decode=False):
+             decode=False, documents_BxL=None):
     """The final LayerNorm's output, x_BxLxD: what the LM head and task heads read."""
     if positions_BxL is None:
       positions_BxL = jnp.arange(tokens_BxL.shape[1])[None, :]
@@ -46,7 +48,8 @@ class GPT(nn.Module):
       x_BxLxD = x_BxLxD + sinusoidal(positions_BxL, self.cfg.d_model).astype(x_BxLxD.dtype)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     x_BxLxD = self.drop(x_BxLxD, deterministic=deterministic)
-    x_BxLxD = run_blocks(self.blocks, x_BxLxD, valid_BxL, positions_BxL, deterministic, decode)
+    x_BxLxD = run_blocks(self.blocks, x_BxLxD, valid_BxL, positions_BxL, deterministic, decode,
+                         documents_BxL)
     return self.ln_f(x_BxLxD)
 
   def features(self, tokens_BxL, valid_BxL, deterministic=True):
@@ -66,5 +69,6 @@ class GPT(nn.Module):
                                       ("batch", "length", "vocab"))
 
   def __call__(self, tokens_BxL, positions_BxL=None, valid_BxL=None, deterministic=True,
-               decode=False):
-    return self.logits(self.hidden(tokens_BxL, positions_BxL, valid_BxL, deterministic, decode))
+               decode=False, documents_BxL=None):
+    return self.logits(self.hidden(tokens_BxL, positions_BxL, valid_BxL, deterministic, decode,
+                                   documents_BxL))

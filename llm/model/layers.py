@@ -173,10 +173,12 @@ class Attention(nn.Module):
   out_std: float = 0.02
 
   @nn.compact
-  def __call__(self, x_BxLxD, valid_BxL, positions_BxL, deterministic: bool,
+  def __call__(self, x_BxLxD, valid_BxL, positions_BxL, documents_BxL, deterministic: bool,
                decode: bool = False):
     """valid_BxL: False at padding (never attended to); None: every position is valid.
-    positions_BxL: each token's position (rotary positions only)."""
+    positions_BxL: each token's position (rotary positions only).
+    documents_BxL: each token's document in a packed window (a token attends only to its own
+    document's); None: one sequence."""
     cfg = self.cfg
     N, K, H = cfg.num_heads, cfg.kv_heads, cfg.head_dim
 
@@ -202,7 +204,8 @@ class Attention(nn.Module):
 
     impl = attention.choose(cfg.attention_impl, cfg.dtype, x_BxLxD.shape[1], decode)
     # Each group of N / K query heads reads one key/value head.
-    out_BxLxNxH = attention.attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, is_causal, impl)
+    out_BxLxNxH = attention.attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, is_causal,
+                                   impl, None if decode else documents_BxL)
     out_BxLxD = Dense((N, H, cfg.d_model), ("heads", "kv", "embed"), use_bias=cfg.use_bias,
                       std=self.out_std, dtype=cfg.dtype, name="out")(out_BxLxNxH)
     return nn.Dropout(cfg.dropout)(out_BxLxD, deterministic=deterministic)
@@ -270,21 +273,21 @@ def make_blocks(cfg: TransformerConfig, causal: bool) -> list:
   """
   block = Block
   if cfg.remat != "none":  # deterministic and decode are static (argument 0 is the module)
-    block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(4, 5))
+    block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(5, 6))
   if not cfg.scan_layers:
     return [block(cfg, causal=causal, name=f"block_{i}") for i in range(cfg.num_layers)]
   block = nn.scan(block, variable_axes={"params": 0, "cache": 0},
                   split_rngs={"params": True, "dropout": True},
-                  in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
+                  in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
                   metadata_params={nn.PARTITION_NAME: "layers"})
   return [block(cfg, causal=causal, scanned=True, name=SCANNED)]
 
 
 def run_blocks(blocks: list, x_BxLxD, valid_BxL, positions_BxL, deterministic: bool,
-               decode: bool):
+               decode: bool, documents_BxL=None):
   """x through `make_blocks`'s blocks in turn."""
   for block in blocks:
-    x_BxLxD = block(x_BxLxD, valid_BxL, positions_BxL, deterministic, decode)
+    x_BxLxD = block(x_BxLxD, valid_BxL, positions_BxL, documents_BxL, deterministic, decode)
     if block.scanned:
       x_BxLxD = x_BxLxD[0]  # nn.scan's (carry, per-layer outputs)
   return x_BxLxD
@@ -367,7 +370,7 @@ class Block(nn.Module):
   scanned: bool = False  # a step of nn.scan: returns (x, None)
 
   @nn.compact
-  def __call__(self, x_BxLxD, valid_BxL, positions_BxL, deterministic: bool,
+  def __call__(self, x_BxLxD, valid_BxL, positions_BxL, documents_BxL, deterministic: bool,
                decode: bool = False):
     cfg = self.cfg
     # GPT-2 scales the init of the projections into the residual stream by 1/sqrt(2 * layers).
@@ -376,10 +379,12 @@ class Block(nn.Module):
     mlp = MLP(cfg, out_std, name="mlp")
     ln_attn, ln_mlp = norm(cfg, "ln_attn"), norm(cfg, "ln_mlp")
     if cfg.pre_ln:
-      x_BxLxD = x_BxLxD + attn(ln_attn(x_BxLxD), valid_BxL, positions_BxL, deterministic, decode)
+      x_BxLxD = x_BxLxD + attn(ln_attn(x_BxLxD), valid_BxL, positions_BxL, documents_BxL,
+                             deterministic, decode)
       x_BxLxD = x_BxLxD + mlp(ln_mlp(x_BxLxD), deterministic)
     else:
-      x_BxLxD = ln_attn(x_BxLxD + attn(x_BxLxD, valid_BxL, positions_BxL, deterministic, decode))
+      x_BxLxD = ln_attn(x_BxLxD + attn(x_BxLxD, valid_BxL, positions_BxL, documents_BxL,
+                                         deterministic, decode))
       x_BxLxD = ln_mlp(x_BxLxD + mlp(x_BxLxD, deterministic))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     return (x_BxLxD, None) if self.scanned else x_BxLxD

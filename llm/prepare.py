@@ -1,0 +1,65 @@
+"""Tokenizes a run's corpus once, into shards that training reads memory-mapped.
+
+    python -m llm.prepare --config=configs/gpt_small.py --out=gs://BUCKET/owt-gpt2
+    python -m llm.train --config=configs/gpt_small.py --config.data.prepared=gs://BUCKET/owt-gpt2
+
+Without --out the shards go where `llm.train` looks for the same data and tokenizer (the cache
+folder, data.cache_dir), so a later run starts at once. Every core tokenizes (the tokenizer's
+own batch API), memory stays at one shard whatever the corpus size, and a killed preparation,
+started again, completes the shards it had not written. The format: llm/token_shards.py.
+"""
+
+import tempfile
+import time
+
+from absl import flags
+from ml_collections import config_flags
+
+from llm import cli, config as config_lib, data, tasks, token_shards
+from llm import tokenizer as tokenizer_lib
+from llm.errors import UserError
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
+  flags.DEFINE_string("out", "", "Folder (local or gs://) for the shards; empty: the cache "
+                      "folder llm.train reads for this data and tokenizer.")
+  flags.DEFINE_integer("documents_per_shard", token_shards.DOCUMENTS_PER_SHARD,
+                       "Documents in each shard.")
+
+
+def prepare(cfg, out: str = "", documents_per_shard: int = token_shards.DOCUMENTS_PER_SHARD,
+            progress: bool = True) -> token_shards.Shards:
+  """The shards of `cfg`'s corpus and tokenizer, in `out` or the cache folder."""
+  cfg = config_lib.resolve(cfg)
+  if cfg.task.kind != "lm" or cfg.data.prepared or cfg.data.streaming:
+    raise UserError("llm.prepare tokenizes the corpus of a next-token run (task.kind=lm) that "
+                    "reads neither data.prepared nor a stream")
+  if documents_per_shard < 1:
+    raise UserError(f"--documents_per_shard={documents_per_shard}: use a positive number")
+  docs = tasks.load_data(cfg)
+  with tempfile.TemporaryDirectory() as tmp:
+    tokenizer = tokenizer_lib.build(cfg, tasks.texts(cfg, docs), tmp)
+  out = out or data.token_cache(docs, tokenizer, cfg.data.text_field, cfg.data.cache_dir)
+  return token_shards.prepare(docs, tokenizer, cfg.data.text_field, out, documents_per_shard,
+                              progress)
+
+
+def main(argv):
+  del argv
+  if FLAGS.config is None:
+    raise UserError("usage: python -m llm.prepare --config=FILE [--out=FOLDER]")
+  started = time.perf_counter()
+  shards = prepare(FLAGS.config, FLAGS.out, FLAGS.documents_per_shard)
+  seconds = time.perf_counter() - started
+  index = shards.index
+  print(f"{index['documents']:,} documents, {index['tokens']:,} tokens in "
+        f"{len(index['shards'])} shards at {shards.path} ({seconds:.1f} s)")
+  if FLAGS.out:
+    print(f"train on them with --config.data.prepared={FLAGS.out}")
+
+
+if __name__ == "__main__":
+  cli.run(main, define_flags)
