@@ -242,6 +242,10 @@ class Batches:
   def __len__(self):
     return self.num_examples
 
+  def example(self) -> dict:
+    """One example (its arrays' shapes are every example's)."""
+    return self.take(np.zeros(1, int), np.zeros(1, int))
+
   def _example(self, g: int) -> int:
     """The example behind the run's g-th draw: a fresh permutation every epoch."""
     epoch, i = divmod(g, self.num_examples)

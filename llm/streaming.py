@@ -65,16 +65,15 @@ class _TokenBatches:
   """(state before, tokens, state after) of each batch of documents, from `state` on, made in
   a background thread; the stream starts over at its end."""
 
-  def __init__(self, ds, tokenizer, text_field: str, state: dict):
+  def __init__(self, ds, tokenizer, text_field: str, state: dict, beginning: dict):
     self._queue = queue.Queue(maxsize=QUEUE)
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._fill, daemon=True, name="stream",
-                                    args=(ds, tokenizer, text_field, state))
+                                    args=(ds, tokenizer, text_field, state, beginning))
     self._thread.start()
 
-  def _fill(self, ds, tokenizer, text_field, state):
+  def _fill(self, ds, tokenizer, text_field, state, start):
     dtype = token_shards.dtype_for(tokenizer.vocab_size)
-    start = copy.deepcopy(ds.state_dict())  # the stream's beginning
     try:
       ds.load_state_dict(copy.deepcopy(state))
       before = state
@@ -116,19 +115,22 @@ class _TokenBatches:
 
 class Windows:
   """Windows of `length` tokens, one every `stride` tokens, of a document stream (each document
-  followed by end-of-text), from `position` (see `position()`)."""
+  followed by end-of-text), from `position` (see `position()`). `ds` has not been read yet:
+  its state is the stream's beginning."""
 
   def __init__(self, ds, tokenizer, text_field: str, length: int, stride: int,
                position: dict | None = None):
     self.ds, self.tokenizer, self.text_field = ds, tokenizer, text_field
     self.length, self.stride = length, stride
     self._source = None
-    self.seek(position or {"source": copy.deepcopy(ds.state_dict()), "skip": 0})
+    self._beginning = copy.deepcopy(ds.state_dict())
+    self.seek(position or {"source": self._beginning, "skip": 0})
 
   def seek(self, position: dict) -> None:
     if self._source is not None:
       self._source.close()
-    self._source = _TokenBatches(self.ds, self.tokenizer, self.text_field, position["source"])
+    self._source = _TokenBatches(self.ds, self.tokenizer, self.text_field, position["source"],
+                                 self._beginning)
     self._batches = []  # (state before, number of tokens) of the batches in the buffer
     self._after = position["source"]  # the state after the last batch read
     self._buffer = np.zeros(0, np.int64)  # their tokens
@@ -203,6 +205,10 @@ class StreamBatches:
             for a in range(self.grad_accum) for j in range(local)]
     batch = data.window_examples(np.stack([rows[i] for i in mine]), self.eot_id)
     return {k: v.reshape(self.grad_accum, local, *v.shape[1:]) for k, v in batch.items()}
+
+  def example(self) -> dict:
+    """One example (its arrays' shapes are every example's)."""
+    return data.window_examples(self._block[:1], self.eot_id)
 
   def state(self) -> dict:
     return copy.deepcopy(self._state)

@@ -110,7 +110,8 @@ def build(cfg, docs, tokenizer, cache_dir: str = "", process_index=0, process_co
     model = build_model(cfg, tokenizer.vocab_size)
     objective = objectives.causal_lm(model, cfg.model.logits_chunk)
     if d.streaming:
-      batches, evals = streaming.lm_batches(docs, tokenizer, d.text_field, d.max_length,
+      # A stream opened afresh: the one read to train the tokenizer has moved on.
+      batches, evals = streaming.lm_batches(streaming.open_documents(d), tokenizer, d.text_field, d.max_length,
                                             d.stride, tr.batch_size, tr.grad_accum,
                                             tr.eval_batches, d.shuffle_buffer, cfg.seed,
                                             eot_id=eot_id, **where)

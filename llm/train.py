@@ -124,14 +124,14 @@ class Trainer:
 
   @property
   def tokens_per_step(self) -> int:
-    example = self.batches.take(np.zeros(1, int), np.zeros(1, int))
+    example = self.batches.example()
     tokens = max(int(np.prod(x.shape[1:])) for x in example.values())  # a pair: 2 sequences
     return self.cfg.train.batch_size * tokens
 
   def throughput(self) -> metrics.Throughput:
     """Tokens/s and MFU of timed steps (after init_state, which counts the parameters)."""
     m = model_lib.shape_of(self.model)
-    example = self.batches.take(np.zeros(1, int), np.zeros(1, int))
+    example = self.batches.example()
     length = max(x.shape[-1] for x in example.values() if x.ndim > 1)  # one sequence's
     non_embedding = self.num_params - (  # learned position embeddings do no matmul
         m.max_len * m.d_model if m.positions == "learned" else 0)

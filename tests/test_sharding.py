@@ -85,17 +85,27 @@ def test_checkpoint_moves_between_meshes_and_layer_layouts(tmp_path, single_devi
   _close(resumed["losses"], single_device["losses"])
 
 
-def test_two_processes_equal_one(tmp_path, eight_devices):
+def test_two_processes_reading_their_shards_equal_one(tmp_path, eight_devices):
+  """Each of 2 processes reads its share of each batch from prepared shards (memory-mapped);
+  together they train as 1 process on the token stream it tokenized itself."""
+  from mesh_runs import sharding_config
+  from llm import prepare
+  shards = str(tmp_path / "shards")
+  prepare.prepare(sharding_config(tmp_path, "2x2x2", 6), shards, documents_per_shard=10,
+                  progress=False)
   one = eight_devices["2x2x2"]["losses"]
   workdir = tmp_path / "multi"
   code = ("import sys, pathlib; sys.path.insert(0, 'tests'); from mesh_runs import sharding_config;"
           "from llm.train import train; from llm import sharding; from absl import flags;"
           "sharding.define_distributed_flags(); flags.FLAGS(sys.argv);"
           "sharding.initialize_distributed();"
-          f"train(sharding_config(pathlib.Path({str(tmp_path)!r}), '2x2x2', 6), {str(workdir)!r})")
+          f"cfg = sharding_config(pathlib.Path({str(tmp_path)!r}), '2x2x2', 6);"
+          f"cfg.data.prepared = {shards!r}; cfg.data.cache_dir = 'nowhere';"
+          f"train(cfg, {str(workdir)!r})")
   result = subprocess.run(
       ["launch/local.sh", "2", sys.executable, "-c", code], cwd=ROOT, capture_output=True,
       text=True, env=dict(os.environ, DEVICES_PER_PROCESS="4"), timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   multi = {m["step"]: m["loss"] for m in read_metrics(workdir) if m["split"] == "train"}
   _close({str(k): v for k, v in multi.items()}, one)
+  assert not os.path.exists(os.path.join(ROOT, "nowhere"))  # nothing tokenized
