@@ -10,8 +10,23 @@ arguments, per device) and times it after one warm-up step on batches already on
 (`step_ms_with_data`).
 `generate` times prefill and decoding of a randomly initialised model of the config's shape, with
 and without the KV cache, and prints the ratio and the cache's size.
+`data` measures the data path of the config's tokenizer on corpora of --corpus_mb megabytes
+(JSON lines of CPython's documentation and standard library sources, made once in
+--corpus_dir): the tokenizer's own batch throughput on all cores, preparation's throughput on
+the same text (in this process, the corpus already read by `datasets`), `python -m llm.prepare`'s
+wall time and peak resident memory per corpus, and the time from starting `python -m llm.train`
+on the largest prepared corpus (the config's `:tiny` model shape) to its first step.
+
+    python -m llm.bench data --config=configs/gpt_small.py --config.tokenizer.path=DIR \
+        [--corpus_mb=100,1000]
 """
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 
 import flax.linen as nn
@@ -38,6 +53,9 @@ def define_flags():
   flags.DEFINE_integer("repeats", 3, "generate: timed repeats (the best counts).")
   flags.DEFINE_bool("compare_hf", False,
                     "generate: also time transformers' GPT-2 generate (CPU torch), same shape.")
+  flags.DEFINE_list("corpus_mb", ["100", "1000"], "data: corpus sizes in megabytes.")
+  flags.DEFINE_string("corpus_dir", os.path.join(tempfile.gettempdir(), "llm-bench-data"),
+                      "data: where the corpora and their shards are made (kept for reruns).")
   flags.DEFINE_bool("compare_torch", False,
                     "train: also time a torch.compile'd transformers GPT-2 train step (AdamW, "
                     "same shape and batch), and print the ratio.")
@@ -214,9 +232,122 @@ def _hf_gpt2_decode(cfg, prompt, new_tokens: int, repeats: int) -> dict:
           "transformers_decode_tokens_per_sec": batch * (new_tokens - 1) / (total - prefill)}
 
 
+def make_corpus(path: str, megabytes: int) -> str:
+  """JSON lines of real text, `megabytes` of it: CPython's documentation and its standard
+  library's sources, again and again."""
+  if os.path.exists(path):
+    return path
+  import glob
+  stdlib = os.path.dirname(os.__file__)
+  texts = list(data.embedded_corpus()["text"])
+  for file in sorted(glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)):
+    try:
+      texts.append(open(file, encoding="utf-8").read())
+    except (UnicodeDecodeError, OSError):
+      continue
+  target, written = megabytes * 10**6, 0
+  with open(path + ".tmp", "w") as f:
+    while written < target:
+      for text in texts:
+        line = json.dumps({"text": text}) + "\n"
+        f.write(line)
+        written += len(line)
+        if written >= target:
+          break
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def _peak_rss_run(command: list[str], env: dict) -> tuple[float, float, str]:
+  """(seconds, peak resident MB, stderr) of a command run to its end."""
+  started = time.perf_counter()
+  process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, env=env)
+  stderr = process.stderr.read()
+  _, status, usage = os.wait4(process.pid, 0)
+  if status:
+    raise UserError(f"{' '.join(command[:4])} ... failed: {stderr.strip()[-500:]}")
+  return time.perf_counter() - started, usage.ru_maxrss / 1024, stderr
+
+
+def _config_flags() -> list[str]:
+  """The command line's --config and --config.* flags, for a subprocess."""
+  return [arg for arg in sys.argv[1:] if arg.startswith("--config")]
+
+
+def bench_data(cfg, sizes_mb: list[int], workdir: str) -> dict:
+  from llm import token_shards
+  from llm import tokenizer as tokenizer_lib
+  os.makedirs(workdir, exist_ok=True)
+  cfg = config_lib.resolve(cfg)
+  with tempfile.TemporaryDirectory() as tmp:
+    tokenizer = tokenizer_lib.build(cfg, None, tmp)
+  corpora = {mb: make_corpus(os.path.join(workdir, f"corpus-{mb}MB.jsonl"), mb)
+             for mb in sizes_mb}
+  result = {}
+  hf_cache = os.path.join(workdir, "datasets-cache")  # datasets' copy of each corpus
+  shutil.rmtree(hf_cache, ignore_errors=True)
+  for mb, corpus in corpora.items():  # the whole command: datasets' reading, tokenizing, writing
+    out = os.path.join(workdir, f"shards-{mb}MB")
+    shutil.rmtree(out, ignore_errors=True)
+    seconds, rss, _ = _peak_rss_run(
+        [sys.executable, "-m", "llm.prepare", *_config_flags(), f"--config.data.path={corpus}",
+         "--config.data.hf_name=", f"--out={out}"], dict(os.environ, HF_DATASETS_CACHE=hf_cache))
+    result[f"prepare_{mb}MB_seconds"] = seconds
+    result[f"prepare_{mb}MB_peak_rss_mb"] = rss
+  smallest, largest = min(sizes_mb), max(sizes_mb)
+  result["peak_rss_largest_over_smallest"] = (result[f"prepare_{largest}MB_peak_rss_mb"]
+                                              / result[f"prepare_{smallest}MB_peak_rss_mb"])
+
+  # Throughput on the smallest corpus, side by side: the tokenizer's batch API alone on texts in
+  # memory, then preparation (datasets' copy of the corpus already made by the run above).
+  import datasets
+  datasets.config.HF_DATASETS_CACHE = hf_cache
+  docs = data.load_documents(config_lib.replace(cfg, {"data.path": corpora[smallest],
+                                                      "data.hf_name": ""}).data)
+  texts = docs["text"]
+  started, tokens = time.perf_counter(), 0
+  for i in range(0, len(texts), token_shards.BATCH):
+    tokens += sum(map(len, tokenizer.encode_batch(texts[i:i + token_shards.BATCH])))
+  result["tokenizer_tokens_per_sec"] = tokens / (time.perf_counter() - started)
+  del texts
+  out = os.path.join(workdir, "shards-throughput")
+  shutil.rmtree(out, ignore_errors=True)
+  started = time.perf_counter()
+  shards = token_shards.prepare(docs, tokenizer, "text", out, progress=False)
+  result["prepare_tokens_per_sec"] = shards.index["tokens"] / (time.perf_counter() - started)
+  result["prepare_over_tokenizer"] = (result["prepare_tokens_per_sec"]
+                                      / result["tokenizer_tokens_per_sec"])
+  shutil.rmtree(out, ignore_errors=True)
+  shutil.rmtree(hf_cache, ignore_errors=True)
+
+  # From `python -m llm.train` to its first step, on the largest corpus's shards.
+  with tempfile.TemporaryDirectory() as run:
+    metrics_file = os.path.join(run, "metrics.jsonl")
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llm.train", f"--config={_config_file()}:tiny",
+         *[f for f in _config_flags() if f.startswith("--config.tokenizer")],
+         f"--config.data.prepared={os.path.join(workdir, f'shards-{largest}MB')}",
+         "--config.train.steps=1", f"--workdir={run}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while process.poll() is None and not (
+        os.path.exists(metrics_file) and '"train"' in open(metrics_file).read()):
+      time.sleep(0.05)
+    result[f"first_step_on_{largest}MB_seconds"] = time.perf_counter() - started
+    if process.wait():
+      raise UserError(f"llm.train on the prepared corpus failed: {process.stderr.read()[-500:]}")
+  return result
+
+
+def _config_file() -> str:
+  flag = next(arg for arg in sys.argv[1:] if arg.startswith("--config="))
+  return flag.split("=", 1)[1].split(":")[0]
+
+
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ("train", "generate") or FLAGS.config is None:
-    raise UserError("usage: python -m llm.bench train|generate --config=configs/FILE.py")
+  if len(argv) != 2 or argv[1] not in ("train", "generate", "data") or FLAGS.config is None:
+    raise UserError("usage: python -m llm.bench train|generate|data --config=configs/FILE.py")
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   if argv[1] == "train":
     result = bench_train(FLAGS.config, FLAGS.steps)
@@ -225,6 +356,8 @@ def main(argv):
       result.update(torch_result)
       result["tokens_per_sec_over_torch"] = (result["tokens_per_sec"] /
                                              torch_result["torch_tokens_per_sec"])
+  elif argv[1] == "data":
+    result = bench_data(FLAGS.config, [int(mb) for mb in FLAGS.corpus_mb], FLAGS.corpus_dir)
   else:
     result = bench_generate(FLAGS.config, FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens,
                             FLAGS.repeats, FLAGS.compare_hf)

@@ -7,6 +7,7 @@
     DIR/tokenizer/      the tokenizer's files: a run that reads DIR needs nothing else
     DIR/00000.npy ...   shard i: the token ids of documents [i * K, (i + 1) * K), each document
                         followed by end-of-text (K: documents_per_shard), a 1-D .npy array
+                        (written as it is tokenized; its header, 128 bytes, last)
     DIR/00000.json      shard i's record {"documents", "tokens", "tokenizer"}, written after its
                         array: a killed preparation keeps the shards that have one
     DIR/plan.json       what is being prepared (a resumed preparation must match it)
@@ -16,9 +17,11 @@ depend on how the corpus was cut. DIR may be a local folder or a bucket (gs://..
 etils.epath; local shards are memory-mapped, remote ones read by byte range.
 """
 
+import collections
 import concurrent.futures
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -37,12 +40,38 @@ def _is_local(path) -> bool:
   return "://" not in str(path)
 
 
+def _folder(path: str) -> epath.Path:
+  directory = epath.Path(path)
+  try:
+    directory.exists()
+  except ImportError as e:  # a bucket without its file system library (gcsfs)
+    raise UserError(f"{path}: {e} (pip install gcsfs)") from None
+  return directory
+
+
 def _write_atomic(path: epath.Path, write) -> None:
   """write(file) into a temporary name beside `path`, then renamed: never half a file."""
   tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
   with tmp.open("wb") as f:
     write(f)
   tmp.replace(path)
+
+
+def _remove_stale_temporaries(directory: epath.Path) -> None:
+  """Removes the temporary files of killed preparations on this machine (not those of a
+  preparation still running)."""
+  if not _is_local(directory):
+    return
+  for tmp in directory.glob(".*.tmp"):
+    pid = tmp.name.rsplit(".", 2)[-2]
+    if not pid.isdigit():
+      continue
+    try:
+      os.kill(int(pid), 0)
+    except ProcessLookupError:
+      tmp.unlink(missing_ok=True)
+    except PermissionError:  # alive, another user's
+      pass
 
 
 def _write_json(path: epath.Path, value) -> None:
@@ -71,28 +100,23 @@ def shard_name(i: int) -> str:
 
 def encode_documents(texts, tokenizer, dtype) -> np.ndarray:
   """The documents' tokens in one array, each document followed by end-of-text."""
-  ids = tokenizer.encode_batch([t or "" for t in texts])
-  lengths = np.fromiter((len(d) + 1 for d in ids), np.int64, len(ids))
-  out = np.empty(int(lengths.sum()), dtype)
-  ends = np.cumsum(lengths)
-  out[ends - 1] = tokenizer.eot_id
-  for doc, end, n in zip(ids, ends, lengths):
-    out[end - n:end - 1] = doc
-  return out
+  eot = np.array([tokenizer.eot_id], dtype)
+  arrays = tokenizer.encode_arrays([t or "" for t in texts])
+  return np.concatenate([part for ids in arrays for part in (ids.astype(dtype), eot)])
 
 
-def _tokenized_batches(batches, tokenizer, dtype):
-  """`encode_documents` of each batch of texts; the next batch is tokenized (the tokenizer's
-  batch API, on every core) while this one is handed on."""
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    pending = None
+def _tokenized_batches(batches, tokenizer, dtype, ahead: int = 2):
+  """`encode_documents` of each batch of texts, in order; `ahead` batches are tokenized at once
+  (each by the tokenizer's batch API, on every core), so that one batch's tokenizing overlaps
+  another's conversion into an array, which holds Python's lock."""
+  with concurrent.futures.ThreadPoolExecutor(ahead) as pool:
+    pending = collections.deque()
     for batch in batches:
-      following = pool.submit(encode_documents, batch, tokenizer, dtype)
-      if pending is not None:
-        yield pending.result()
-      pending = following
-    if pending is not None:
-      yield pending.result()
+      pending.append(pool.submit(encode_documents, batch, tokenizer, dtype))
+      if len(pending) > ahead:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
 
 
 def _shard_done(directory: epath.Path, i: int, fingerprint: str, itemsize: int) -> bool:
@@ -105,15 +129,91 @@ def _shard_done(directory: epath.Path, i: int, fingerprint: str, itemsize: int) 
           and _npy_size(array) == _npy_header_size(array) + saved["tokens"] * itemsize)
 
 
+class _Texts:
+  """The documents' texts in order from document `first`, taken shard by shard.
+
+  A data set read from files is read from its Arrow files with plain reads: memory-mapped
+  pages would count as resident memory, growing with the corpus.
+  """
+
+  def __init__(self, ds, text_field: str, first: int):
+    self._chunks, self._left = self._read(ds, text_field, first), []
+
+  @staticmethod
+  def _read(ds, text_field, first):
+    files = [f["filename"] for f in ds.cache_files]
+    if not files or ds._indices is not None or ds.format["type"] is not None:
+      for start in range(first, len(ds), BATCH):
+        yield ds[start:start + BATCH][text_field]
+      return
+    import pyarrow as pa
+    seen = 0
+    for file in files:
+      with pa.OSFile(file) as source:
+        for record_batch in pa.ipc.open_stream(source):
+          rows = record_batch.num_rows
+          if seen + rows > first:
+            texts = record_batch.column(text_field)
+            yield texts.slice(max(first - seen, 0)).to_pylist()
+          seen += rows
+
+  def take(self, n: int):
+    """The next `n` texts, in lists of at most BATCH."""
+    while n > 0:
+      if not self._left:
+        self._left = next(self._chunks)
+      batch, self._left = self._left[:min(n, BATCH)], self._left[min(n, BATCH):]
+      n -= len(batch)
+      yield batch
+
+  def skip(self, n: int) -> None:
+    for _ in self.take(n):
+      pass
+
+
+HEADER = 128  # bytes: a shard's .npy header, padded, so its token count is written last
+
+
+def _npy_header(dtype, length: int) -> bytes:
+  """The .npy (version 1.0) header of a 1-D array of `length` items, HEADER bytes long."""
+  text = repr({"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+               "shape": (length,)})
+  text = text.ljust(HEADER - 10 - 1) + "\n"
+  return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
+
+
+def _write_shard(path: epath.Path, parts, dtype, on_part=lambda part: None) -> int:
+  """Writes the arrays `parts` one after another as one .npy file at `path`, never holding more
+  than one part; returns the number of tokens. Written locally, then moved into place."""
+  local = _is_local(path)
+  tmp = (path.parent / f".{path.name}.{os.getpid()}.tmp" if local
+         else epath.Path(tempfile.mkstemp(suffix=".npy")[1]))
+  length = 0
+  with open(os.fspath(tmp), "wb") as f:
+    f.write(b"\0" * HEADER)
+    for part in parts:
+      f.write(part.tobytes())
+      length += len(part)
+      on_part(part)
+    f.seek(0)
+    f.write(_npy_header(dtype, length))
+  if local:
+    tmp.replace(path)
+  else:
+    _write_atomic(path, lambda out: shutil.copyfileobj(open(os.fspath(tmp), "rb"), out))
+    tmp.unlink()
+  return length
+
+
 def prepare(ds, tokenizer, text_field: str, out: str,
             documents_per_shard: int = DOCUMENTS_PER_SHARD, progress: bool = True) -> "Shards":
   """Tokenizes the `datasets.Dataset` `ds` into shards in `out`; returns them opened.
 
   A folder that is already complete is opened as it is (after checking that it holds this
   tokenizer's shards); one left by a killed preparation of the same data is completed. Memory
-  stays at one shard and two batches of documents whatever the corpus size.
+  stays at a few batches of documents whatever the corpus and shard sizes.
   """
-  directory = epath.Path(out)
+  directory = _folder(out)
   if (directory / INDEX).exists():
     return open_shards(out, tokenizer)
   directory.mkdir(parents=True, exist_ok=True)
@@ -130,6 +230,7 @@ def prepare(ds, tokenizer, text_field: str, out: str,
                       f"({differ} differ); use another folder, or delete it to start over")
   else:
     _write_json(directory / PLAN, plan)
+  _remove_stale_temporaries(directory)
   with tempfile.TemporaryDirectory() as tmp:  # tokenizer.save writes local files
     tokenizer.save(tmp)
     (directory / "tokenizer").mkdir(exist_ok=True)
@@ -141,27 +242,28 @@ def prepare(ds, tokenizer, text_field: str, out: str,
   itemsize = np.dtype(dtype).itemsize
   todo = [i for i in range(num_shards)
           if not _shard_done(directory, i, plan["tokenizer"], itemsize)]
-  bar = None
+  bar, started, made = None, time.perf_counter(), [0]
   if progress:
     import tqdm
     bar = tqdm.tqdm(total=n, initial=n - sum(min(k, n - i * k) for i in todo), unit="doc",
                     desc="tokenizing", smoothing=0.1, dynamic_ncols=True)
-  started, tokens_made = time.perf_counter(), 0
-  for i in todo:
-    first, last = i * k, min((i + 1) * k, n)
-    batches = (ds[a:min(a + BATCH, last)][text_field] for a in range(first, last, BATCH))
-    parts = []
-    for part in _tokenized_batches(batches, tokenizer, dtype):
-      parts.append(part)
-      tokens_made += len(part)
-      if bar is not None:
-        bar.update(int((part == tokenizer.eot_id).sum()))
-        bar.set_postfix(tokens_per_s=f"{tokens_made / (time.perf_counter() - started):,.0f}")
-    shard = np.concatenate(parts) if parts else np.zeros(0, dtype)
-    del parts
-    _write_atomic(directory / f"{shard_name(i)}.npy", lambda f: np.save(f, shard))
+
+  def on_part(part):
+    made[0] += len(part)
+    if bar is not None:
+      bar.update(int((part == tokenizer.eot_id).sum()))
+      bar.set_postfix(tokens_per_s=f"{made[0] / (time.perf_counter() - started):,.0f}")
+
+  texts = _Texts(ds, text_field, todo[0] * k) if todo else None
+  for i in range(todo[0] if todo else num_shards, num_shards):
+    count = min(k, n - i * k)
+    if i not in todo:
+      texts.skip(count)
+      continue
+    tokens = _write_shard(directory / f"{shard_name(i)}.npy",
+                          _tokenized_batches(texts.take(count), tokenizer, dtype), dtype, on_part)
     _write_json(directory / f"{shard_name(i)}.json",
-                {"documents": last - first, "tokens": len(shard), "tokenizer": plan["tokenizer"]})
+                {"documents": count, "tokens": tokens, "tokenizer": plan["tokenizer"]})
   if bar is not None:
     bar.close()
 
@@ -172,7 +274,7 @@ def prepare(ds, tokenizer, text_field: str, out: str,
     shard.pop("tokenizer")
   _write_json(directory / INDEX, {**plan, "tokens": sum(s["tokens"] for s in shards),
                                   "shards": shards})
-  (directory / PLAN).unlink()
+  (directory / PLAN).unlink(missing_ok=True)  # (another process may have done the same)
   return open_shards(out, tokenizer)
 
 
@@ -261,7 +363,7 @@ class Shards:
 def read_tokenizer(path: str):
   """The tokenizer saved with the shards in `path`."""
   from llm import tokenizer as tokenizer_lib
-  folder = epath.Path(path) / "tokenizer"
+  folder = _folder(path) / "tokenizer"
   if not folder.exists():
     open_shards(path)  # says what is wrong with the folder
     raise UserError(f"{path} has no tokenizer/ folder; prepare it again with python -m llm.prepare")
@@ -275,7 +377,7 @@ def read_tokenizer(path: str):
 def open_shards(path: str, tokenizer=None) -> Shards:
   """The shards prepared in `path`, checked: complete, of `tokenizer` (when given), not
   truncated. Local shards are memory-mapped; nothing is read yet."""
-  directory = epath.Path(path)
+  directory = _folder(path)
   if not directory.exists():
     raise UserError(f"data.prepared={path!r}: no such folder; prepare it with python -m "
                     "llm.prepare --config=... --out=FOLDER")

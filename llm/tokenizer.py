@@ -8,9 +8,13 @@
 `build` makes the one a config asks for; `load` reads the copy a run saved in DIR/tokenizer/.
 """
 
+import concurrent.futures
+import functools
 import json
 import os
 from collections.abc import Iterable, Sequence
+
+import numpy as np
 
 from llm.errors import UserError
 
@@ -32,6 +36,10 @@ class Tokenizer:
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [self.encode(t) for t in texts]
+
+  def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+    """`encode_batch` as one integer array per text: what preparing a corpus writes."""
+    return [np.asarray(ids, np.int64) for ids in self.encode_batch(texts)]
 
   def decode(self, ids: Iterable[int]) -> str:
     raise NotImplementedError
@@ -200,6 +208,13 @@ class GPT2Tokenizer(Tokenizer):
 
   def encode_batch(self, texts):
     return self._enc.encode_batch(list(texts), allowed_special="all")
+
+  def encode_arrays(self, texts):
+    # tiktoken's arrays skip the Python integers: tokenizing on all cores, nothing else
+    # holds Python's lock.
+    encode = functools.partial(self._enc.encode_to_numpy, allowed_special="all")
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+      return list(pool.map(encode, texts))
 
   def decode(self, ids):
     return self._enc.decode([int(i) for i in ids])

@@ -51,24 +51,22 @@ def test_a_killed_preparation_completes_to_the_same_shards(tmp_path, docs, gpt2,
   whole = tmp_path / "whole"
   token_shards.prepare(docs, gpt2, "text", str(whole), documents_per_shard=4, progress=False)
   killed = tmp_path / "killed"
-  real_save, saves = np.save, []
+  real_encode, encoded = token_shards.encode_documents, []
 
-  def save_then_die(f, array):
-    if len(saves) == 2:  # the third shard: killed while writing it
-      f.write(b"half a shard")
+  def encode_then_die(texts, *args):
+    if len(encoded) == 2:  # killed while the third shard is being written
       raise KeyboardInterrupt
-    saves.append(len(array))
-    real_save(f, array)
+    encoded.append(len(texts))
+    return real_encode(texts, *args)
 
-  monkeypatch.setattr(np, "save", save_then_die)
+  monkeypatch.setattr(token_shards, "encode_documents", encode_then_die)
   with pytest.raises(KeyboardInterrupt):
     token_shards.prepare(docs, gpt2, "text", str(killed), documents_per_shard=4, progress=False)
-  monkeypatch.setattr(np, "save", real_save)
+  assert [n for n in os.listdir(killed) if n.endswith(".tmp")]  # the shard it was writing
   assert not (killed / "index.json").exists() and (killed / "00001.json").exists()
   with pytest.raises(UserError, match="unfinished"):  # not readable as it is
     token_shards.open_shards(str(killed), gpt2)
-  encoded = []
-  real_encode = token_shards.encode_documents
+  encoded.clear()
   monkeypatch.setattr(token_shards, "encode_documents",
                       lambda texts, *a: encoded.append(len(texts)) or real_encode(texts, *a))
   token_shards.prepare(docs, gpt2, "text", str(killed), documents_per_shard=4, progress=False)
