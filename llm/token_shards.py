@@ -19,6 +19,7 @@ etils.epath; local shards are memory-mapped, remote ones read by byte range.
 
 import collections
 import concurrent.futures
+import ctypes
 import json
 import os
 import shutil
@@ -171,6 +172,16 @@ class _Texts:
       pass
 
 
+def _return_freed_memory():
+  """A callable that hands memory freed by the tokenizer's threads back to the system (glibc's
+  malloc_trim): their allocator arenas otherwise keep every batch's peak, and resident memory
+  grows with the corpus (1 GB: 655 MB instead of 515 MB). Elsewhere, nothing to do."""
+  try:
+    return ctypes.CDLL("libc.so.6").malloc_trim
+  except (OSError, AttributeError):
+    return lambda pad: None
+
+
 HEADER = 128  # bytes: a shard's .npy header, padded, so its token count is written last
 
 
@@ -248,7 +259,10 @@ def prepare(ds, tokenizer, text_field: str, out: str,
     bar = tqdm.tqdm(total=n, initial=n - sum(min(k, n - i * k) for i in todo), unit="doc",
                     desc="tokenizing", smoothing=0.1, dynamic_ncols=True)
 
+  trim = _return_freed_memory()
+
   def on_part(part):
+    trim(0)
     made[0] += len(part)
     if bar is not None:
       bar.update(int((part == tokenizer.eot_id).sum()))
