@@ -34,7 +34,8 @@ from llm.errors import UserError
 FORMAT = "llm-token-shards/1"
 INDEX, PLAN = "index.json", "plan.json"
 DOCUMENTS_PER_SHARD = 20_000  # OpenWebText: about 100 MB of text, 25M tokens, per shard
-BATCH = 1_000  # documents tokenized at once
+BATCH = 1_000  # documents tokenized at once, at most ...
+BATCH_CHARS = 2_000_000  # ... and characters
 
 
 def _is_local(path) -> bool:
@@ -107,17 +108,20 @@ def encode_documents(texts, tokenizer, dtype) -> np.ndarray:
 
 
 def _tokenized_batches(batches, tokenizer, dtype, ahead: int = 2):
-  """`encode_documents` of each batch of texts, in order; `ahead` batches are tokenized at once
-  (each by the tokenizer's batch API, on every core), so that one batch's tokenizing overlaps
-  another's conversion into an array, which holds Python's lock."""
+  """(`encode_documents` of each batch of texts, its number of documents), in order; `ahead`
+  batches are tokenized at once (each by the tokenizer's batch API, on every core), so that
+  one batch's tokenizing overlaps another's conversion into an array, which holds Python's
+  lock."""
   with concurrent.futures.ThreadPoolExecutor(ahead) as pool:
     pending = collections.deque()
     for batch in batches:
-      pending.append(pool.submit(encode_documents, batch, tokenizer, dtype))
+      pending.append((pool.submit(encode_documents, batch, tokenizer, dtype), len(batch)))
       if len(pending) > ahead:
-        yield pending.popleft().result()
+        future, count = pending.popleft()
+        yield future.result(), count
     while pending:
-      yield pending.popleft().result()
+      future, count = pending.popleft()
+      yield future.result(), count
 
 
 def _shard_done(directory: epath.Path, i: int, fingerprint: str, itemsize: int) -> bool:
@@ -159,12 +163,17 @@ class _Texts:
           seen += rows
 
   def take(self, n: int):
-    """The next `n` texts, in lists of at most BATCH."""
+    """The next `n` texts, in lists of at most BATCH texts or BATCH_CHARS characters (one
+    longer text alone), so that the memory a batch takes does not depend on the corpus."""
     while n > 0:
-      if not self._left:
-        self._left = next(self._chunks)
-      batch, self._left = self._left[:min(n, BATCH)], self._left[min(n, BATCH):]
-      n -= len(batch)
+      batch, chars = [], 0
+      while n > 0 and len(batch) < BATCH and chars < BATCH_CHARS:
+        if not self._left:
+          self._left = collections.deque(next(self._chunks))
+        text = self._left.popleft()
+        batch.append(text)
+        chars += len(text or "")
+        n -= 1
       yield batch
 
   def skip(self, n: int) -> None:
@@ -182,6 +191,11 @@ def _return_freed_memory():
     return lambda pad: None
 
 
+def _release_arrow_memory():
+  import pyarrow as pa
+  pa.default_memory_pool().release_unused()
+
+
 HEADER = 128  # bytes: a shard's .npy header, padded, so its token count is written last
 
 
@@ -193,19 +207,20 @@ def _npy_header(dtype, length: int) -> bytes:
   return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
 
 
-def _write_shard(path: epath.Path, parts, dtype, on_part=lambda part: None) -> int:
-  """Writes the arrays `parts` one after another as one .npy file at `path`, never holding more
-  than one part; returns the number of tokens. Written locally, then moved into place."""
+def _write_shard(path: epath.Path, parts, dtype, on_part=lambda part, documents: None) -> int:
+  """Writes the arrays of `parts` ((tokens, documents) pairs) one after another as one .npy
+  file at `path`, never holding more than one; returns the number of tokens. Written locally,
+  then moved into place."""
   local = _is_local(path)
   tmp = (path.parent / f".{path.name}.{os.getpid()}.tmp" if local
          else epath.Path(tempfile.mkstemp(suffix=".npy")[1]))
   length = 0
   with open(os.fspath(tmp), "wb") as f:
     f.write(b"\0" * HEADER)
-    for part in parts:
+    for part, documents in parts:
       f.write(part.tobytes())
       length += len(part)
-      on_part(part)
+      on_part(part, documents)
     f.seek(0)
     f.write(_npy_header(dtype, length))
   if local:
@@ -260,12 +275,14 @@ def prepare(ds, tokenizer, text_field: str, out: str,
                     desc="tokenizing", smoothing=0.1, dynamic_ncols=True)
 
   trim = _return_freed_memory()
+  _release_arrow_memory()  # what reading the corpus (datasets, Arrow) left allocated
+  trim(0)
 
-  def on_part(part):
+  def on_part(part, documents):
     trim(0)
     made[0] += len(part)
     if bar is not None:
-      bar.update(int((part == tokenizer.eot_id).sum()))
+      bar.update(documents)
       bar.set_postfix(tokens_per_s=f"{made[0] / (time.perf_counter() - started):,.0f}")
 
   texts = _Texts(ds, text_field, todo[0] * k) if todo else None

@@ -211,10 +211,11 @@ class GPT2Tokenizer(Tokenizer):
 
   def encode_arrays(self, texts):
     # tiktoken's arrays skip the Python integers: tokenizing on all cores, nothing else
-    # holds Python's lock.
-    encode = functools.partial(self._enc.encode_to_numpy, allowed_special="all")
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-      return list(pool.map(encode, texts))
+    # holds Python's lock. The threads last (each new thread would take memory of its own).
+    if not hasattr(self, "_pool"):
+      self._pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count(), "tokenize")
+    return list(self._pool.map(functools.partial(self._enc.encode_to_numpy,
+                                                 allowed_special="all"), texts))
 
   def decode(self, ids):
     return self._enc.decode([int(i) for i in ids])
