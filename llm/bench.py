@@ -12,9 +12,9 @@ arguments, per device) and times it after one warm-up step on batches already on
 and without the KV cache, and prints the ratio and the cache's size.
 `data` measures the data path of the config's tokenizer on corpora of --corpus_mb megabytes
 (JSON lines of CPython's documentation and standard library sources, made once in
---corpus_dir): the tokenizer's own batch throughput on all cores, preparation's throughput on
-the same text (in this process, the corpus already read by `datasets`), `python -m llm.prepare`'s
-wall time and peak resident memory per corpus, and the time from starting `python -m llm.train`
+--corpus_dir): the tokenizer's own batch throughput on all cores on the smallest corpus held in
+memory, preparation's throughput on the same text (streamed from the file, as llm.prepare
+reads it), `python -m llm.prepare`'s wall time and peak resident memory per corpus, and the time from starting `python -m llm.train`
 on the largest prepared corpus (the config's `:tiny` model shape) to its first step.
 
     python -m llm.bench data --config=configs/gpt_small.py --config.tokenizer.path=DIR \
@@ -36,7 +36,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from llm import cli, config as config_lib, data, sharding
+from llm import cli, config as config_lib, data, sharding, streaming
 from llm import model as model_lib
 from llm.errors import UserError
 from llm.sampling import generate_tokens
@@ -258,11 +258,11 @@ def make_corpus(path: str, megabytes: int) -> str:
   return path
 
 
-def _peak_rss_run(command: list[str], env: dict) -> tuple[float, float, str]:
+def _peak_rss_run(command: list[str]) -> tuple[float, float, str]:
   """(seconds, peak resident MB, stderr) of a command run to its end."""
   started = time.perf_counter()
   process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True, env=env)
+                             text=True)
   stderr = process.stderr.read()
   _, status, usage = os.wait4(process.pid, 0)
   if status:
@@ -285,14 +285,12 @@ def bench_data(cfg, sizes_mb: list[int], workdir: str) -> dict:
   corpora = {mb: make_corpus(os.path.join(workdir, f"corpus-{mb}MB.jsonl"), mb)
              for mb in sizes_mb}
   result = {}
-  hf_cache = os.path.join(workdir, "datasets-cache")  # datasets' copy of each corpus
-  shutil.rmtree(hf_cache, ignore_errors=True)
-  for mb, corpus in corpora.items():  # the whole command: datasets' reading, tokenizing, writing
+  for mb, corpus in corpora.items():  # the whole command: reading, tokenizing, writing
     out = os.path.join(workdir, f"shards-{mb}MB")
     shutil.rmtree(out, ignore_errors=True)
     seconds, rss, _ = _peak_rss_run(
         [sys.executable, "-m", "llm.prepare", *_config_flags(), f"--config.data.path={corpus}",
-         "--config.data.hf_name=", f"--out={out}"], dict(os.environ, HF_DATASETS_CACHE=hf_cache))
+         "--config.data.hf_name=", f"--out={out}"])
     result[f"prepare_{mb}MB_seconds"] = seconds
     result[f"prepare_{mb}MB_peak_rss_mb"] = rss
   smallest, largest = min(sizes_mb), max(sizes_mb)
@@ -300,12 +298,9 @@ def bench_data(cfg, sizes_mb: list[int], workdir: str) -> dict:
                                               / result[f"prepare_{smallest}MB_peak_rss_mb"])
 
   # Throughput on the smallest corpus, side by side: the tokenizer's batch API alone on texts in
-  # memory, then preparation (datasets' copy of the corpus already made by the run above).
-  import datasets
-  datasets.config.HF_DATASETS_CACHE = hf_cache
-  docs = data.load_documents(config_lib.replace(cfg, {"data.path": corpora[smallest],
-                                                      "data.hf_name": ""}).data)
-  texts = docs["text"]
+  # memory, then preparation as llm.prepare does it (the corpus streamed, tokenized, written).
+  with open(corpora[smallest]) as f:
+    texts = [json.loads(line)["text"] for line in f]
   started, tokens = time.perf_counter(), 0
   for i in range(0, len(texts), token_shards.BATCH):
     tokens += sum(map(len, tokenizer.encode_batch(texts[i:i + token_shards.BATCH])))
@@ -313,13 +308,14 @@ def bench_data(cfg, sizes_mb: list[int], workdir: str) -> dict:
   del texts
   out = os.path.join(workdir, "shards-throughput")
   shutil.rmtree(out, ignore_errors=True)
+  stream = streaming.open_documents(config_lib.replace(
+      cfg, {"data.path": corpora[smallest], "data.hf_name": ""}).data)
   started = time.perf_counter()
-  shards = token_shards.prepare(docs, tokenizer, "text", out, progress=False)
+  shards = token_shards.prepare(stream, tokenizer, "text", out, progress=False, source="bench")
   result["prepare_tokens_per_sec"] = shards.index["tokens"] / (time.perf_counter() - started)
   result["prepare_over_tokenizer"] = (result["prepare_tokens_per_sec"]
                                       / result["tokenizer_tokens_per_sec"])
   shutil.rmtree(out, ignore_errors=True)
-  shutil.rmtree(hf_cache, ignore_errors=True)
 
   # From `python -m llm.train` to its first step, on the largest corpus's shards.
   with tempfile.TemporaryDirectory() as run:

@@ -163,22 +163,57 @@ def texts(ds, text_field: str, max_chars: int):
       return
 
 
-def token_stream(ds, tokenizer, text_field: str, cache_dir: str) -> token_shards.Tokens:
+def token_stream(data_cfg, ds, tokenizer, cache_dir: str = "") -> token_shards.Tokens:
   """All documents' tokens, each followed by end-of-text, memory-mapped.
 
-  Tokenized once into shards (token_shards.prepare) under the cache folder, by (data, tokenizer,
-  text field): a second run on the same data reads them instead of tokenizing again.
+  Tokenized once into shards (token_shards.prepare) in the cache folder of (the data
+  `data_cfg` names, tokenizer, text field): a later run on the same data reads them instead of
+  tokenizing again, and so does one after `python -m llm.prepare` of the same config.
   """
-  return token_shards.prepare(ds, tokenizer, text_field,
-                              token_cache(ds, tokenizer, text_field, cache_dir)).tokens
+  folder = token_cache(data_cfg, tokenizer, cache_dir)
+  try:
+    return token_shards.prepare(ds, tokenizer, data_cfg.text_field, folder,
+                                source=source_key(data_cfg)).tokens
+  except token_shards.ReadError as e:
+    raise read_error(data_cfg, e.args[0]) from None
 
 
-def token_cache(ds, tokenizer, text_field: str, cache_dir: str) -> str:
+def source_key(data_cfg) -> str:
+  """What names a corpus: the hub data set, the local files (with their sizes and times, so
+  that an edited file is tokenized again) or the embedded corpus."""
+  if data_cfg.hf_name:
+    return f"hub|{data_cfg.hf_name}|{data_cfg.hf_config}|{data_cfg.split}"
+  if data_cfg.path:
+    files = _local_files(data_cfg.path, data_cfg.format)
+    return "files|" + "|".join(
+        f"{os.path.abspath(f)}:{os.path.getsize(f)}:{os.stat(f).st_mtime_ns}" for f in files) + (
+            f"|{data_cfg.format}|{data_cfg.columns}")
+  from pydoc_data.topics import topics
+  return "embedded|" + hashlib.sha256("".join(topics[k] for k in sorted(topics)).encode()
+                                      ).hexdigest()[:16]
+
+
+def token_cache(data_cfg, tokenizer, cache_dir: str = "") -> str:
   """The cache folder of the shards of (data, tokenizer, text field)."""
-  cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "llm")
-  key = hashlib.sha256(
-      f"{ds._fingerprint}|{tokenizer.fingerprint()}|{text_field}".encode()).hexdigest()[:20]
+  cache_dir = cache_dir or data_cfg.cache_dir or os.path.join(
+      os.path.expanduser("~"), ".cache", "llm")
+  key = hashlib.sha256(f"{source_key(data_cfg)}|{tokenizer.fingerprint()}|"
+                       f"{data_cfg.text_field}".encode()).hexdigest()[:20]
   return os.path.join(cache_dir, f"tokens-{key}")
+
+
+def read_error(data_cfg, error) -> UserError:
+  """One line for documents that could not be read: what in the local files is wrong, or
+  the error's first line."""
+  where = data_cfg.hf_name or data_cfg.path or "the embedded corpus"
+  if data_cfg.path and not data_cfg.hf_name:
+    files = _local_files(data_cfg.path, data_cfg.format)
+    fmt = data_cfg.format or EXTENSIONS.get(os.path.splitext(files[0])[1].lower(), "")
+    problem = _find_problem(files, fmt)
+    if problem:
+      return UserError(f"could not read data.path={where!r}: {problem}")
+  first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return UserError(f"could not read data from {where!r}: {first[:300]}")
 
 
 def split(tokens, val_fraction: float) -> tuple[token_shards.Tokens, token_shards.Tokens]:

@@ -38,9 +38,9 @@ def evaluate_lm(run: rundir.Run, path: str = "", text_field: str = "text",
   training window for its own split)."""
   cfg = run.cfg
   if path:
-    docs = data.load_documents(ml_collections.ConfigDict(
-        {"hf_name": "", "path": path, "text_field": text_field}))
-    tokens = data.token_stream(docs, run.tokenizer, text_field, cache_dir)
+    data_cfg = ml_collections.ConfigDict({"hf_name": "", "path": path, "text_field": text_field,
+                                          "format": "", "columns": "", "cache_dir": cache_dir})
+    tokens = data.token_stream(data_cfg, data.load_documents(data_cfg), run.tokenizer)
   else:
     if cfg.data.streaming:
       raise UserError("a streamed run holds out the first windows of its stream; evaluate it "

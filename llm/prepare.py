@@ -5,8 +5,10 @@
 
 Without --out the shards go where `llm.train` looks for the same data and tokenizer (the cache
 folder, data.cache_dir), so a later run starts at once. Every core tokenizes (the tokenizer's
-own batch API), memory stays at one shard whatever the corpus size, and a killed preparation,
-started again, completes the shards it had not written. The format: llm/token_shards.py.
+own batch API), the corpus is read as a stream (no copy of it first: a hub data set is not
+downloaded whole), memory stays at a few batches of documents whatever the corpus size, and a
+killed preparation, started again, completes the shards it had not written. The format:
+llm/token_shards.py.
 """
 
 import tempfile
@@ -15,7 +17,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from llm import cli, config as config_lib, data, tasks, token_shards
+from llm import cli, config as config_lib, data, streaming, tasks, token_shards
 from llm import tokenizer as tokenizer_lib
 from llm.errors import UserError
 
@@ -39,12 +41,16 @@ def prepare(cfg, out: str = "", documents_per_shard: int = token_shards.DOCUMENT
                     "reads neither data.prepared nor a stream")
   if documents_per_shard < 1:
     raise UserError(f"--documents_per_shard={documents_per_shard}: use a positive number")
-  docs = tasks.load_data(cfg)
   with tempfile.TemporaryDirectory() as tmp:
-    tokenizer = tokenizer_lib.build(cfg, tasks.texts(cfg, docs), tmp)
-  out = out or data.token_cache(docs, tokenizer, cfg.data.text_field, cfg.data.cache_dir)
-  return token_shards.prepare(docs, tokenizer, cfg.data.text_field, out, documents_per_shard,
-                              progress)
+    tokenizer = tokenizer_lib.build(cfg, tasks.texts(cfg, streaming.open_documents(cfg.data)),
+                                    tmp)
+  out = out or data.token_cache(cfg.data, tokenizer)
+  try:  # the corpus read as a stream: no copy of it first, whatever its size
+    return token_shards.prepare(streaming.open_documents(cfg.data), tokenizer,
+                                cfg.data.text_field, out, documents_per_shard, progress,
+                                source=data.source_key(cfg.data))
+  except token_shards.ReadError as e:
+    raise data.read_error(cfg.data, e.args[0]) from None
 
 
 def main(argv):

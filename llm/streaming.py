@@ -34,7 +34,8 @@ QUEUE = 16  # tokenized batches made ahead
 def open_documents(data_cfg):
   """The documents of data.hf_name (or data.path's files) as a `datasets.IterableDataset`."""
   import datasets
-  datasets.logging.set_verbosity_error()
+  # A file that does not parse is said in one line (data.read_error), not logged on the way.
+  datasets.logging.set_verbosity(datasets.logging.CRITICAL)
   try:
     if data_cfg.hf_name:
       ds = datasets.load_dataset(data_cfg.hf_name, data_cfg.hf_config or None,

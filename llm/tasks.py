@@ -51,7 +51,7 @@ def token_stream(cfg, docs, tokenizer, cache_dir: str = ""):
   the cache."""
   if cfg.data.prepared:
     return token_shards.open_shards(cfg.data.prepared, tokenizer).tokens
-  return data.token_stream(docs, tokenizer, cfg.data.text_field, cache_dir or cfg.data.cache_dir)
+  return data.token_stream(cfg.data, docs, tokenizer, cache_dir)
 
 
 def fields(cfg) -> tuple[str, ...]:

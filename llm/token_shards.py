@@ -134,47 +134,68 @@ def _shard_done(directory: epath.Path, i: int, fingerprint: str, itemsize: int) 
           and _npy_size(array) == _npy_header_size(array) + saved["tokens"] * itemsize)
 
 
+class ReadError(Exception):
+  """The documents could not be read (a malformed file, a network error): `cause` says why."""
+
+
 class _Texts:
   """The documents' texts in order from document `first`, taken shard by shard.
 
-  A data set read from files is read from its Arrow files with plain reads: memory-mapped
-  pages would count as resident memory, growing with the corpus.
+  `ds` is a `datasets.Dataset` or a streamed `IterableDataset`. A Dataset read from files is
+  read from its Arrow files with plain reads: memory-mapped pages would count as resident
+  memory, growing with the corpus.
   """
 
   def __init__(self, ds, text_field: str, first: int):
-    self._chunks, self._left = self._read(ds, text_field, first), []
+    self._chunks, self._left = self._read(ds, text_field, first), collections.deque()
+    self.taken = 0  # texts handed out (or skipped) since `first`
 
   @staticmethod
   def _read(ds, text_field, first):
-    files = [f["filename"] for f in ds.cache_files]
-    if not files or ds._indices is not None or ds.format["type"] is not None:
-      for start in range(first, len(ds), BATCH):
-        yield ds[start:start + BATCH][text_field]
-      return
-    import pyarrow as pa
-    seen = 0
-    for file in files:
-      with pa.OSFile(file) as source:
-        for record_batch in pa.ipc.open_stream(source):
-          rows = record_batch.num_rows
-          if seen + rows > first:
-            texts = record_batch.column(text_field)
-            yield texts.slice(max(first - seen, 0)).to_pylist()
-          seen += rows
+    try:
+      files = [f["filename"] for f in getattr(ds, "cache_files", [])]
+      if not hasattr(ds, "cache_files"):  # a stream
+        seen = 0
+        for batch in ds.iter(batch_size=BATCH):
+          texts = batch[text_field]
+          if seen + len(texts) > first:
+            yield texts[max(first - seen, 0):]
+          seen += len(texts)
+      elif not files or ds._indices is not None or ds.format["type"] is not None:
+        for start in range(first, len(ds), BATCH):
+          yield ds[start:start + BATCH][text_field]
+      else:
+        import pyarrow as pa
+        seen = 0
+        for file in files:
+          with pa.OSFile(file) as source:
+            for record_batch in pa.ipc.open_stream(source):
+              rows = record_batch.num_rows
+              if seen + rows > first:
+                yield record_batch.column(text_field).slice(max(first - seen, 0)).to_pylist()
+              seen += rows
+    except Exception as e:  # datasets, pyarrow and the network raise many types
+      raise ReadError(e) from e
 
   def take(self, n: int):
-    """The next `n` texts, in lists of at most BATCH texts or BATCH_CHARS characters (one
-    longer text alone), so that the memory a batch takes does not depend on the corpus."""
+    """Up to `n` more texts (fewer at the end of the data), in lists of at most BATCH texts or
+    BATCH_CHARS characters (one longer text alone), so that the memory a batch takes does not
+    depend on the corpus."""
     while n > 0:
       batch, chars = [], 0
       while n > 0 and len(batch) < BATCH and chars < BATCH_CHARS:
         if not self._left:
-          self._left = collections.deque(next(self._chunks))
+          self._left.extend(next(self._chunks, ()))
+          if not self._left:
+            n = 0
+            break
         text = self._left.popleft()
         batch.append(text)
         chars += len(text or "")
         n -= 1
-      yield batch
+      self.taken += len(batch)
+      if batch:
+        yield batch
 
   def skip(self, n: int) -> None:
     for _ in self.take(n):
@@ -232,12 +253,15 @@ def _write_shard(path: epath.Path, parts, dtype, on_part=lambda part, documents:
 
 
 def prepare(ds, tokenizer, text_field: str, out: str,
-            documents_per_shard: int = DOCUMENTS_PER_SHARD, progress: bool = True) -> "Shards":
-  """Tokenizes the `datasets.Dataset` `ds` into shards in `out`; returns them opened.
+            documents_per_shard: int = DOCUMENTS_PER_SHARD, progress: bool = True,
+            source: str = "") -> "Shards":
+  """Tokenizes the documents of `ds` (a `datasets.Dataset`, or an `IterableDataset` read as a
+  stream: no copy of the corpus first) into shards in `out`; returns them opened.
 
-  A folder that is already complete is opened as it is (after checking that it holds this
-  tokenizer's shards); one left by a killed preparation of the same data is completed. Memory
-  stays at a few batches of documents whatever the corpus and shard sizes.
+  `source` names the data (default: the Dataset's fingerprint). A folder that is already
+  complete is opened as it is (after checking that it holds this tokenizer's shards); one left
+  by a killed preparation of the same data is completed. Memory stays at a few batches of
+  documents whatever the corpus and shard sizes.
   """
   directory = _folder(out)
   if (directory / INDEX).exists():
@@ -245,9 +269,8 @@ def prepare(ds, tokenizer, text_field: str, out: str,
   directory.mkdir(parents=True, exist_ok=True)
   dtype = dtype_for(tokenizer.vocab_size)
   plan = {"format": FORMAT, "tokenizer": tokenizer.fingerprint(), "eot_id": tokenizer.eot_id,
-          "dtype": np.dtype(dtype).name, "documents": len(ds),
-          "documents_per_shard": documents_per_shard, "source": ds._fingerprint,
-          "text_field": text_field}
+          "dtype": np.dtype(dtype).name, "documents_per_shard": documents_per_shard,
+          "source": source or ds._fingerprint, "text_field": text_field}
   if (directory / PLAN).exists():
     unfinished = _read_json(directory / PLAN, "the preparation's plan")
     if unfinished != plan:
@@ -263,17 +286,17 @@ def prepare(ds, tokenizer, text_field: str, out: str,
     for name in os.listdir(tmp):
       (directory / "tokenizer" / name).write_bytes(open(os.path.join(tmp, name), "rb").read())
 
-  n, k = len(ds), documents_per_shard
-  num_shards = -(-n // k)
-  itemsize = np.dtype(dtype).itemsize
-  todo = [i for i in range(num_shards)
-          if not _shard_done(directory, i, plan["tokenizer"], itemsize)]
+  k, itemsize = documents_per_shard, np.dtype(dtype).itemsize
+  done = 0  # the shards before the first one to write
+  while _shard_done(directory, done, plan["tokenizer"], itemsize):
+    done += 1
+  records = [_read_json(directory / f"{shard_name(i)}.json", f"the record of shard {i}")
+             for i in range(done)]
   bar, started, made = None, time.perf_counter(), [0]
   if progress:
     import tqdm
-    bar = tqdm.tqdm(total=n, initial=n - sum(min(k, n - i * k) for i in todo), unit="doc",
-                    desc="tokenizing", smoothing=0.1, dynamic_ncols=True)
-
+    bar = tqdm.tqdm(total=_length(ds), initial=done * k, unit="doc", desc="tokenizing",
+                    smoothing=0.1, dynamic_ncols=True)
   trim = _return_freed_memory()
   _release_arrow_memory()  # what reading the corpus (datasets, Arrow) left allocated
   trim(0)
@@ -285,28 +308,50 @@ def prepare(ds, tokenizer, text_field: str, out: str,
       bar.update(documents)
       bar.set_postfix(tokens_per_s=f"{made[0] / (time.perf_counter() - started):,.0f}")
 
-  texts = _Texts(ds, text_field, todo[0] * k) if todo else None
-  for i in range(todo[0] if todo else num_shards, num_shards):
-    count = min(k, n - i * k)
-    if i not in todo:
-      texts.skip(count)
-      continue
-    tokens = _write_shard(directory / f"{shard_name(i)}.npy",
-                          _tokenized_batches(texts.take(count), tokenizer, dtype), dtype, on_part)
-    _write_json(directory / f"{shard_name(i)}.json",
-                {"documents": count, "tokens": tokens, "tokenizer": plan["tokenizer"]})
+  texts = _Texts(ds, text_field, done * k)
+  if records and records[-1]["documents"] < k:  # the last shard was written: nothing is left
+    texts = None
+  i = done
+  while texts is not None:
+    name = shard_name(i)
+    if _shard_done(directory, i, plan["tokenizer"], itemsize):  # written by another process
+      record = _read_json(directory / f"{name}.json", f"the record of shard {i}")
+      texts.skip(record["documents"])
+    else:
+      before = texts.taken
+      tokens = _write_shard(directory / f"{name}.npy",
+                            _tokenized_batches(texts.take(k), tokenizer, dtype), dtype, on_part)
+      record = {"documents": texts.taken - before, "tokens": tokens,
+                "tokenizer": plan["tokenizer"]}
+      if record["documents"] == 0:  # the data ended with the shard before
+        (directory / f"{name}.npy").unlink()
+        break
+      _write_json(directory / f"{name}.json", record)
+    records.append(record)
+    if record["documents"] < k:
+      break
+    i += 1
   if bar is not None:
     bar.close()
+  if not records:
+    raise UserError(f"the data for {out} holds no documents")
 
-  shards = [{"file": f"{shard_name(i)}.npy", **_read_json(directory / f"{shard_name(i)}.json",
-                                                          f"the record of shard {i}")}
-            for i in range(num_shards)]
-  for shard in shards:
-    shard.pop("tokenizer")
-  _write_json(directory / INDEX, {**plan, "tokens": sum(s["tokens"] for s in shards),
-                                  "shards": shards})
+  shards = [{"file": f"{shard_name(i)}.npy", "documents": r["documents"], "tokens": r["tokens"]}
+            for i, r in enumerate(records)]
+  _write_json(directory / INDEX, {**plan, "documents": sum(s["documents"] for s in shards),
+                                  "tokens": sum(s["tokens"] for s in shards), "shards": shards})
   (directory / PLAN).unlink(missing_ok=True)  # (another process may have done the same)
   return open_shards(out, tokenizer)
+
+
+def _length(ds) -> int | None:
+  """The number of documents, where it is known before reading them."""
+  try:
+    return len(ds)
+  except TypeError:  # a stream: the hub's count of the split, if it has one
+    splits = ds.info.splits or {}
+    split = splits.get(str(ds.split)) if ds.split else None
+    return split.num_examples if split and split.num_examples else None
 
 
 # ---------------------------------------------------------------------------------------------
