@@ -14,8 +14,9 @@ and without the KV cache, and prints the ratio and the cache's size.
 (JSON lines of CPython's documentation and standard library sources, made once in
 --corpus_dir): the tokenizer's own batch throughput on all cores on the smallest corpus held in
 memory, preparation's throughput on the same text (streamed from the file, as llm.prepare
-reads it), `python -m llm.prepare`'s wall time and peak resident memory per corpus, and the time from starting `python -m llm.train`
-on the largest prepared corpus (the config's `:tiny` model shape) to its first step.
+reads it), `python -m llm.prepare`'s wall time and peak resident memory per corpus, and the
+time from starting `python -m llm.train` on the largest prepared corpus (the config's `:tiny`
+model shape) to its first step.
 
     python -m llm.bench data --config=configs/gpt_small.py --config.tokenizer.path=DIR \
         [--corpus_mb=100,1000]

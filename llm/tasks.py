@@ -111,9 +111,10 @@ def build(cfg, docs, tokenizer, cache_dir: str = "", process_index=0, process_co
     objective = objectives.causal_lm(model, cfg.model.logits_chunk)
     if d.streaming:
       # A stream opened afresh: the one read to train the tokenizer has moved on.
-      batches, evals = streaming.lm_batches(streaming.open_documents(d), tokenizer, d.text_field, d.max_length,
-                                            d.stride, tr.batch_size, tr.grad_accum,
-                                            tr.eval_batches, d.shuffle_buffer, cfg.seed,
+      batches, evals = streaming.lm_batches(streaming.open_documents(d), tokenizer,
+                                            d.text_field, d.max_length, d.stride,
+                                            tr.batch_size, tr.grad_accum, tr.eval_batches,
+                                            d.shuffle_buffer, cfg.seed,
                                             eot_id=eot_id, **where)
       return Task(model, objective, batches, {"eval": evals},
                   f"a stream of {d.hf_name or d.path} tokenized on the fly; "

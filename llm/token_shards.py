@@ -135,7 +135,8 @@ def _shard_done(directory: epath.Path, i: int, fingerprint: str, itemsize: int) 
 
 
 class ReadError(Exception):
-  """The documents could not be read (a malformed file, a network error): `cause` says why."""
+  """The documents could not be read (a malformed file, a network error); its argument is the
+  error that says why."""
 
 
 class _Texts:

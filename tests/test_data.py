@@ -89,7 +89,8 @@ def test_tokens_are_cached(tmp_path, monkeypatch):
   import json
   from llm import tokenizer
   docs = data.embedded_corpus().select(range(5))
-  (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs["text"]))
+  (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                               for t in docs["text"]))
   cfg = _data_cfg(path=str(tmp_path / "docs.jsonl"), cache_dir=str(tmp_path / "cache"))
   tok = tokenizer.SentencePieceTokenizer.train(data.texts(docs, "text", 10**9), 512, str(tmp_path))
   first = np.asarray(data.token_stream(cfg, data.load_documents(cfg), tok))
