@@ -116,19 +116,23 @@ def test_scanned_lora_and_imported_weights_equal_unrolled_ones():
 
 @pytest.mark.parametrize("is_causal", [True, False])
 def test_splash_attention_equals_xla(is_causal):
-  # The TPU kernel, run by Pallas's interpreter here: causal (GPT) or bidirectional (BERT),
-  # with right padding as fine-tuning batches have. Outputs at real tokens and gradients equal
-  # the XLA formulation's.
+  # The TPU kernel, run by Pallas's interpreter here: causal (GPT, with documents packed into
+  # a window: data.document_masks) or bidirectional (BERT), with right padding as fine-tuning
+  # batches have. Outputs at real tokens and gradients equal the XLA formulation's.
   rng = np.random.default_rng(0)
   kv_heads = 2 if is_causal else 1  # bidirectional: also multi-query (1 key/value head of 2)
   q = jnp.asarray(rng.normal(size=(2, 128, 2, 32)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(2, 128, kv_heads, 32)), jnp.float32) for _ in range(2))
   valid = np.ones((2, 128), bool)
   valid[0, 100:] = False
+  documents = None
+  if is_causal:  # the second example: documents of 50, 30 and 48 tokens
+    documents = jnp.asarray(np.stack([np.zeros(128), np.searchsorted([50, 80], np.arange(128),
+                                                                     side="right")]), jnp.int32)
 
   def attend(impl):
     def out(q, k, v):
-      return attention.attend(q, k, v, jnp.asarray(valid)[:, None], is_causal, impl)
+      return attention.attend(q, k, v, jnp.asarray(valid)[:, None], is_causal, impl, documents)
     loss = lambda *qkv: jnp.mean(jnp.where(valid[..., None, None], out(*qkv), 0.0) ** 2)
     return jax.jit(out)(q, k, v)[valid], jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
