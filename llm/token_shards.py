@@ -131,7 +131,7 @@ def _shard_done(directory: epath.Path, i: int, fingerprint: str, itemsize: int) 
     return False
   saved = _read_json(record, f"the record of shard {i}")
   return (saved.get("tokenizer") == fingerprint
-          and _npy_size(array) == _npy_header_size(array) + saved["tokens"] * itemsize)
+          and _npy_size(array) == HEADER + saved["tokens"] * itemsize)
 
 
 class ReadError(Exception):
@@ -218,7 +218,8 @@ def _release_arrow_memory():
   pa.default_memory_pool().release_unused()
 
 
-HEADER = 128  # bytes: a shard's .npy header, padded, so its token count is written last
+HEADER = 128  # bytes: every shard's .npy header, padded, so its token count is written last
+#               and a reader knows where the tokens start without reading it
 
 
 def _npy_header(dtype, length: int) -> bytes:
@@ -359,15 +360,6 @@ def _length(ds) -> int | None:
 # Reading
 
 
-def _npy_header_size(path: epath.Path) -> int:
-  with path.open("rb") as f:
-    version = np.lib.format.read_magic(f)
-    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-            else np.lib.format.read_array_header_2_0)
-    read(f)
-    return f.tell()
-
-
 def _npy_size(path: epath.Path) -> int:
   return path.stat().length
 
@@ -377,7 +369,7 @@ class _RemoteArray:
 
   def __init__(self, path: epath.Path, length: int, dtype):
     self.path, self.length, self.dtype = path, length, np.dtype(dtype)
-    self.offset = _npy_header_size(path)
+    self.offset = HEADER
 
   def __len__(self):
     return self.length
@@ -477,7 +469,7 @@ def open_shards(path: str, tokenizer=None) -> Shards:
     file = directory / shard["file"]
     if not file.exists():
       raise UserError(f"{file} is missing; prepare the data again")
-    expected = _npy_header_size(file) + shard["tokens"] * dtype.itemsize
+    expected = HEADER + shard["tokens"] * dtype.itemsize
     if _npy_size(file) != expected:
       raise UserError(f"{file} holds {_npy_size(file):,} bytes, not the {expected:,} its index "
                       "says: the shard is truncated or damaged; prepare the data again")
