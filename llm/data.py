@@ -163,17 +163,14 @@ def texts(ds, text_field: str, max_chars: int):
       return
 
 
-def token_stream(data_cfg, ds, tokenizer, cache_dir: str = "") -> token_shards.Tokens:
-  """All documents' tokens, each followed by end-of-text, memory-mapped.
-
-  Tokenized once into shards (token_shards.prepare) in the cache folder of (the data
-  `data_cfg` names, tokenizer, text field): a later run on the same data reads them instead of
-  tokenizing again, and so does one after `python -m llm.prepare` of the same config.
-  """
-  folder = token_cache(data_cfg, tokenizer, cache_dir)
+def prepare_tokens(data_cfg, ds, tokenizer, out: str,
+                   documents_per_shard: int = token_shards.DOCUMENTS_PER_SHARD,
+                   progress: bool = True) -> token_shards.Shards:
+  """The documents of `ds` (the data `data_cfg` names) tokenized into shards in `out`, once:
+  a folder already complete is opened, one left unfinished is completed."""
   try:
-    return token_shards.prepare(ds, tokenizer, data_cfg.text_field, folder,
-                                source=source_key(data_cfg)).tokens
+    return token_shards.prepare(ds, tokenizer, data_cfg.text_field, out, documents_per_shard,
+                                progress, source=source_key(data_cfg))
   except token_shards.ReadError as e:
     raise read_error(data_cfg, e.args[0]) from None
 
@@ -194,7 +191,8 @@ def source_key(data_cfg) -> str:
 
 
 def token_cache(data_cfg, tokenizer, cache_dir: str = "") -> str:
-  """The cache folder of the shards of (data, tokenizer, text field)."""
+  """The cache folder of the shards of (data, tokenizer, text field): where a run's token
+  stream is prepared and read (and `python -m llm.prepare` writes without --out)."""
   cache_dir = cache_dir or data_cfg.cache_dir or os.path.join(
       os.path.expanduser("~"), ".cache", "llm")
   key = hashlib.sha256(f"{source_key(data_cfg)}|{tokenizer.fingerprint()}|"

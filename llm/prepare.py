@@ -17,7 +17,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from llm import cli, config as config_lib, data, streaming, tasks, token_shards
+from llm import cli, config as config_lib, data, tasks, token_shards
 from llm import tokenizer as tokenizer_lib
 from llm.errors import UserError
 
@@ -41,16 +41,11 @@ def prepare(cfg, out: str = "", documents_per_shard: int = token_shards.DOCUMENT
                     "reads neither data.prepared nor a stream")
   if documents_per_shard < 1:
     raise UserError(f"--documents_per_shard={documents_per_shard}: use a positive number")
+  docs = tasks.load_data(cfg)  # a stream: no copy of the corpus first, whatever its size
   with tempfile.TemporaryDirectory() as tmp:
-    tokenizer = tokenizer_lib.build(cfg, tasks.texts(cfg, streaming.open_documents(cfg.data)),
-                                    tmp)
+    tokenizer = tokenizer_lib.build(cfg, tasks.texts(cfg, docs), tmp)
   out = out or data.token_cache(cfg.data, tokenizer)
-  try:  # the corpus read as a stream: no copy of it first, whatever its size
-    return token_shards.prepare(streaming.open_documents(cfg.data), tokenizer,
-                                cfg.data.text_field, out, documents_per_shard, progress,
-                                source=data.source_key(cfg.data))
-  except token_shards.ReadError as e:
-    raise data.read_error(cfg.data, e.args[0]) from None
+  return data.prepare_tokens(cfg.data, docs, tokenizer, out, documents_per_shard, progress)
 
 
 def main(argv):

@@ -19,6 +19,7 @@ shuffle over the whole corpus and no tokenizing during training: prefer them for
 """
 
 import copy
+import os
 import queue
 import threading
 
@@ -31,34 +32,50 @@ BATCH = 64  # documents tokenized at once
 QUEUE = 16  # tokenized batches made ahead
 
 
-def open_documents(data_cfg):
-  """The documents of data.hf_name (or data.path's files) as a `datasets.IterableDataset`."""
+def open_documents(data_cfg, check: bool = True):
+  """The documents of data.hf_name (or data.path's files, or the embedded corpus) as a
+  `datasets.IterableDataset`: read as they are needed, nothing downloaded or copied first.
+  `check`: as data.load_documents checks (empty files, the text field), on the first record;
+  the stream's state then is no longer its beginning (see Windows)."""
   import datasets
   # A file that does not parse is said in one line (data.read_error), not logged on the way.
   datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+  where = data_cfg.hf_name or data_cfg.path
   try:
     if data_cfg.hf_name:
       ds = datasets.load_dataset(data_cfg.hf_name, data_cfg.hf_config or None,
                                  split=data_cfg.split, streaming=True)
     elif data_cfg.path:
       files = data._local_files(data_cfg.path, data_cfg.format)
-      ext = files[0].rsplit(".", 1)[-1].lower()
-      fmt = data_cfg.format or data.EXTENSIONS.get("." + ext, "text")
+      if all(os.path.getsize(f) == 0 for f in files):
+        raise UserError(f"data.path={data_cfg.path!r} is empty")
+      ext = os.path.splitext(files[0])[1].lower()
+      fmt = data_cfg.format or data.EXTENSIONS[ext]
       if fmt not in ("json", "text", "parquet", "csv"):
-        raise UserError(f"data.streaming reads json, text, parquet or csv files, not {fmt}")
+        raise UserError(f"reading {fmt} files as a stream is not supported; use json, text, "
+                        "parquet or csv files")
       kwargs = {"sample_by": "document"} if fmt == "text" else {}
       ds = datasets.load_dataset(fmt, data_files=files, split="train", streaming=True, **kwargs)
     else:
-      ds = data.embedded_corpus().to_iterable_dataset()
+      return data.embedded_corpus().to_iterable_dataset()
   except UserError:
     raise
   except Exception as e:  # datasets raises many types for unreachable input
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise UserError(f"could not stream {data_cfg.hf_name or data_cfg.path!r}: {first[:300]}") \
-        from None
-  if ds.column_names is not None and data_cfg.text_field not in ds.column_names:
+    hint = ("check the name, the network (HF_DATASETS_OFFLINE) or use data.path"
+            if data_cfg.hf_name else "check that the file is well-formed")
+    raise UserError(f"could not read data from {where!r}: {first[:300]}; {hint}") from None
+  if not check:
+    return ds
+  try:
+    first_record = next(iter(ds), None)
+  except Exception as e:  # a file that does not parse, a network error
+    raise data.read_error(data_cfg, e) from None
+  if first_record is None:
+    raise UserError(f"the data at {where!r} holds no records")
+  if data_cfg.text_field not in first_record:
     raise UserError(f"the data has no field {data_cfg.text_field!r} (columns: "
-                    f"{', '.join(ds.column_names)}); set data.text_field")
+                    f"{', '.join(first_record)}); set data.text_field")
   return ds
 
 

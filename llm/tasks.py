@@ -38,10 +38,11 @@ class Task:
 
 def load_data(cfg):
   """The task's records: documents for lm and mlm; for classify and instruct, records that
-  must have every field `fields` names. None when the run reads prepared shards."""
+  must have every field `fields` names. For lm a stream of them (nothing downloaded or copied
+  first), None when the run reads prepared shards."""
   if cfg.data.prepared:
     return None
-  if cfg.data.streaming:
+  if cfg.task.kind == "lm":  # a token stream: the documents are read once, in order
     return streaming.open_documents(cfg.data)
   return data.load_documents(cfg.data, fields(cfg), complete=cfg.task.kind in RECORD_TASKS)
 
@@ -51,7 +52,8 @@ def token_stream(cfg, docs, tokenizer, cache_dir: str = ""):
   the cache."""
   if cfg.data.prepared:
     return token_shards.open_shards(cfg.data.prepared, tokenizer).tokens
-  return data.token_stream(cfg.data, docs, tokenizer, cache_dir)
+  return data.prepare_tokens(cfg.data, docs, tokenizer,
+                             data.token_cache(cfg.data, tokenizer, cache_dir)).tokens
 
 
 def fields(cfg) -> tuple[str, ...]:
@@ -66,7 +68,9 @@ def fields(cfg) -> tuple[str, ...]:
 
 
 def texts(cfg, docs):
-  """Text to train a tokenizer on, when the run has none."""
+  """Text to train a tokenizer on, when the run has none (else None: nothing is read)."""
+  if cfg.tokenizer.path or cfg.tokenizer.kind not in ("sentencepiece", "wordpiece"):
+    return None
   answers = {"instruct": ("output",), "reward": (cfg.data.chosen_field, cfg.data.rejected_field),
              "dpo": (cfg.data.chosen_field, cfg.data.rejected_field)}.get(cfg.task.kind)
   if answers:
@@ -74,7 +78,12 @@ def texts(cfg, docs):
                                + "\n".join(r[a] for a in answers)},
                     remove_columns=docs.column_names)
     return data.texts(docs, "text", cfg.tokenizer.train_chars)
-  return data.texts(docs, cfg.data.text_field, cfg.tokenizer.train_chars)
+  try:  # read here, where a file that does not parse is said in one line
+    return list(data.texts(docs, cfg.data.text_field, cfg.tokenizer.train_chars))
+  except UserError:
+    raise
+  except Exception as e:  # datasets, pyarrow and the network raise many types
+    raise data.read_error(cfg.data, e) from None
 
 
 def labels(cfg) -> list[str]:
@@ -110,8 +119,8 @@ def build(cfg, docs, tokenizer, cache_dir: str = "", process_index=0, process_co
     model = build_model(cfg, tokenizer.vocab_size)
     objective = objectives.causal_lm(model, cfg.model.logits_chunk)
     if d.streaming:
-      # A stream opened afresh: the one read to train the tokenizer has moved on.
-      batches, evals = streaming.lm_batches(streaming.open_documents(d), tokenizer,
+      # A stream opened afresh (load_data's, checked, has moved on).
+      batches, evals = streaming.lm_batches(streaming.open_documents(d, check=False), tokenizer,
                                             d.text_field, d.max_length, d.stride,
                                             tr.batch_size, tr.grad_accum, tr.eval_batches,
                                             d.shuffle_buffer, cfg.seed,

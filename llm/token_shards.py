@@ -336,7 +336,7 @@ def prepare(ds, tokenizer, text_field: str, out: str,
   if bar is not None:
     bar.close()
   if not records:
-    raise UserError(f"the data for {out} holds no documents")
+    raise UserError("the data holds no documents")
 
   shards = [{"file": f"{shard_name(i)}.npy", "documents": r["documents"], "tokens": r["tokens"]}
             for i, r in enumerate(records)]

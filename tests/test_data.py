@@ -93,17 +93,19 @@ def test_tokens_are_cached(tmp_path, monkeypatch):
                                                for t in docs["text"]))
   cfg = _data_cfg(path=str(tmp_path / "docs.jsonl"), cache_dir=str(tmp_path / "cache"))
   tok = tokenizer.SentencePieceTokenizer.train(data.texts(docs, "text", 10**9), 512, str(tmp_path))
-  first = np.asarray(data.token_stream(cfg, data.load_documents(cfg), tok))
+  tokens = lambda ds: np.asarray(data.prepare_tokens(cfg, ds, tok, data.token_cache(cfg, tok)
+                                                     ).tokens)
+  first = tokens(data.load_documents(cfg))
   assert first[-1] == tok.eot_id and (first == tok.eot_id).sum() == 5
   assert first.tolist() == sum((tok.encode(t) + [tok.eot_id] for t in docs["text"]), [])
   monkeypatch.setattr(tok, "encode_arrays", lambda _: pytest.fail("tokenized again"))
-  assert (np.asarray(data.token_stream(cfg, None, tok)) == first).all()
+  assert (tokens(None) == first).all()
   # An edited file is another corpus.
   cached = data.token_cache(cfg, tok)
   (tmp_path / "docs.jsonl").write_text('{"text": "new"}\n')
   assert data.token_cache(cfg, tok) != cached
   monkeypatch.undo()
-  assert len(np.asarray(data.token_stream(cfg, data.load_documents(cfg), tok))) < 10
+  assert len(tokens(data.load_documents(cfg))) < 10
 
 
 @pytest.mark.parametrize("name,content", [
