@@ -63,6 +63,22 @@ def _local_files(path: str, fmt: str = "") -> list[str]:
   return files
 
 
+def local_builder(data_cfg) -> tuple[str, list[str], dict]:
+  """(the `datasets` builder, the files, its arguments) that read data.path's files."""
+  fmt = data_cfg.get("format", "")
+  files = _local_files(data_cfg.path, fmt)
+  if all(os.path.getsize(f) == 0 for f in files):
+    raise UserError(f"data.path={data_cfg.path!r} is empty")
+  ext = os.path.splitext(files[0])[1].lower()
+  fmt = fmt or ("tsv" if ext == ".tsv" else EXTENSIONS[ext])
+  kwargs = {"sample_by": "document"} if fmt == "text" else {}
+  if fmt == "tsv":  # tab-separated values carry no quoting: a quote is text
+    kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+  if fmt in ("csv", "tsv") and data_cfg.get("columns", ""):  # a file without a header row
+    kwargs["column_names"] = [c.strip() for c in data_cfg.columns.split(",")]
+  return ("csv" if fmt == "tsv" else fmt), files, kwargs
+
+
 def load_documents(data_cfg, fields=None, complete: bool = False):
   """A `datasets.Dataset` with one document (or record) per row, from the hub, local files or
   the embedded corpus; `fields` (default: the text field) must be among its columns.
@@ -73,38 +89,19 @@ def load_documents(data_cfg, fields=None, complete: bool = False):
   import datasets
   datasets.logging.set_verbosity_error()
   datasets.disable_progress_bars()
-  files, fmt = [], ""
   try:
     if data_cfg.hf_name:
       ds = datasets.load_dataset(data_cfg.hf_name, data_cfg.hf_config or None,
                                  split=data_cfg.split)
     elif data_cfg.path:
-      fmt = data_cfg.get("format", "")
-      files = _local_files(data_cfg.path, fmt)
-      if all(os.path.getsize(f) == 0 for f in files):
-        raise UserError(f"data.path={data_cfg.path!r} is empty")
-      ext = os.path.splitext(files[0])[1].lower()
-      fmt = fmt or ("tsv" if ext == ".tsv" else EXTENSIONS[ext])
-      kwargs = {"sample_by": "document"} if fmt == "text" else {}
-      if fmt == "tsv":  # tab-separated values carry no quoting: a quote is text
-        kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
-      if fmt in ("csv", "tsv") and data_cfg.get("columns", ""):  # a file without a header row
-        kwargs["column_names"] = [c.strip() for c in data_cfg.columns.split(",")]
-      ds = datasets.load_dataset("csv" if fmt == "tsv" else fmt, data_files=files, split="train",
-                                 **kwargs)
+      builder, files, kwargs = local_builder(data_cfg)
+      ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     else:
       return embedded_corpus()
   except UserError:
     raise
   except Exception as e:  # datasets raises many types for unreadable input
-    where = data_cfg.hf_name or data_cfg.path
-    problem = _find_problem(files, fmt) if files else None
-    if problem:
-      raise UserError(f"could not read data.path={where!r}: {problem}") from None
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    hint = ("check the name, the network (HF_DATASETS_OFFLINE) or use data.path"
-            if data_cfg.hf_name else "check that the file is well-formed")
-    raise UserError(f"could not read data from {where!r}: {first[:300]}; {hint}") from None
+    raise read_error(data_cfg, e) from None
   for field in fields or (data_cfg.text_field,):
     if field not in ds.column_names:
       raise UserError(f"the data has no field {field!r} (columns: {', '.join(ds.column_names)}); "
@@ -181,10 +178,10 @@ def source_key(data_cfg) -> str:
   if data_cfg.hf_name:
     return f"hub|{data_cfg.hf_name}|{data_cfg.hf_config}|{data_cfg.split}"
   if data_cfg.path:
-    files = _local_files(data_cfg.path, data_cfg.format)
+    files = _local_files(data_cfg.path, data_cfg.get("format", ""))
     return "files|" + "|".join(
         f"{os.path.abspath(f)}:{os.path.getsize(f)}:{os.stat(f).st_mtime_ns}" for f in files) + (
-            f"|{data_cfg.format}|{data_cfg.columns}")
+            f"|{data_cfg.get('format', '')}|{data_cfg.get('columns', '')}")
   from pydoc_data.topics import topics
   return "embedded|" + hashlib.sha256("".join(topics[k] for k in sorted(topics)).encode()
                                       ).hexdigest()[:16]
@@ -201,17 +198,19 @@ def token_cache(data_cfg, tokenizer, cache_dir: str = "") -> str:
 
 
 def read_error(data_cfg, error) -> UserError:
-  """One line for documents that could not be read: what in the local files is wrong, or
-  the error's first line."""
+  """One line for documents that could not be read: what in the local files is wrong (with its
+  line number), or the error's first line and what to check."""
   where = data_cfg.hf_name or data_cfg.path or "the embedded corpus"
   if data_cfg.path and not data_cfg.hf_name:
-    files = _local_files(data_cfg.path, data_cfg.format)
-    fmt = data_cfg.format or EXTENSIONS.get(os.path.splitext(files[0])[1].lower(), "")
+    files = _local_files(data_cfg.path, data_cfg.get("format", ""))
+    fmt = data_cfg.get("format", "") or EXTENSIONS.get(os.path.splitext(files[0])[1].lower(), "")
     problem = _find_problem(files, fmt)
     if problem:
       return UserError(f"could not read data.path={where!r}: {problem}")
   first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-  return UserError(f"could not read data from {where!r}: {first[:300]}")
+  hint = ("check the name, the network (HF_DATASETS_OFFLINE) or use data.path"
+          if data_cfg.hf_name else "check that the file is well-formed")
+  return UserError(f"could not read data from {where!r}: {first[:300]}; {hint}")
 
 
 def split(tokens, val_fraction: float) -> tuple[token_shards.Tokens, token_shards.Tokens]:
@@ -253,6 +252,27 @@ def window_examples(windows, eot_id: int | None = None) -> dict:
   return example
 
 
+def check_batch_size(batch_size: int, grad_accum: int, process_count: int) -> None:
+  if batch_size % (grad_accum * process_count):
+    raise UserError(f"train.batch_size={batch_size} must divide into train.grad_accum="
+                    f"{grad_accum} micro-batches over {process_count} processes")
+
+
+def process_rows(batch_size: int, grad_accum: int, process_index: int,
+                 process_count: int) -> np.ndarray:
+  """This process's rows of a global batch: of each of the grad_accum micro-batches, the
+  process_index-th of process_count equal parts."""
+  micro = batch_size // grad_accum
+  local = micro // process_count
+  return (np.arange(grad_accum)[:, None] * micro + process_index * local
+          + np.arange(local)[None, :]).reshape(-1)
+
+
+def as_micro_batches(batch: dict, grad_accum: int) -> dict:
+  """Arrays of a process's rows, first dimension split into [grad_accum, rows / grad_accum]."""
+  return {k: v.reshape(grad_accum, -1, *v.shape[1:]) for k, v in batch.items()}
+
+
 class Batches:
   """Examples 0..n-1 in a fresh shuffle every epoch; batch k is fixed by (seed, k).
 
@@ -263,9 +283,7 @@ class Batches:
 
   def __init__(self, num_examples, take, batch_size, grad_accum, seed, process_index=0,
                process_count=1):
-    if batch_size % (grad_accum * process_count):
-      raise UserError(f"train.batch_size={batch_size} must divide into train.grad_accum="
-                      f"{grad_accum} micro-batches over {process_count} processes")
+    check_batch_size(batch_size, grad_accum, process_count)
     self.num_examples, self.take = num_examples, take
     self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
     self.process_index, self.process_count = process_index, process_count
@@ -291,14 +309,11 @@ class Batches:
     return self
 
   def __next__(self) -> dict:
-    micro = self.batch_size // self.grad_accum
-    local = micro // self.process_count
-    first = self.step * self.batch_size
-    g = [first + a * micro + self.process_index * local + j
-         for a in range(self.grad_accum) for j in range(local)]
-    batch = self.take(np.array([self._example(i) for i in g]), np.array(g) // self.num_examples)
+    g = self.step * self.batch_size + process_rows(self.batch_size, self.grad_accum,
+                                                   self.process_index, self.process_count)
+    batch = self.take(np.array([self._example(i) for i in g]), g // self.num_examples)
     self.step += 1
-    return {k: v.reshape(self.grad_accum, local, *v.shape[1:]) for k, v in batch.items()}
+    return as_micro_batches(batch, self.grad_accum)
 
   def state(self) -> dict:
     return {"step": self.step}

@@ -19,7 +19,6 @@ shuffle over the whole corpus and no tokenizing during training: prefer them for
 """
 
 import copy
-import os
 import queue
 import threading
 
@@ -46,25 +45,15 @@ def open_documents(data_cfg, check: bool = True):
       ds = datasets.load_dataset(data_cfg.hf_name, data_cfg.hf_config or None,
                                  split=data_cfg.split, streaming=True)
     elif data_cfg.path:
-      files = data._local_files(data_cfg.path, data_cfg.format)
-      if all(os.path.getsize(f) == 0 for f in files):
-        raise UserError(f"data.path={data_cfg.path!r} is empty")
-      ext = os.path.splitext(files[0])[1].lower()
-      fmt = data_cfg.format or data.EXTENSIONS[ext]
-      if fmt not in ("json", "text", "parquet", "csv"):
-        raise UserError(f"reading {fmt} files as a stream is not supported; use json, text, "
-                        "parquet or csv files")
-      kwargs = {"sample_by": "document"} if fmt == "text" else {}
-      ds = datasets.load_dataset(fmt, data_files=files, split="train", streaming=True, **kwargs)
+      builder, files, kwargs = data.local_builder(data_cfg)
+      ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True,
+                                 **kwargs)
     else:
       return data.embedded_corpus().to_iterable_dataset()
   except UserError:
     raise
   except Exception as e:  # datasets raises many types for unreachable input
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    hint = ("check the name, the network (HF_DATASETS_OFFLINE) or use data.path"
-            if data_cfg.hf_name else "check that the file is well-formed")
-    raise UserError(f"could not read data from {where!r}: {first[:300]}; {hint}") from None
+    raise data.read_error(data_cfg, e) from None
   if not check:
     return ds
   try:
@@ -188,9 +177,7 @@ class StreamBatches:
 
   def __init__(self, windows: Windows, start: dict, batch_size: int, grad_accum: int,
                shuffle_buffer: int, seed: int, eot_id=None, process_index=0, process_count=1):
-    if batch_size % (grad_accum * process_count):
-      raise UserError(f"train.batch_size={batch_size} must divide into train.grad_accum="
-                      f"{grad_accum} micro-batches over {process_count} processes")
+    data.check_batch_size(batch_size, grad_accum, process_count)
     self.windows, self.batch_size, self.grad_accum = windows, batch_size, grad_accum
     self.block_size, self.shuffle, self.seed = max(shuffle_buffer, 1), shuffle_buffer > 0, seed
     self.eot_id, self.process_index, self.process_count = eot_id, process_index, process_count
@@ -217,12 +204,10 @@ class StreamBatches:
       rows.extend(self._block[s["used"]:s["used"] + take])
       s["used"] += take
     self._state["step"] += 1
-    micro = self.batch_size // self.grad_accum
-    local = micro // self.process_count
-    mine = [a * micro + self.process_index * local + j
-            for a in range(self.grad_accum) for j in range(local)]
+    mine = data.process_rows(self.batch_size, self.grad_accum, self.process_index,
+                             self.process_count)
     batch = data.window_examples(np.stack([rows[i] for i in mine]), self.eot_id)
-    return {k: v.reshape(self.grad_accum, local, *v.shape[1:]) for k, v in batch.items()}
+    return data.as_micro_batches(batch, self.grad_accum)
 
   def example(self) -> dict:
     """One example (its arrays' shapes are every example's)."""
