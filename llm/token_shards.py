@@ -140,12 +140,8 @@ class ReadError(Exception):
 
 
 class _Texts:
-  """The documents' texts in order from document `first`, taken shard by shard.
-
-  `ds` is a `datasets.Dataset` or a streamed `IterableDataset`. A Dataset read from files is
-  read from its Arrow files with plain reads: memory-mapped pages would count as resident
-  memory, growing with the corpus.
-  """
+  """The documents' texts in order from document `first`, taken shard by shard, from a
+  `datasets.IterableDataset` (a stream: what llm.prepare and llm.train read) or Dataset."""
 
   def __init__(self, ds, text_field: str, first: int):
     self._chunks, self._left = self._read(ds, text_field, first), collections.deque()
@@ -154,27 +150,12 @@ class _Texts:
   @staticmethod
   def _read(ds, text_field, first):
     try:
-      files = [f["filename"] for f in getattr(ds, "cache_files", [])]
-      if not hasattr(ds, "cache_files"):  # a stream
-        seen = 0
-        for batch in ds.iter(batch_size=BATCH):
-          texts = batch[text_field]
-          if seen + len(texts) > first:
-            yield texts[max(first - seen, 0):]
-          seen += len(texts)
-      elif not files or ds._indices is not None or ds.format["type"] is not None:
-        for start in range(first, len(ds), BATCH):
-          yield ds[start:start + BATCH][text_field]
-      else:
-        import pyarrow as pa
-        seen = 0
-        for file in files:
-          with pa.OSFile(file) as source:
-            for record_batch in pa.ipc.open_stream(source):
-              rows = record_batch.num_rows
-              if seen + rows > first:
-                yield record_batch.column(text_field).slice(max(first - seen, 0)).to_pylist()
-              seen += rows
+      seen = 0
+      for batch in ds.iter(batch_size=BATCH):
+        texts = batch[text_field]
+        if seen + len(texts) > first:
+          yield texts[max(first - seen, 0):]
+        seen += len(texts)
     except Exception as e:  # datasets, pyarrow and the network raise many types
       raise ReadError(e) from e
 
@@ -211,11 +192,6 @@ def _return_freed_memory():
     return ctypes.CDLL("libc.so.6").malloc_trim
   except (OSError, AttributeError):
     return lambda pad: None
-
-
-def _release_arrow_memory():
-  import pyarrow as pa
-  pa.default_memory_pool().release_unused()
 
 
 HEADER = 128  # bytes: every shard's .npy header, padded, so its token count is written last
@@ -300,8 +276,6 @@ def prepare(ds, tokenizer, text_field: str, out: str,
     bar = tqdm.tqdm(total=_length(ds), initial=done * k, unit="doc", desc="tokenizing",
                     smoothing=0.1, dynamic_ncols=True)
   trim = _return_freed_memory()
-  _release_arrow_memory()  # what reading the corpus (datasets, Arrow) left allocated
-  trim(0)
 
   def on_part(part, documents):
     trim(0)
