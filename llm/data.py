@@ -160,11 +160,13 @@ def texts(ds, text_field: str, max_chars: int):
       return
 
 
-def prepare_tokens(data_cfg, ds, tokenizer, out: str,
+def prepare_tokens(data_cfg, ds, tokenizer, out: str = "",
                    documents_per_shard: int = token_shards.DOCUMENTS_PER_SHARD,
                    progress: bool = True) -> token_shards.Shards:
-  """The documents of `ds` (the data `data_cfg` names) tokenized into shards in `out`, once:
-  a folder already complete is opened, one left unfinished is completed."""
+  """The documents of `ds` (the data `data_cfg` names) tokenized into shards in `out` (default:
+  its token_cache folder), once: a folder already complete is opened, one left unfinished is
+  completed."""
+  out = out or token_cache(data_cfg, tokenizer)
   try:
     return token_shards.prepare(ds, tokenizer, data_cfg.text_field, out, documents_per_shard,
                                 progress, source=source_key(data_cfg))

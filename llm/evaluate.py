@@ -40,8 +40,8 @@ def evaluate_lm(run: rundir.Run, path: str = "", text_field: str = "text",
   if path:
     data_cfg = ml_collections.ConfigDict({"hf_name": "", "path": path, "text_field": text_field,
                                           "format": "", "columns": "", "cache_dir": cache_dir})
-    tokens = data.prepare_tokens(data_cfg, streaming.open_documents(data_cfg), run.tokenizer,
-                                 data.token_cache(data_cfg, run.tokenizer)).tokens
+    tokens = data.prepare_tokens(data_cfg, streaming.open_documents(data_cfg),
+                                 run.tokenizer).tokens
   else:
     if cfg.data.streaming:
       raise UserError("a streamed run holds out the first windows of its stream; evaluate it "

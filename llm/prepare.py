@@ -44,7 +44,6 @@ def prepare(cfg, out: str = "", documents_per_shard: int = token_shards.DOCUMENT
   docs = tasks.load_data(cfg)  # a stream: no copy of the corpus first, whatever its size
   with tempfile.TemporaryDirectory() as tmp:
     tokenizer = tokenizer_lib.build(cfg, tasks.texts(cfg, docs), tmp)
-  out = out or data.token_cache(cfg.data, tokenizer)
   return data.prepare_tokens(cfg.data, docs, tokenizer, out, documents_per_shard, progress)
 
 

@@ -211,8 +211,12 @@ def _write_shard(path: epath.Path, parts, dtype, on_part=lambda part, documents:
   file at `path`, never holding more than one; returns the number of tokens. Written locally,
   then moved into place."""
   local = _is_local(path)
-  tmp = (path.parent / f".{path.name}.{os.getpid()}.tmp" if local
-         else epath.Path(tempfile.mkstemp(suffix=".npy")[1]))
+  if local:
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+  else:  # a bucket's file cannot be written out of order: made here, then copied there
+    handle, name = tempfile.mkstemp(suffix=".npy")
+    os.close(handle)
+    tmp = epath.Path(name)
   length = 0
   with open(os.fspath(tmp), "wb") as f:
     f.write(b"\0" * HEADER)
@@ -225,7 +229,8 @@ def _write_shard(path: epath.Path, parts, dtype, on_part=lambda part, documents:
   if local:
     tmp.replace(path)
   else:
-    _write_atomic(path, lambda out: shutil.copyfileobj(open(os.fspath(tmp), "rb"), out))
+    with tmp.open("rb") as written:
+      _write_atomic(path, lambda out: shutil.copyfileobj(written, out))
     tmp.unlink()
   return length
 
@@ -262,7 +267,7 @@ def prepare(ds, tokenizer, text_field: str, out: str,
     tokenizer.save(tmp)
     (directory / "tokenizer").mkdir(exist_ok=True)
     for name in os.listdir(tmp):
-      (directory / "tokenizer" / name).write_bytes(open(os.path.join(tmp, name), "rb").read())
+      (directory / "tokenizer" / name).write_bytes(epath.Path(tmp, name).read_bytes())
 
   k, itemsize = documents_per_shard, np.dtype(dtype).itemsize
   done = 0  # the shards before the first one to write
@@ -284,9 +289,8 @@ def prepare(ds, tokenizer, text_field: str, out: str,
       bar.update(documents)
       bar.set_postfix(tokens_per_s=f"{made[0] / (time.perf_counter() - started):,.0f}")
 
-  texts = _Texts(ds, text_field, done * k)
-  if records and records[-1]["documents"] < k:  # the last shard was written: nothing is left
-    texts = None
+  last_written = records and records[-1]["documents"] < k  # nothing is left to read
+  texts = None if last_written else _Texts(ds, text_field, done * k)
   i = done
   while texts is not None:
     name = shard_name(i)
