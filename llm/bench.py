@@ -37,7 +37,9 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from llm import cli, config as config_lib, data, sharding, streaming
+from llm import cli, config as config_lib, sharding
+from llm.data import batches as data_batches
+from llm.data import shards, sources
 from llm import model as model_lib
 from llm.errors import UserError
 from llm.sampling import generate_tokens
@@ -80,8 +82,7 @@ def bench_train(cfg, steps: int) -> dict:
   with tempfile.TemporaryDirectory() as workdir:  # a run that writes nothing
     trainer = Trainer(cfg, workdir)
   state, frozen = trainer.init_state()
-  batches = [sharding.global_batch(next(trainer.batches), trainer.mesh)
-             for _ in range(steps + 1)]
+  batches = [trainer.place(next(trainer.batches)) for _ in range(steps + 1)]
   health = new_health()
   with sharding.activate(trainer.mesh, trainer.cfg.mesh):
     start = time.perf_counter()
@@ -100,7 +101,7 @@ def bench_train(cfg, steps: int) -> dict:
     jax.block_until_ready(stats)
     seconds = time.perf_counter() - start
     # The same steps fed as training feeds them: batches made and placed on a host thread.
-    fed = data.Prefetch(trainer.batches, lambda b: sharding.global_batch(b, trainer.mesh))
+    fed = data_batches.Prefetch(trainer.batches, trainer.place)
     try:
       start = time.perf_counter()
       for _ in range(steps):
@@ -160,8 +161,8 @@ def _torch_gpt2_train(cfg, steps: int) -> dict:
     raise UserError("--compare_torch needs torch and transformers "
                     "(pip install torch==2.13.0 transformers)") from None
   m, tr = cfg.model, cfg.train
-  if m.kind != "gpt" or cfg.task.kind != "lm":
-    raise UserError("--compare_torch compares GPT language-model training (task.kind=lm)")
+  if m.kind != "gpt":
+    raise UserError("--compare_torch compares a GPT's next-token train step (model.kind=gpt)")
   vocab = max(m.vocab_size, cfg.tokenizer.vocab_size)
   hf_cfg = transformers.GPT2Config(
       vocab_size=vocab, n_positions=m.max_len, n_embd=m.d_model, n_layer=m.num_layers,
@@ -240,7 +241,7 @@ def make_corpus(path: str, megabytes: int) -> str:
     return path
   import glob
   stdlib = os.path.dirname(os.__file__)
-  texts = list(data.embedded_corpus()["text"])
+  texts = list(sources.embedded_corpus()["text"])
   for file in sorted(glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)):
     try:
       texts.append(open(file, encoding="utf-8").read())
@@ -277,7 +278,6 @@ def _config_flags() -> list[str]:
 
 
 def bench_data(cfg, sizes_mb: list[int], workdir: str) -> dict:
-  from llm import token_shards
   from llm import tokenizer as tokenizer_lib
   os.makedirs(workdir, exist_ok=True)
   cfg = config_lib.resolve(cfg)
@@ -303,17 +303,17 @@ def bench_data(cfg, sizes_mb: list[int], workdir: str) -> dict:
   with open(corpora[smallest]) as f:
     texts = [json.loads(line)["text"] for line in f]
   started, tokens = time.perf_counter(), 0
-  for i in range(0, len(texts), token_shards.BATCH):
-    tokens += sum(map(len, tokenizer.encode_batch(texts[i:i + token_shards.BATCH])))
+  for i in range(0, len(texts), shards.BATCH):
+    tokens += sum(map(len, tokenizer.encode_batch(texts[i:i + shards.BATCH])))
   result["tokenizer_tokens_per_sec"] = tokens / (time.perf_counter() - started)
   del texts
   out = os.path.join(workdir, "shards-throughput")
   shutil.rmtree(out, ignore_errors=True)
-  stream = streaming.open_documents(config_lib.replace(
-      cfg, {"data.path": corpora[smallest], "data.hf_name": ""}).data)
+  stream = sources.open_documents(config_lib.replace(
+      cfg, {"data.path": corpora[smallest], "data.hf_name": ""}).data, stream=True)
   started = time.perf_counter()
-  shards = token_shards.prepare(stream, tokenizer, "text", out, progress=False, source="bench")
-  result["prepare_tokens_per_sec"] = shards.index["tokens"] / (time.perf_counter() - started)
+  prepared = shards.prepare(stream, tokenizer, "text", out, progress=False, source="bench")
+  result["prepare_tokens_per_sec"] = prepared.index["tokens"] / (time.perf_counter() - started)
   result["prepare_over_tokenizer"] = (result["prepare_tokens_per_sec"]
                                       / result["tokenizer_tokens_per_sec"])
   shutil.rmtree(out, ignore_errors=True)

@@ -9,18 +9,18 @@ import jax
 import numpy as np
 from absl import flags
 
-from llm import cli, data, rundir, sharding, tasks
+from llm import cli, prompts, runs, sharding
 from llm.errors import UserError
 
 
 class TextClassifier:
 
   def __init__(self, workdir: str, devices=None):
-    self.run = rundir.load(workdir, devices)
-    if self.run.cfg.task.kind != "classify":
+    self.run = runs.load(workdir, devices)
+    if self.run.task.produces != "classes":
       raise UserError(f"{workdir} is a task.kind={self.run.cfg.task.kind!r} run, not a "
                       "classifier; use python -m llm.generate")
-    self.labels = tasks.labels(self.run.cfg)
+    self.labels = self.run.task.labels
     model = self.run.model
     self._probs = jax.jit(lambda params, tokens, valid: jax.nn.softmax(
         model.apply({"params": params}, tokens, valid)))
@@ -28,7 +28,7 @@ class TextClassifier:
   def probabilities(self, texts: list[str]) -> np.ndarray:
     """[len(texts), num_classes], each row summing to 1."""
     run = self.run
-    tokens, valid = data.encode_texts(texts, run.tokenizer, run.cfg.data.max_length)
+    tokens, valid = prompts.encode_texts(texts, run.tokenizer, run.cfg.data.max_length)
     with sharding.activate(run.mesh, run.mesh_cfg):
       return np.asarray(self._probs(run.params, tokens, valid))
 

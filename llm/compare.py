@@ -36,7 +36,7 @@ class RunSummary:
     self.train = [r for r in records if r["split"] == "train" and r.get("loss") is not None]
     self.eval = [r for r in records if r["split"] == "eval" and r.get("loss") is not None]
     self.tokens_per_step = self.cfg.train.batch_size * self.cfg.data.max_length
-    model = tasks.build_model(self.cfg, rundir.read_tokenizer(workdir).vocab_size)
+    model = tasks.build(self.cfg).build_model(rundir.read_tokenizer(workdir).vocab_size)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                np.zeros((1, 1), np.int32))["params"])
     self.num_params = sum(x.size for x in jax.tree.leaves(shapes))

@@ -27,7 +27,6 @@ DEFAULT_RULES = (
     ("layers", None),  # the stacked axis of scanned blocks (model.scan_layers)
 )
 
-TASK_KINDS = ("lm", "mlm", "classify", "instruct", "reward", "dpo")
 DATA_FORMATS = ("", "text", "json", "csv", "tsv", "parquet")
 TOKENIZER_KINDS = ("sentencepiece", "gpt2", "wordpiece", "hf")
 MODEL_KINDS = ("gpt", "bert")
@@ -184,22 +183,19 @@ def describe(cfg: ml_collections.ConfigDict) -> str:
   return "\n".join(lines)
 
 
-def resolve(cfg, source_values: dict | None = None,
-            data_labels: list[str] | None = None) -> ml_collections.FrozenConfigDict:
-  """The config a run trains with, settled once before anything is built, validated and
-  frozen: what DIR/config.json holds. Nothing edits it afterwards.
+def resolve(cfg, source_values: dict | None = None) -> ml_collections.FrozenConfigDict:
+  """The config a run trains with, settled before any data is read, validated and frozen:
+  what DIR/config.json holds (with the values only the data can give, such as a classifier's
+  labels, filled in once by startup.setup).
 
   - `source_values`: the `init_from` model's sections (`model`, `tokenizer`): the architecture
     and tokenizer are the source's; dropout stays the run's.
-  - `data_labels`: the classes found in the data, for a classifier without task.labels.
   - data.max_length=0 becomes the model's context.
   """
   cfg = ml_collections.ConfigDict(cfg.to_dict()) if isinstance(
       cfg, ml_collections.FrozenConfigDict) else cfg.copy_and_resolve_references()
   for section, values in (source_values or {}).items():
     cfg[section].update({k: v for k, v in values.items() if k != "dropout"})
-  if data_labels and not cfg.task.labels:
-    cfg.task.labels = ",".join(data_labels)
   if cfg.data.max_length == 0:
     cfg.data.max_length = cfg.model.max_len
   validate(cfg)
@@ -222,7 +218,8 @@ def _check(ok: bool, key: str, allowed: str, value) -> None:
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises UserError naming the first key whose value cannot work."""
+  """Raises UserError naming the first key whose value cannot work (the task's own settings
+  are its task's to check: tasks.build)."""
   m, t, d, tr, me = c.model, c.tokenizer, c.data, c.train, c.mesh
   _check(m.kind in MODEL_KINDS, "model.kind", f"use one of {MODEL_KINDS}", m.kind)
   for key in ("num_layers", "num_heads", "d_model", "d_ff", "max_len"):
@@ -269,23 +266,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(0.0 <= d.test_fraction < 1.0 and d.val_fraction + d.test_fraction < 1.0,
          "data.test_fraction", f"use a value in [0, 1 - data.val_fraction={d.val_fraction})",
          d.test_fraction)
-  _check(c.task.kind in TASK_KINDS, "task.kind", f"use one of {TASK_KINDS}", c.task.kind)
-  for key in ("prepared", "streaming", "document_masks"):
-    _check(not d[key] or c.task.kind == "lm", f"data.{key}",
-           "only next-token pre-training (task.kind=lm) reads a token stream", d[key])
   _check(not (d.prepared and d.streaming), "data.streaming",
          "read prepared shards (data.prepared) or a stream, not both", d.streaming)
   _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", "use 0 (no shuffle) or a number of "
          "windows", d.shuffle_buffer)
-  _check(c.task.kind != "mlm" or m.kind == "bert", "task.kind",
-         "masked-LM pre-training needs model.kind=bert", c.task.kind)
-  _check(c.task.kind not in ("lm", "instruct", "dpo") or m.kind == "gpt", "task.kind",
-         "next-token training needs model.kind=gpt", c.task.kind)
-  _check(c.task.beta > 0, "task.beta", "use a positive value (0.1 is usual)", c.task.beta)
   _check(m.kind != "bert" or t.kind == "wordpiece", "tokenizer.kind",
          "BERT needs the wordpiece tokenizer ([CLS], [SEP], [MASK])", t.kind)
-  _check(0.0 < c.task.mask_rate < 1.0, "task.mask_rate", "use a value in (0, 1)",
-         c.task.mask_rate)
   _check(tr.trainable in ("all", "head") or (
       tr.trainable.startswith("last:") and tr.trainable[5:].isdigit()), "train.trainable",
          'use "all", "head" or "last:K" (K blocks, the final norm and the head)', tr.trainable)

@@ -14,7 +14,7 @@ The formats themselves are llm/hf.py; the run directory is llm/rundir.py.
 import jax
 from absl import flags
 
-from llm import cli, config as config_lib, hf, params as params_lib, rundir
+from llm import cli, config as config_lib, hf, params as params_lib, rundir, runs, tasks
 from llm.errors import UserError
 
 
@@ -25,7 +25,7 @@ def from_hf(name_or_path: str, workdir: str, allow_torch_bin: bool = False) -> N
   cfg.tokenizer.kind = tokenizer.kind
   if tokenizer.kind == "wordpiece":
     cfg.tokenizer.lowercase = tokenizer.lowercase
-    cfg.task.kind = "mlm"
+  cfg.task.kind = tasks.PRETRAINING[cfg.model.kind]
   cfg.data.max_length = cfg.data.stride = min(cfg.data.max_length, cfg.model.max_len)
   rundir.write(workdir, cfg, tokenizer, params)
   print(f"wrote {workdir}: {cfg.model.kind.upper()} with {params_lib.count(params):,} parameters "
@@ -35,10 +35,10 @@ def from_hf(name_or_path: str, workdir: str, allow_torch_bin: bool = False) -> N
 def to_hf(workdir: str, out: str) -> None:
   """DIR -> a folder that transformers reads: AutoModelForCausalLM for GPT-2,
   BertForPreTraining (or AutoModel) for BERT."""
-  cfg = rundir.read_config(workdir)
-  if cfg.task.kind == "classify":
+  run = runs.load(workdir, jax.devices()[:1])
+  if run.task.produces == "classes":
     raise UserError(f"--to_hf writes language models; {workdir} is a classifier")
-  run = rundir.load(workdir, jax.devices()[:1])
+  cfg = run.cfg
   num_tensors = hf.save(out, cfg.model, run.model.cfg, run.tokenizer, run.params)
   print(f"wrote {out}: config.json, {hf.HF_WEIGHTS} ({num_tensors} tensors) and tokenizer files")
 
@@ -46,7 +46,7 @@ def to_hf(workdir: str, out: str) -> None:
 def merge_lora(workdir: str, out: str) -> None:
   """A fine-tuned run (LoRA adapters, or frozen weights kept in its init_from) -> a run
   directory holding the whole merged model, needing nothing else."""
-  run = rundir.load(workdir, jax.devices()[:1])
+  run = runs.load(workdir, jax.devices()[:1])
   cfg = config_lib.replace(run.cfg, {"lora.rank": 0, "init_from": "", "train.trainable": "all"})
   rundir.write(out, cfg, run.tokenizer, run.params)
   print(f"wrote {out}: {params_lib.count(run.params):,} parameters, adapters merged")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from llm import cli, data, rundir, sharding
+from llm import cli, prompts, runs, sharding
 from llm.errors import UserError
 from llm.model.bert import BERT
 
@@ -23,7 +23,7 @@ from llm.model.bert import BERT
 class Embedder:
 
   def __init__(self, workdir: str, devices=None):
-    self.run = rundir.load(workdir, devices)
+    self.run = runs.load(workdir, devices)
     if not isinstance(self.run.model, BERT):
       raise UserError(f"{workdir} holds a {type(self.run.model).__name__}; sentence embeddings "
                       "come from a BERT run (model.kind=bert)")
@@ -40,7 +40,7 @@ class Embedder:
   def embed(self, texts: list[str]) -> np.ndarray:
     """[len(texts), d_model], unit length."""
     run = self.run
-    tokens, valid = data.encode_texts(texts, run.tokenizer, run.cfg.data.max_length)
+    tokens, valid = prompts.encode_texts(texts, run.tokenizer, run.cfg.data.max_length)
     with sharding.activate(run.mesh, run.mesh_cfg):
       return np.asarray(self._embed(run.params, tokens, valid))
 

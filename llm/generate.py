@@ -12,8 +12,8 @@ import sys
 
 from absl import flags
 
-from llm import cli
-from llm.data import alpaca_prompt
+from llm import cli, runs
+from llm.prompts import alpaca_prompt
 from llm.errors import UserError
 from llm.sampling import Generator
 
@@ -46,7 +46,7 @@ def main(argv):
     raise UserError("usage: python -m llm.generate --workdir=DIR --prompt=TEXT")
   if FLAGS.prompt_file and not os.path.isfile(FLAGS.prompt_file):
     raise UserError(f"--prompt_file: no such file {FLAGS.prompt_file}")
-  gen = Generator(FLAGS.workdir)
+  gen = Generator(runs.load(FLAGS.workdir))
   if FLAGS.reward_model:
     _best_of(gen)
     return
@@ -91,7 +91,7 @@ def _best_of(gen) -> None:
       prompts = [line.rstrip("\n") for line in f if line.strip()]
   else:
     prompts = [FLAGS.prompt]
-  results = best_of(gen, Scorer(FLAGS.reward_model), prompts, FLAGS.best_of,
+  results = best_of(gen, Scorer(runs.load(FLAGS.reward_model)), prompts, FLAGS.best_of,
                     max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                     top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, stop=FLAGS.stop,
                     use_cache=FLAGS.kv_cache)

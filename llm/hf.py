@@ -33,7 +33,7 @@ _GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")
 # Reading a Hugging Face folder
 
 
-def resolve(name_or_path: str) -> str:
+def locate(name_or_path: str) -> str:
   """A local folder as it is; otherwise a hub name, downloaded into the hub cache."""
   if os.path.isdir(name_or_path):
     return name_or_path
@@ -52,7 +52,7 @@ def resolve(name_or_path: str) -> str:
                     f"hub could give ({type(e).__name__}); offline, pass a local folder") from None
 
 
-def read_config(directory: str) -> dict:
+def read_hf_config(directory: str) -> dict:
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
     raise UserError(f"{directory} has no config.json: not a Hugging Face model folder")
@@ -521,8 +521,8 @@ def load(name_or_path: str, allow_torch_bin: bool = False):
   """A Hugging Face folder (or hub name) -> (model section values, tokenizer, params)."""
   import flax.linen as nn
   import jax
-  directory = resolve(name_or_path)
-  hf = read_config(directory)
+  directory = locate(name_or_path)
+  hf = read_hf_config(directory)
   values = model_values(hf)
   tokenizer = load_tokenizer(directory, hf)
   model_cfg = config_lib.base_config().model

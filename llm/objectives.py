@@ -166,7 +166,7 @@ def mlm_nsp(model, mlm_weight: float = 1.0, nsp_weight: float = 1.0) -> Objectiv
 
 
 # ---------------------------------------------------------------------------------------------
-# Preferences: pairs (chosen, rejected) of answers to one prompt (data.preference_examples)
+# Preferences: pairs (chosen, rejected) of answers to one prompt (tasks/preference.py)
 
 
 def _pairs_apply(fn, batch, *arrays):

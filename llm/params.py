@@ -57,12 +57,6 @@ def init(cfg, model, mesh, mesh_cfg, source_params=None, source_name: str = ""):
   return params, shardings, shapes
 
 
-def starting(cfg, model, mesh, mesh_cfg, source_params=None, source_name: str = ""):
-  """The model a run starts from, as one merged tree: the source's weights, fresh ones where it
-  has none, LoRA adapters at zero (so the base alone)."""
-  return assemble(cfg, init(cfg, model, mesh, mesh_cfg, source_params, source_name)[0], {})
-
-
 def is_trainable(cfg, num_layers: int):
   """path -> whether that parameter trains, from train.trainable and lora.rank."""
   segments = lambda path: path.split("/")

@@ -8,17 +8,16 @@ folder, data.cache_dir), so a later run starts at once. Every core tokenizes (th
 own batch API), the corpus is read as a stream (no copy of it first: a hub data set is not
 downloaded whole), memory stays at a few batches of documents whatever the corpus size, and a
 killed preparation, started again, completes the shards it had not written. The format:
-llm/token_shards.py.
+llm/data/shards.py.
 """
 
-import tempfile
 import time
 
 from absl import flags
 from ml_collections import config_flags
 
-from llm import cli, config as config_lib, data, tasks, token_shards
-from llm import tokenizer as tokenizer_lib
+from llm import cli, startup, tasks
+from llm.data import shards
 from llm.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -28,23 +27,22 @@ def define_flags():
   config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
   flags.DEFINE_string("out", "", "Folder (local or gs://) for the shards; empty: the cache "
                       "folder llm.train reads for this data and tokenizer.")
-  flags.DEFINE_integer("documents_per_shard", token_shards.DOCUMENTS_PER_SHARD,
+  flags.DEFINE_integer("documents_per_shard", shards.DOCUMENTS_PER_SHARD,
                        "Documents in each shard.")
 
 
-def prepare(cfg, out: str = "", documents_per_shard: int = token_shards.DOCUMENTS_PER_SHARD,
-            progress: bool = True) -> token_shards.Shards:
+def prepare(cfg, out: str = "", documents_per_shard: int = shards.DOCUMENTS_PER_SHARD,
+            progress: bool = True) -> shards.Shards:
   """The shards of `cfg`'s corpus and tokenizer, in `out` or the cache folder."""
-  cfg = config_lib.resolve(cfg)
-  if cfg.task.kind != "lm" or cfg.data.prepared or cfg.data.streaming:
+  if (not tasks.get(cfg.task.kind).reads_token_stream or cfg.data.prepared
+      or cfg.data.streaming):
     raise UserError("llm.prepare tokenizes the corpus of a next-token run (task.kind=lm) that "
                     "reads neither data.prepared nor a stream")
   if documents_per_shard < 1:
     raise UserError(f"--documents_per_shard={documents_per_shard}: use a positive number")
-  docs = tasks.load_data(cfg)  # a stream: no copy of the corpus first, whatever its size
-  with tempfile.TemporaryDirectory() as tmp:
-    tokenizer = tokenizer_lib.build(cfg, tasks.texts(cfg, docs), tmp)
-  return data.prepare_tokens(cfg.data, docs, tokenizer, out, documents_per_shard, progress)
+  s = startup.setup(cfg)  # the corpus as a stream: no copy of it first, whatever its size
+  return shards.prepare_tokens(s.cfg.data, s.docs, s.tokenizer, out, documents_per_shard,
+                               progress)
 
 
 def main(argv):
@@ -52,11 +50,11 @@ def main(argv):
   if FLAGS.config is None:
     raise UserError("usage: python -m llm.prepare --config=FILE [--out=FOLDER]")
   started = time.perf_counter()
-  shards = prepare(FLAGS.config, FLAGS.out, FLAGS.documents_per_shard)
+  prepared = prepare(FLAGS.config, FLAGS.out, FLAGS.documents_per_shard)
   seconds = time.perf_counter() - started
-  index = shards.index
+  index = prepared.index
   print(f"{index['documents']:,} documents, {index['tokens']:,} tokens in "
-        f"{len(index['shards'])} shards at {shards.path} ({seconds:.1f} s)")
+        f"{len(index['shards'])} shards at {prepared.path} ({seconds:.1f} s)")
   if FLAGS.out:
     print(f"train on them with --config.data.prepared={FLAGS.out}")
 

@@ -1,4 +1,4 @@
-"""The run directory: what DIR holds, and the one place that writes, recognises and opens it.
+"""The run directory: what DIR holds, and the one place that writes and recognises its files.
 
     DIR/config.json     the run's resolved config (config.resolve), written when training starts
     DIR/tokenizer/      the tokenizer's files, so DIR alone is enough to sample from
@@ -10,29 +10,18 @@
                         reference log-probabilities), read back on resume
 
 `python -m llm.train` creates DIR (`start`); `python -m llm.convert` writes a complete one from
-a Hugging Face folder (`write`); `init_from` names one or a Hugging Face folder (`Source`); the
-other entry points open one for inference (`load`):
-
-    run = rundir.load("runs/gpt_tiny")
-    logits = run.model.apply({"params": run.params}, tokens)
-
-On several devices `load` splits the parameters over them by heads, MLP width and vocabulary
-(tensor parallelism, through the run's logical axis rules); a model whose sizes do not divide by
-the device count stays on the first device.
+a Hugging Face folder (`write`). Opening a run's model, for inference or as `init_from`, is
+llm/runs.py.
 """
 
 import contextlib
-import dataclasses
 import json
 import os
 import socket
 
-import flax.linen as nn
-import jax
 import ml_collections
 
-from llm import checkpoint, config as config_lib, hf, params as params_lib, sharding, tasks
-from llm import model as model_lib
+from llm import checkpoint, config as config_lib
 from llm import tokenizer as tokenizer_lib
 from llm.errors import UserError
 
@@ -172,81 +161,3 @@ def drop_metrics_after(workdir: str, step: int) -> None:
   with open(metrics + ".tmp", "w") as f:
     f.writelines(kept)
   os.replace(metrics + ".tmp", metrics)
-
-
-class Source:
-  """The model `init_from` names: a run directory, or a Hugging Face folder or hub name.
-
-  `values` are the config sections the run takes from it (`model`, `tokenizer`).
-  """
-
-  def __init__(self, name: str):
-    self.name = name
-    if is_run(name):
-      saved = read_config(name)
-      self.values = {"model": saved.model.to_dict(),
-                     "tokenizer": {"kind": saved.tokenizer.kind,
-                                   "lowercase": saved.tokenizer.lowercase}}
-      self.tokenizer = read_tokenizer(name)
-      self._params = lambda: load(name, jax.devices()).params
-    else:
-      directory = hf.resolve(name)
-      hf_config = hf.read_config(directory)
-      model_values = hf.model_values(hf_config)
-      self.tokenizer = hf.load_tokenizer(directory, hf_config)
-      self.values = {"model": model_values,
-                     "tokenizer": {"kind": self.tokenizer.kind,
-                                   "lowercase": getattr(self.tokenizer, "lowercase", True)}}
-      self._params = lambda: hf.load(directory)[2]
-
-  def params(self):
-    """The source's full parameters (a run's adapters already merged)."""
-    return self._params()
-
-
-def load_params(cfg, model, workdir: str, mesh, mesh_cfg):
-  """The model parameters of a trained run: its checkpoint's trainable part, the rest from
-  its init_from source, adapters merged."""
-  shapes, shardings = params_lib.abstract(cfg, model, mesh, mesh_cfg)
-  abstract = checkpoint.abstract_like(nn.meta.unbox(shapes), shardings)
-  trainable_filter = params_lib.is_trainable(cfg, model_lib.shape_of(model).num_layers)
-  trainable_abstract, frozen_abstract = params_lib.split(abstract, trainable_filter)
-  ckpt = checkpointer(workdir)
-  try:
-    trainable = ckpt.restore_params(trainable_abstract)
-  finally:
-    ckpt.close()
-  frozen = {}
-  if frozen_abstract:  # as training started: fresh from the seed, then the source's weights
-    source = Source(cfg.init_from) if cfg.init_from else None
-    params, _, _ = params_lib.init(cfg, model, mesh, mesh_cfg,
-                                   source and source.params(), cfg.init_from)
-    frozen = params_lib.split(params, trainable_filter)[1]
-  return params_lib.assemble(cfg, trainable, frozen)
-
-
-@dataclasses.dataclass
-class Run:
-  """A run directory opened for inference."""
-  cfg: ml_collections.FrozenConfigDict
-  tokenizer: tokenizer_lib.Tokenizer
-  model: nn.Module
-  params: dict
-  mesh: jax.sharding.Mesh
-  mesh_cfg: ml_collections.ConfigDict
-  workdir: str = ""
-
-
-def load(workdir: str, devices=None) -> Run:
-  cfg = read_config(workdir)
-  tokenizer = read_tokenizer(workdir)
-  model = tasks.build_model(cfg, tokenizer.vocab_size)
-  devices = jax.devices() if devices is None else devices
-  m = model_lib.shape_of(model)
-  if any(size % len(devices) for size in (m.num_heads, m.d_ff, m.vocab_size)):
-    devices = devices[:1]
-  mesh_cfg = ml_collections.ConfigDict(
-      {"data": 1, "fsdp": 1, "tensor": len(devices), "rules": cfg.mesh.rules})
-  mesh = sharding.make_mesh(mesh_cfg, devices)
-  params = load_params(cfg, model, workdir, mesh, mesh_cfg)
-  return Run(cfg, tokenizer, model, params, mesh, mesh_cfg, workdir)

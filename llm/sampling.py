@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm import rundir, sharding
+from llm import prompts as prompts_lib
+from llm import sharding
 from llm.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -101,11 +102,11 @@ def generate_tokens(model, params, prompt_BxP, valid_BxP, rng, eot_id, *, max_ne
 
 
 class Generator:
-  """A run directory (see rundir.load) that turns prompts into text."""
+  """An opened run (runs.load) that turns prompts into text."""
 
-  def __init__(self, workdir: str, devices=None, run: rundir.Run | None = None):
-    run = run or rundir.load(workdir, devices)
-    if run.cfg.task.kind == "classify":
+  def __init__(self, run):
+    workdir = run.workdir or "this run"
+    if run.task.produces == "classes":
       raise UserError(f"{workdir} is a classifier; use python -m llm.classify --workdir={workdir}")
     if run.cfg.model.kind != "gpt":
       raise UserError(f"{workdir} holds a {run.cfg.model.kind.upper()} encoder, which does not "
@@ -128,8 +129,8 @@ class Generator:
                       "num_samples >= 1")
     if max_new_tokens < 1:
       raise UserError(f"max_new_tokens={max_new_tokens}: ask for at least 1 new token")
-    bos = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]  # Llama's <s>
-    encoded = [bos + self.tokenizer.encode(p) or [self.tokenizer.eot_id] for p in prompts]
+    encoded = [ids or [self.tokenizer.eot_id]
+               for ids in prompts_lib.encode_prompts(self.tokenizer, prompts)]
     longest = max(map(len, encoded))
     context = self.model.cfg.max_len
     if longest + max_new_tokens > context:

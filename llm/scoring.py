@@ -1,11 +1,11 @@
 """A reward model opened for scoring answers, and best-of-n sampling with it.
 
-    scorer = Scorer("runs/reward")
+    scorer = Scorer(runs.load("runs/reward"))
     rewards = scorer.score([alpaca_prompt("Fix the spelling", "freind")], ["friend"])
-    best = best_of(Generator("runs/instruct"), scorer, prompts, n=8, temperature=0.8)
+    best = best_of(Generator(runs.load("runs/instruct")), scorer, prompts, n=8, temperature=0.8)
 
 A prompt and its answer are tokenized as the reward model was trained on them (prompt, answer,
-end-of-text; see data.preference_examples).
+end-of-text; see tasks/preference.py).
 """
 
 import dataclasses
@@ -13,30 +13,31 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from llm import data, rundir, sharding
+from llm import prompts as prompts_lib
+from llm import sharding
+from llm.data import batches
 from llm.errors import UserError
 
 
 class Scorer:
-  """A reward run directory (task.kind=reward) that gives (prompt, answer) pairs a reward."""
+  """An opened reward model run (runs.load) that gives (prompt, answer) pairs a reward."""
 
-  def __init__(self, workdir: str, devices=None):
-    self.run = run = rundir.load(workdir, devices)
-    if run.cfg.task.kind != "reward":
-      raise UserError(f"{workdir} is a {run.cfg.task.kind} run, not a reward model "
+  def __init__(self, run):
+    self.run = run
+    if run.task.produces != "reward":
+      raise UserError(f"{run.workdir} is a {run.cfg.task.kind} run, not a reward model "
                       "(task.kind=reward)")
     self.tokenizer, self.max_len = run.tokenizer, run.model.backbone.cfg.max_len
 
   def score(self, prompts: list[str], answers: list[str], batch_size: int = 8) -> np.ndarray:
     """The reward of each answer to its prompt."""
     tok = self.tokenizer
-    bos = [] if tok.bos_id is None else [tok.bos_id]
-    rows = [(bos + p + a + [tok.eot_id])[:self.max_len]
-            for p, a in zip(tok.encode_batch(prompts), tok.encode_batch(answers))]
+    rows = [(p + a + [tok.eot_id])[:self.max_len] for p, a in
+            zip(prompts_lib.encode_prompts(tok, prompts), tok.encode_batch(answers))]
     rewards = []
     for start in range(0, len(rows), batch_size):
       chunk = rows[start:start + batch_size]
-      tokens, valid = data.pad(chunk, max(map(len, chunk)), tok.eot_id)
+      tokens, valid = batches.pad(chunk, max(map(len, chunk)), tok.eot_id)
       with sharding.activate(self.run.mesh, self.run.mesh_cfg):
         out = self.run.model.apply({"params": self.run.params}, jnp.asarray(tokens),
                                    jnp.asarray(valid))

@@ -8,7 +8,6 @@ Running the same command again resumes from the latest checkpoint in --workdir.
 
 import contextlib
 import functools
-import tempfile
 import time
 
 import jax
@@ -18,12 +17,11 @@ import optax
 from absl import flags
 from ml_collections import config_flags
 
-from llm import checkpoint, cli, config as config_lib, data, metrics, objectives, optim
-from llm import preemption, rundir, sharding, token_shards
+from llm import checkpoint, cli, config as config_lib, metrics, objectives, optim
+from llm import preemption, rundir, sharding, startup
 from llm import model as model_lib
 from llm import params as params_lib
-from llm import tasks
-from llm import tokenizer as tokenizer_lib
+from llm.data import batches as data_batches
 from llm.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -44,39 +42,21 @@ class Trainer:
 
   def __init__(self, cfg, workdir: str):
     self.workdir = workdir
-    self.source = rundir.Source(cfg.init_from) if cfg.init_from else None
-    source_values = self.source.values if self.source else None
-    config_lib.resolve(cfg, source_values)  # a wrong value stops the run before data is read
-    docs = tasks.load_data(cfg)
-    self.cfg = cfg = config_lib.resolve(cfg, source_values, tasks.data_labels(cfg, docs))
+    setup = startup.setup(cfg, workdir)  # a wrong value stops the run before data is read
+    self.cfg = cfg = setup.cfg
+    self.task, self.tokenizer = setup.task, setup.tokenizer
     self.mesh = sharding.make_mesh(cfg.mesh)
     self.is_main = jax.process_index() == 0
-
-    if rundir.has_tokenizer(workdir):  # resuming: the run keeps its own tokenizer
-      self.tokenizer = rundir.read_tokenizer(workdir)
-    elif self.source:
-      self.tokenizer = self.source.tokenizer
-    elif cfg.data.prepared:
-      self.tokenizer = token_shards.read_tokenizer(cfg.data.prepared)
-    else:
-      with tempfile.TemporaryDirectory() as tmp:
-        self.tokenizer = tokenizer_lib.build(cfg, tasks.texts(cfg, docs), tmp)
-    if cfg.model.vocab_size and cfg.model.vocab_size < self.tokenizer.vocab_size:
-      raise UserError(f"config: model.vocab_size={cfg.model.vocab_size} is smaller than the "
-                      f"tokenizer's {self.tokenizer.vocab_size}; use 0 or a larger size")
-    self.task = tasks.build(cfg, docs, self.tokenizer, process_index=jax.process_index(),
-                            process_count=jax.process_count(),
-                            starting_params=lambda model: params_lib.starting(
-                                cfg, model, self.mesh, cfg.mesh,
-                                self.source and self.source.params(), cfg.init_from),
-                            task_data=rundir.path(workdir, rundir.TASK_DATA))
-    self.model, self.objective = self.task.model, self.task.objective
-    self.batches = self.task.batches
+    self.model = self.task.build_model(self.tokenizer.vocab_size)
+    self.objective = self.task.objective(self.model)
+    self.context = startup.context(setup, self.mesh, workdir)
+    self.data = self.task.data(setup.docs, self.model, self.context)
+    self.batches, self.schema = self.data.batches, self.data.schema
     self.trainable = params_lib.is_trainable(cfg, model_lib.shape_of(self.model).num_layers)
     self.assemble = functools.partial(params_lib.assemble, cfg)
     self.tx = optim.build(cfg.train)
     if self.is_main:
-      print(f"{self.task.summary}; {jax.device_count()} devices as mesh {dict(self.mesh.shape)}")
+      print(f"{self.data.summary}; {jax.device_count()} devices as mesh {dict(self.mesh.shape)}")
 
   def init_state(self):
     """(train state, frozen parameters), created sharded; their shardings are kept on self.
@@ -85,9 +65,7 @@ class Trainer:
     an input of every step, never saved.
     """
     cfg = self.cfg
-    params, param_shardings, boxed = params_lib.init(
-        cfg, self.model, self.mesh, cfg.mesh, self.source and self.source.params(),
-        cfg.init_from)
+    params, param_shardings, boxed = self.context.start.init(self.model)
     trainable, frozen = params_lib.split(params, self.trainable)
     boxed_trainable = params_lib.split(boxed, self.trainable)[0]
     if not jax.tree.leaves(trainable):
@@ -116,6 +94,12 @@ class Trainer:
                                        sharding.batch_sharding(self.mesh), None),
                    out_shardings=(self.state_shardings, None, None), donate_argnums=0)
 
+  def place(self, batch: dict):
+    """A batch of this process's rows [grad_accum, micro, ...] as global arrays on the mesh,
+    checked against the task's schema."""
+    self.schema.check(batch, batch_axes=2)
+    return sharding.global_batch(batch, self.mesh, batch_dim=1)
+
   def jit_evaluate(self):
     """(params, frozen, batches) -> the objective's metrics on them."""
     return objectives.evaluator(self.objective, self.assemble, in_shardings=(
@@ -124,19 +108,15 @@ class Trainer:
 
   @property
   def tokens_per_step(self) -> int:
-    example = self.batches.example()
-    tokens = max(int(np.prod(x.shape[1:])) for x in example.values())  # a pair: 2 sequences
-    return self.cfg.train.batch_size * tokens
+    return self.cfg.train.batch_size * self.schema.tokens
 
   def throughput(self) -> metrics.Throughput:
     """Tokens/s and MFU of timed steps (after init_state, which counts the parameters)."""
     m = model_lib.shape_of(self.model)
-    example = self.batches.example()
-    length = max(x.shape[-1] for x in example.values() if x.ndim > 1)  # one sequence's
     non_embedding = self.num_params - (  # learned position embeddings do no matmul
         m.max_len * m.d_model if m.positions == "learned" else 0)
     flops = metrics.flops_per_token(non_embedding, m.num_layers, m.num_heads, m.head_dim,
-                                    length) * self.tokens_per_step
+                                    self.schema.length) * self.tokens_per_step
     peak = metrics.peak_flops(jax.devices()[0].device_kind, self.cfg.train.peak_flops)
     return metrics.Throughput(self.tokens_per_step, flops, peak, jax.device_count())
 
@@ -239,9 +219,9 @@ def _train(trainer: Trainer, ckpt, watcher) -> dict:
   log = Log(trainer, start, ckpt)
   train_step, evaluate = trainer.jit_train_step(), trainer.jit_evaluate()
   eval_data = {split: [sharding.global_batch(b, mesh, batch_dim=0) for b in batches]
-               for split, batches in trainer.task.evals.items()}
+               for split, batches in trainer.data.evals.items()}
   last_eval = {}
-  batches = data.Prefetch(trainer.batches, lambda b: sharding.global_batch(b, mesh, batch_dim=1))
+  batches = data_batches.Prefetch(trainer.batches, trainer.place)
   try:
     for step in range(start + 1, tr.steps + 1):
       batch = next(batches)

@@ -53,10 +53,12 @@ def main(out, tmp, steps, *meshes):
       results[mesh]["key_spec"] = _spec(state["params"]["block_0"]["attn"]["key"]["kernel"])
   if "2x2x2" in results:  # sampling with parameters split over all devices, and on one
     import jax
+    from llm import runs
     from llm.sampling import Generator
     workdir = os.path.join(tmp, "run-2x2x2")
     prompts = ["The for statement", "Class definitions"]
-    split, alone = Generator(workdir), Generator(workdir, jax.devices()[:1])
+    split = Generator(runs.load(workdir))
+    alone = Generator(runs.load(workdir, jax.devices()[:1]))
     results["2x2x2"]["generate_spec"] = _spec(split.params["wte"]["embedding"])
     results["2x2x2"]["generate_equal"] = (
         split.generate(prompts, max_new_tokens=8, temperature=0) ==

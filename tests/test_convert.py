@@ -36,8 +36,8 @@ def hf_logits(model, ids):
 
 
 def our_logits(workdir, ids):
-  from llm import rundir
-  run = rundir.load(workdir)
+  from llm import runs
+  run = runs.load(workdir)
   return np.asarray(run.model.apply({"params": run.params}, ids))
 
 
@@ -90,13 +90,13 @@ def test_vocabulary_padding_is_dropped_on_export(tmp_path, test_data):
 
 
 def test_greedy_generation_matches_transformers(tmp_path, test_data):
-  from llm import convert
+  from llm import convert, runs
   from llm.sampling import Generator
   # A wide initialisation spreads the logits, so argmax is not decided by rounding.
   reference = save_hf_gpt2(tmp_path / "hf", test_data, seed=3, init=0.3, n_layer=2, n_head=2,
                            n_embd=32, n_positions=64)
   convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
-  gen = Generator(str(tmp_path / "run"))
+  gen = Generator(runs.load(str(tmp_path / "run")))
   prompt = "The quick brown fox"
   ids = gen.tokenizer.encode(prompt)
   with torch.no_grad():
@@ -126,15 +126,15 @@ def test_gpt2_bpe_equals_transformers_tokenizer(test_data):
 
 def test_evaluate_equals_transformers_loss(tmp_path, test_data):
   """llm.evaluate's loss is transformers' mean next-token loss over the same windows."""
-  from llm import convert, evaluate, rundir
+  from llm import convert, runs
   reference = save_hf_gpt2(tmp_path / "hf", test_data, n_layer=1, n_head=2, n_embd=32,
                            n_positions=32)
   convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
   text = (VARIED_TEXT + " ") * 8
   (tmp_path / "story.txt").write_text(text)
-  run = rundir.load(str(tmp_path / "run"))
-  result = evaluate.evaluate_lm(run, str(tmp_path / "story.txt"), max_length=32, batch_size=3,
-                                cache_dir=str(tmp_path / "cache"))
+  run = runs.load(str(tmp_path / "run"))
+  result = run.task.perplexity(run, str(tmp_path / "story.txt"), max_length=32, batch_size=3,
+                               cache_dir=str(tmp_path / "cache"))
   stream = run.tokenizer.encode(text) + [run.tokenizer.eot_id]
   windows = [torch.tensor([stream[s:s + 33]]) for s in range(0, len(stream) - 32, 32)]
   with torch.no_grad():  # labels = inputs: transformers shifts them itself
@@ -185,13 +185,13 @@ def test_missing_or_mismatched_tensor_is_named(tmp_path, test_data):
 def test_hf_folder_works_as_init_from(tmp_path, test_data):
   """Fine-tuning straight from a Hugging Face folder: the backbone is the converted GPT-2."""
   from flax import traverse_util
-  from llm import convert, rundir
+  from llm import convert, rundir, runs
   save_hf_gpt2(tmp_path / "hf", test_data, n_layer=1, n_head=2, n_embd=32, n_positions=64)
   workdir = train_classifier_from(tmp_path, str(tmp_path / "hf"), "head")
   assert rundir.read_config(workdir).model.max_len == 64  # the source's shape
-  tuned = traverse_util.flatten_dict(rundir.load(workdir).params, sep="/")
+  tuned = traverse_util.flatten_dict(runs.load(workdir).params, sep="/")
   convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "converted"))
-  base = traverse_util.flatten_dict(rundir.load(str(tmp_path / "converted")).params, sep="/")
+  base = traverse_util.flatten_dict(runs.load(str(tmp_path / "converted")).params, sep="/")
   assert {p for p in tuned if not p.startswith("head/")} == {"backbone/" + p for p in base}
   for path, value in base.items():
     np.testing.assert_array_equal(tuned["backbone/" + path], value)

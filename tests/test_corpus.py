@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TEST_DATA, read_metrics, tiny_config
-from llm import data, streaming, token_shards
+from llm.data import shards, sources, stream, windows
 from llm.errors import UserError
 from llm.tokenizer import GPT2Tokenizer
 
@@ -22,7 +22,7 @@ def gpt2():
 
 @pytest.fixture(scope="module")
 def docs():
-  return data.embedded_corpus().select(range(12))
+  return sources.embedded_corpus().select(range(12))
 
 
 def _expected(docs, tok):
@@ -30,28 +30,28 @@ def _expected(docs, tok):
 
 
 def test_shards_hold_every_document_followed_by_end_of_text(tmp_path, docs, gpt2, monkeypatch):
-  shards = token_shards.prepare(docs, gpt2, "text", str(tmp_path / "s"), documents_per_shard=5,
+  prepared = shards.prepare(docs, gpt2, "text", str(tmp_path / "s"), documents_per_shard=5,
                                 progress=False)
   expected = _expected(docs, gpt2)
-  assert [s["documents"] for s in shards.index["shards"]] == [5, 5, 2]
-  assert np.array_equal(np.asarray(shards.tokens), expected)
-  first = shards.index["shards"][0]["tokens"]  # a read across the first shard's end
-  assert np.array_equal(shards.tokens.read(first - 3, first + 4), expected[first - 3:first + 4])
-  part = shards.tokens.sub(10, 100)
+  assert [s["documents"] for s in prepared.index["shards"]] == [5, 5, 2]
+  assert np.array_equal(np.asarray(prepared.tokens), expected)
+  first = prepared.index["shards"][0]["tokens"]  # a read across the first shard's end
+  assert np.array_equal(prepared.tokens.read(first - 3, first + 4), expected[first - 3:first + 4])
+  part = prepared.tokens.sub(10, 100)
   assert len(part) == 90 and np.array_equal(part.read(5, 20), expected[15:30])
-  assert token_shards.read_tokenizer(str(tmp_path / "s")).fingerprint() == gpt2.fingerprint()
+  assert shards.saved_tokenizer(str(tmp_path / "s")).fingerprint() == gpt2.fingerprint()
   # A bucket's shards are read by byte range, not memory-mapped: the same tokens.
-  monkeypatch.setattr(token_shards, "_is_local", lambda path: False)
-  remote = token_shards.open_shards(str(tmp_path / "s"), gpt2)
-  assert isinstance(remote.tokens.parts[0], token_shards._RemoteArray)
+  monkeypatch.setattr(shards, "_is_local", lambda path: False)
+  remote = shards.open_shards(str(tmp_path / "s"), gpt2)
+  assert isinstance(remote.tokens.parts[0], shards._RemoteArray)
   assert np.array_equal(remote.tokens.read(first - 3, first + 4), expected[first - 3:first + 4])
 
 
 def test_a_killed_preparation_completes_to_the_same_shards(tmp_path, docs, gpt2, monkeypatch):
   whole = tmp_path / "whole"
-  token_shards.prepare(docs, gpt2, "text", str(whole), documents_per_shard=4, progress=False)
+  shards.prepare(docs, gpt2, "text", str(whole), documents_per_shard=4, progress=False)
   killed = tmp_path / "killed"
-  real_encode, encoded = token_shards.encode_documents, []
+  real_encode, encoded = shards.encode_documents, []
 
   def encode_then_die(texts, *args):
     if len(encoded) == 2:  # killed while the third shard is being written
@@ -59,17 +59,17 @@ def test_a_killed_preparation_completes_to_the_same_shards(tmp_path, docs, gpt2,
     encoded.append(len(texts))
     return real_encode(texts, *args)
 
-  monkeypatch.setattr(token_shards, "encode_documents", encode_then_die)
+  monkeypatch.setattr(shards, "encode_documents", encode_then_die)
   with pytest.raises(KeyboardInterrupt):
-    token_shards.prepare(docs, gpt2, "text", str(killed), documents_per_shard=4, progress=False)
+    shards.prepare(docs, gpt2, "text", str(killed), documents_per_shard=4, progress=False)
   assert [n for n in os.listdir(killed) if n.endswith(".tmp")]  # the shard it was writing
   assert not (killed / "index.json").exists() and (killed / "00001.json").exists()
   with pytest.raises(UserError, match="unfinished"):  # not readable as it is
-    token_shards.open_shards(str(killed), gpt2)
+    shards.open_shards(str(killed), gpt2)
   encoded.clear()
-  monkeypatch.setattr(token_shards, "encode_documents",
+  monkeypatch.setattr(shards, "encode_documents",
                       lambda texts, *a: encoded.append(len(texts)) or real_encode(texts, *a))
-  token_shards.prepare(docs, gpt2, "text", str(killed), documents_per_shard=4, progress=False)
+  shards.prepare(docs, gpt2, "text", str(killed), documents_per_shard=4, progress=False)
   assert sum(encoded) == 4  # only the shard that was not written is tokenized again
   for name in sorted(os.listdir(whole)):
     if name.endswith((".npy", ".json")):
@@ -80,27 +80,27 @@ def test_a_killed_preparation_completes_to_the_same_shards(tmp_path, docs, gpt2,
 def test_bad_shard_folders_fail_in_one_line_and_nothing_is_overwritten(tmp_path, docs, gpt2):
   (tmp_path / "empty").mkdir()
   with pytest.raises(UserError, match="no complete preparation"):
-    token_shards.open_shards(str(tmp_path / "empty"), gpt2)
+    shards.open_shards(str(tmp_path / "empty"), gpt2)
   folder = tmp_path / "s"
-  token_shards.prepare(docs, gpt2, "text", str(folder), documents_per_shard=5, progress=False)
+  shards.prepare(docs, gpt2, "text", str(folder), documents_per_shard=5, progress=False)
   before = {n: (folder / n).read_bytes() for n in os.listdir(folder) if n.endswith(".npy")}
-  other = data.embedded_corpus().select(range(3))
+  other = sources.embedded_corpus().select(range(3))
   from llm.tokenizer import SentencePieceTokenizer
-  sp = SentencePieceTokenizer.train(data.texts(other, "text", 10**9), 400, str(tmp_path / "sp"))
+  sp = SentencePieceTokenizer.train(sources.first_chars(other["text"], 10**9), 400, str(tmp_path / "sp"))
   with pytest.raises(UserError, match="another tokenizer"):
-    token_shards.open_shards(str(folder), sp)
+    shards.open_shards(str(folder), sp)
   with pytest.raises(UserError, match="another tokenizer"):  # preparing into it does not help
-    token_shards.prepare(docs, sp, "text", str(folder), progress=False)
+    shards.prepare(docs, sp, "text", str(folder), progress=False)
   shard = folder / "00001.npy"
   shard.write_bytes(before["00001.npy"][:-10])
   with pytest.raises(UserError, match="00001.npy .* truncated"):
-    token_shards.open_shards(str(folder), gpt2)
+    shards.open_shards(str(folder), gpt2)
   # An unfinished preparation of other data is not mixed with this one.
   partial = tmp_path / "partial"
   partial.mkdir()
-  (partial / "plan.json").write_text(json.dumps({"format": token_shards.FORMAT, "documents": 3}))
+  (partial / "plan.json").write_text(json.dumps({"format": shards.FORMAT, "documents": 3}))
   with pytest.raises(UserError, match="unfinished preparation of other data"):
-    token_shards.prepare(docs, gpt2, "text", str(partial), progress=False)
+    shards.prepare(docs, gpt2, "text", str(partial), progress=False)
   assert os.listdir(partial) == ["plan.json"]
   # Through the command line: one line, exit status 2.
   result = subprocess.run(
@@ -115,9 +115,9 @@ def test_training_on_prepared_shards_gives_the_losses_of_the_cached_stream(tmp_p
   from llm import prepare
   from llm.train import train
   cfg = tiny_config(tmp_path, **{"train.steps": 2})
-  shards = prepare.prepare(cfg, str(tmp_path / "shards"), documents_per_shard=10,
+  prepared = prepare.prepare(cfg, str(tmp_path / "shards"), documents_per_shard=10,
                            progress=False)
-  assert len(shards.index["shards"]) == 8
+  assert len(prepared.index["shards"]) == 8
   train(cfg, str(tmp_path / "cached"))
   cfg.data.prepared = str(tmp_path / "shards")
   cfg.data.cache_dir = str(tmp_path / "unused")
@@ -137,16 +137,16 @@ def _jsonl(tmp_path, docs, n=30):
 
 
 def test_a_stream_resumes_exactly_and_keeps_the_stream_order(tmp_path, gpt2):
-  all_docs = data.embedded_corpus()
+  all_docs = sources.embedded_corpus()
   cfg = tiny_config(tmp_path).data
   cfg.path = str(_jsonl(tmp_path, all_docs))
   expected = _expected(all_docs.select(range(30)), gpt2)
   reference = np.stack([expected[s:s + 17] for s in range(0, 16 * 200, 16)])  # stride 16
 
   def batches(shuffle_buffer):
-    return streaming.lm_batches(streaming.open_documents(cfg, check=False), gpt2, "text", 16, 16,
-                                batch_size=4, grad_accum=2, eval_batches=2,
-                                shuffle_buffer=shuffle_buffer, seed=0)
+    return stream.stream_batches(sources.open_documents(cfg, stream=True, check=False), gpt2,
+                                 "text", 16, 16, batch_size=4, grad_accum=2, eval_batches=2,
+                                 shuffle_buffer=shuffle_buffer, seed=0)
 
   # Unshuffled, the stream's windows are the token stream's, in order: first the 2 x 2
   # validation windows, then training.
@@ -177,7 +177,7 @@ def test_a_streamed_run_with_document_masks_resumes_exactly(tmp_path):
   cfg = tiny_config(tmp_path, **{"data.streaming": True, "data.document_masks": True,
                                  "data.shuffle_buffer": 16, "train.steps": 4,
                                  "train.checkpoint_every": 2, "train.eval_every": 2})
-  cfg.data.path = str(_jsonl(tmp_path, data.embedded_corpus(), 40))
+  cfg.data.path = str(_jsonl(tmp_path, sources.embedded_corpus(), 40))
   train(cfg, str(tmp_path / "straight"))
   cfg.train.steps = 2
   train(cfg, str(tmp_path / "resumed"))
@@ -190,7 +190,7 @@ def test_a_streamed_run_with_document_masks_resumes_exactly(tmp_path):
 
 def test_document_windows_hold_each_tokens_document_and_position():
   eot = 9
-  example = data.window_examples(np.array([[1, 2, eot, 3, eot, eot, 4, 5, 6]]), eot)
+  example = windows.window_examples(np.array([[1, 2, eot, 3, eot, eot, 4, 5, 6]]), eot)
   assert example["documents"].tolist() == [[0, 0, 0, 1, 1, 2, 3, 3]]
   assert example["positions"].tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
 
@@ -205,9 +205,9 @@ def test_with_document_masks_a_document_does_not_see_the_one_before(positions):
   eot = 49
   rng = np.random.default_rng(0)
   second = rng.integers(0, 49, 10).tolist()
-  windows = [rng.integers(0, 49, n).tolist() + [eot] + second for n in (5, 8, 8)]
-  windows = [w + [eot] * (20 - len(w)) for w in windows]  # one length; extra documents at the end
-  example = data.window_examples(np.array(windows), eot)
+  rows = [rng.integers(0, 49, n).tolist() + [eot] + second for n in (5, 8, 8)]
+  rows = [w + [eot] * (20 - len(w)) for w in rows]  # one length; extra documents at the end
+  example = windows.window_examples(np.array(rows), eot)
   params = model.init(jax.random.PRNGKey(0), example["inputs"][:1])["params"]
   logits = np.asarray(model.apply({"params": params}, example["inputs"],
                                   positions_BxL=example["positions"],

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, read_metrics, tiny_config
-from llm import preemption, rundir
+from llm import preemption, rundir, runs
 from llm.errors import UserError
 from llm.train import train
 
@@ -154,15 +154,15 @@ def test_divergence_never_saves_a_non_finite_checkpoint(tmp_path, log_every, che
   with pytest.raises(UserError, match=r"non-finite at step \d+; that step was not applied"):
     train(cfg, workdir)
   assert _latest_step(workdir)  # what was saved before the divergence is there, and finite
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(rundir.load(workdir).params))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(runs.load(workdir).params))
   with pytest.raises(UserError, match="non-finite"):  # resumed as it is, it stops again
     train(cfg, workdir)
 
 
 def _poison_batches(monkeypatch, bad_steps):
   """Batches whose loss weights are NaN at `bad_steps` (1-based): non-finite steps on demand."""
-  from llm import data
-  original = data.Batches.__next__
+  from llm.data import batches
+  original = batches.Batches.__next__
 
   def poisoned(self):
     step = self.step + 1
@@ -171,7 +171,7 @@ def _poison_batches(monkeypatch, bad_steps):
       batch["weights"] = batch["weights"] * np.nan
     return batch
 
-  monkeypatch.setattr(data.Batches, "__next__", poisoned)
+  monkeypatch.setattr(batches.Batches, "__next__", poisoned)
 
 
 def test_skip_mode_skips_bad_steps_and_recovers(tmp_path, monkeypatch):
@@ -235,7 +235,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, caps
         path = os.path.join(folder, name)
         with open(path, "r+b") as f:
           f.truncate(os.path.getsize(path) // 2)
-  params = rundir.load(str(damaged)).params  # sampling falls back too
+  params = runs.load(str(damaged)).params  # sampling falls back too
   assert "checkpoints/9 does not load" in capsys.readouterr().out
   assert params
   train(tiny_config(tmp_path, **{"train.steps": 9, "train.checkpoint_every": 3}), str(damaged))

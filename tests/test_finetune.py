@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, read_metrics, tiny_config
-from llm import data
+from llm.data import batches
+from llm.prompts import alpaca_prompt
+from llm.tasks import classify, instruct
+from llm import runs
 from llm import tokenizer as tokenizer_lib
 from llm.errors import UserError
 
@@ -24,9 +27,9 @@ ALPACA_HEAD = ("Below is an instruction that describes a task. Write a response 
 
 
 def test_alpaca_prompt_with_and_without_input():
-  assert data.alpaca_prompt("Name a colour.") == (
+  assert alpaca_prompt("Name a colour.") == (
       ALPACA_HEAD + "\n\n### Instruction:\nName a colour.\n\n### Response:\n")
-  assert data.alpaca_prompt("Translate to French.", "cat") == (
+  assert alpaca_prompt("Translate to French.", "cat") == (
       ALPACA_HEAD + "\n\n### Instruction:\nTranslate to French.\n\n### Input:\ncat"
       "\n\n### Response:\n")
 
@@ -47,9 +50,9 @@ def test_instruction_targets_are_the_response_and_one_end_of_text():
   tok = CharTokenizer()
   records = [{"instruction": "a", "input": "", "output": "xy"},
              {"instruction": "bb", "input": "c", "output": "z"}]
-  ex = data.instruction_examples(records, tok, max_length=1000, mask_prompt=True)
-  p0 = len(data.alpaca_prompt("a"))
-  p1 = len(data.alpaca_prompt("bb", "c"))
+  ex = instruct.instruction_examples(records, tok, max_length=1000, mask_prompt=True)
+  p0 = len(alpaca_prompt("a"))
+  p1 = len(alpaca_prompt("bb", "c"))
   length = max(p0 + 3, p1 + 2) - 1
   assert ex["inputs"].shape == ex["targets"].shape == ex["weights"].shape == (2, length)
   # Row 0: targets x, y, end-of-text; then padding (end-of-text, weight 0).
@@ -57,9 +60,9 @@ def test_instruction_targets_are_the_response_and_one_end_of_text():
   assert list(ex["targets"][0, p0 - 1:p0 + 2]) == [ord("x"), ord("y"), 255]
   assert (ex["inputs"][0, p0 + 2:] == 255).all() and (ex["targets"][0, p0 + 2:] == 255).all()
   np.testing.assert_array_equal(np.flatnonzero(ex["weights"][1]), [p1 - 1, p1])
-  unmasked = data.instruction_examples(records, tok, max_length=1000, mask_prompt=False)
+  unmasked = instruct.instruction_examples(records, tok, max_length=1000, mask_prompt=False)
   assert unmasked["weights"][0].sum() == p0 + 2  # the prompt's successors too
-  cut = data.instruction_examples(records, tok, max_length=10, mask_prompt=False)
+  cut = instruct.instruction_examples(records, tok, max_length=10, mask_prompt=False)
   assert cut["inputs"].shape == (2, 10)
 
 
@@ -71,13 +74,13 @@ def test_masked_loss_equals_hand_computed_value():
                                 d_model=16, d_ff=32))
   records = [{"instruction": "hi", "input": "", "output": "ok"},
              {"instruction": "sum", "input": "1 2", "output": "3"}]
-  batch = data.instruction_examples(records, CharTokenizer(), 1000, mask_prompt=True)
+  batch = instruct.instruction_examples(records, CharTokenizer(), 1000, mask_prompt=True)
   params = model.init(jax.random.PRNGKey(0), batch["inputs"])["params"]
   sums = objectives.causal_lm(model).loss(params, batch, None, False)
   logp = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, batch["inputs"])))
   by_hand = []
   for r, record in enumerate(records):
-    start = len(data.alpaca_prompt(record["instruction"], record["input"])) - 1
+    start = len(alpaca_prompt(record["instruction"], record["input"])) - 1
     wanted = [ord(c) for c in record["output"]] + [255]
     by_hand += [-logp[r, start + i, t] for i, t in enumerate(wanted)]
   assert float(sums["weight"]) == len(by_hand) == 5
@@ -86,19 +89,19 @@ def test_masked_loss_equals_hand_computed_value():
 
 
 def test_labels_balance_and_splits():
-  assert data.label_names(["spam", "ham", "spam"]) == ["ham", "spam"]
-  assert data.label_names([1, 0, 2, 2]) == ["0", "1", "2"]
-  np.testing.assert_array_equal(data.label_ids(["spam", "ham", "1"], ["ham", "spam"]), [1, 0, 1])
+  assert classify.label_names(["spam", "ham", "spam"]) == ["ham", "spam"]
+  assert classify.label_names([1, 0, 2, 2]) == ["0", "1", "2"]
+  np.testing.assert_array_equal(classify.label_ids(["spam", "ham", "1"], ["ham", "spam"]), [1, 0, 1])
   with pytest.raises(UserError, match="row 2 has label 'eggs'"):
-    data.label_ids(["ham", "spam", "eggs"], ["ham", "spam"])
+    classify.label_ids(["ham", "spam", "eggs"], ["ham", "spam"])
   labels = np.array([0] * 90 + [1] * 10)
-  kept = data.balance(labels, seed=0)
+  kept = classify.balance(labels, seed=0)
   assert np.bincount(labels[kept]).tolist() == [10, 10]
-  parts = data.split_indices(100, 0.1, 0.2, seed=0)
-  assert [len(parts[s]) for s in data.SPLITS] == [70, 10, 20]
+  parts = batches.split_indices(100, 0.1, 0.2, seed=0)
+  assert [len(parts[s]) for s in batches.SPLITS] == [70, 10, 20]
   assert len(set(np.concatenate(list(parts.values())))) == 100
   with pytest.raises(UserError, match="the test split is empty"):
-    data.split_indices(3, 0.3, 0.1, seed=0)
+    batches.split_indices(3, 0.3, 0.1, seed=0)
 
 
 def test_lora_with_zero_b_is_the_base_model_and_merges_exactly():
@@ -166,9 +169,8 @@ def finetune_config(tmp_path, base, config_file, arg=None, **overrides):
 
 
 def _params(workdir):
-  from llm import rundir
   from flax import traverse_util
-  return traverse_util.flatten_dict(jax.device_get(rundir.load(workdir).params), sep="/")
+  return traverse_util.flatten_dict(jax.device_get(runs.load(workdir).params), sep="/")
 
 
 def test_instruction_lora_freezes_the_base_and_merges(tmp_path, base_run, test_data):
@@ -211,11 +213,12 @@ def test_instruction_lora_freezes_the_base_and_merges(tmp_path, base_run, test_d
   assert rundir.read_config(str(tmp_path / "merged")).init_from == ""
 
   # The test split's responses, beside their references, ready for judging.
-  from llm import evaluate
+  from llm import evaluation, startup
   out = tmp_path / "responses.jsonl"
-  run = rundir.load(workdir)
-  assert evaluate.write_responses(run, *evaluate.run_task(run), str(out), max_new_tokens=3,
-                                  batch_size=8) == 20
+  run = runs.load(workdir)
+  data, docs = run.task.data_for(run.model, startup.run_context(run))
+  assert evaluation.write_responses(run, data, docs, str(out), max_new_tokens=3,
+                                    batch_size=8) == 20
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert len(rows) == 20 and set(rows[0]) == {"instruction", "input", "output", "response"}
   with open(test_data + "/instructions/instruction-examples.json") as f:
@@ -257,7 +260,7 @@ def _separable_csv(path, n=160, seed=0):
 
 
 def test_classifier_learns_a_separable_task(tmp_path, base_run):
-  from llm import evaluate, rundir
+  from llm import evaluation, rundir, startup
   from llm.classify import TextClassifier
   from llm.train import train
   _separable_csv(tmp_path / "data.csv")
@@ -273,8 +276,9 @@ def test_classifier_learns_a_separable_task(tmp_path, base_run):
   assert set(test["per_class"]) == {"bad", "good"}
   assert rundir.read_config(workdir).task.labels == "bad,good"
 
-  run = rundir.load(workdir)
-  results = evaluate.evaluate_splits(run, evaluate.run_task(run)[0])
+  run = runs.load(workdir)
+  results = evaluation.evaluate_splits(run, run.task.data_for(run.model,
+                                                              startup.run_context(run))[0])
   assert results["test"]["confusion"] == test["confusion"]
   [(label, prob)] = TextClassifier(workdir).classify(["sunny warm happy calm bright sunny"])
   assert label == "good" and 0.5 < prob <= 1.0

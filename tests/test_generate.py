@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from conftest import ROOT, tiny_config
+from llm import runs
 from llm.errors import UserError
 from llm.sampling import Generator
 from llm.train import train
@@ -26,7 +27,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gen(run_dir):
-  return Generator(run_dir)
+  return Generator(runs.load(run_dir))
 
 
 def _ids(gen, texts):

@@ -1,5 +1,6 @@
 """Preference tuning: a reward model, DPO against a frozen reference, best-of-n sampling."""
 
+import dataclasses
 import json
 import math
 import os
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, read_metrics, tiny_config
-from llm import config as config_lib, data, objectives, rundir
+from llm import config as config_lib, objectives, rundir, runs
+from llm.prompts import alpaca_prompt
 from llm.train import Trainer, train
 
 # Its tests share module fixtures: one pytest-xdist worker runs them all.
@@ -79,18 +81,18 @@ def test_dpo_starts_at_ln2_and_equals_the_formula(tmp_path, base_run, records):
   # and the summary says how many.
   kept, cut, dropped = map(int, re.match(
       r"(\d+) records \(preference pairs; (\d+) cut to data.max_length=128, (\d+) dropped as "
-      r"their prompt alone fills it\)", trainer.task.summary).groups())
+      r"their prompt alone fills it\)", trainer.data.summary).groups())
   assert kept + dropped == 48 and dropped > 0 and cut > 0
   # Step 0: the policy is its reference, so every reward is 0 and the loss is ln 2.
-  start = trainer.jit_evaluate()(state["params"], frozen, trainer.task.evals["eval"])
+  start = trainer.jit_evaluate()(state["params"], frozen, trainer.data.evals["eval"])
   assert start["loss"] == pytest.approx(math.log(2), abs=1e-6)
   assert abs(start["chosen_reward"]) < 1e-5 and abs(start["margin"]) < 1e-5
-  assert start["pairs"] == len(trainer.task.splits["eval"]) == round(kept * 0.25)
+  assert start["pairs"] == len(trainer.data.splits["eval"]) == round(kept * 0.25)
 
   # Against a direct computation from the model's logits, with another reference, for the
   # summed and the averaged log-probabilities.
   model, params = trainer.model, state["params"]
-  batch = dict(trainer.task.evals["eval"][0])
+  batch = dict(trainer.data.evals["eval"][0])
   batch["reference"] = np.random.default_rng(0).normal(-50, 5, batch["reference"].shape)
   B, _, T = batch["tokens"].shape
   tokens, response = batch["tokens"].reshape(2 * B, T), batch["response"].reshape(2 * B, T)
@@ -110,8 +112,8 @@ def test_dpo_starts_at_ln2_and_equals_the_formula(tmp_path, base_run, records):
     again = jax.device_get(objectives.sequence_logps(model, params, padded, average))
     np.testing.assert_allclose(again, logps, rtol=1e-5)
   # Only the answers count: the prompt's tokens are outside the response mask.
-  record = _record(records, trainer.task.splits["eval"][0])
-  prompt = data.alpaca_prompt(record["instruction"], record.get("input") or "")
+  record = _record(records, trainer.data.splits["eval"][0])
+  prompt = alpaca_prompt(record["instruction"], record.get("input") or "")
   assert np.argmax(batch["response"][0, 0] > 0) == len(trainer.tokenizer.encode(prompt))
 
 
@@ -152,22 +154,24 @@ def test_lora_dpo_starts_where_full_dpo_does_with_one_copy_of_the_weights(tmp_pa
   trainer = Trainer(cfg, str(tmp_path / "lora"))
   state, frozen = trainer.init_state()
   assert trainer.num_trainable < trainer.num_params / 5  # adapters train; the base is shared
-  start = trainer.jit_evaluate()(state["params"], frozen, trainer.task.evals["eval"])
+  start = trainer.jit_evaluate()(state["params"], frozen, trainer.data.evals["eval"])
   assert start["loss"] == pytest.approx(math.log(2), abs=1e-6)
   assert abs(start["margin"]) < 1e-5
 
 
 def test_dpo_evaluation_writes_policy_and_reference_responses(dpo_runs):
-  from llm import evaluate
+  from llm import evaluation, startup
   straight = dpo_runs[0]
-  run = rundir.load(straight)
-  task, docs = evaluate.run_task(run)
-  results = evaluate.evaluate_splits(run, task)
+  run = runs.load(straight)
+  context = startup.run_context(run)
+  data, docs = run.task.data_for(run.model, context)
+  results = evaluation.evaluate_splits(run, data)
   assert set(results) == {"eval", "test"} and 0 <= results["test"]["reward_accuracy"] <= 1
   out = os.path.join(straight, "test_responses.jsonl")
-  n = evaluate.write_responses(run, task, docs, out, 8, 8, evaluate.reference_run(run))
+  reference = dataclasses.replace(run, params=context.start.params(run.model))
+  n = evaluation.write_responses(run, data, docs, out, 8, 8, reference)
   rows = [json.loads(line) for line in open(out)]
-  assert n == len(rows) == len(task.splits["test"]) > 0
+  assert n == len(rows) == len(data.splits["test"]) > 0
   assert {"instruction", "chosen", "rejected", "response", "reference_response"} <= set(rows[0])
 
 
@@ -180,10 +184,10 @@ def reward_run(tmp_path_factory, base_run, records):
 
 
 def test_reward_model_loss_is_bradley_terry_and_it_learns(reward_run, records):
-  from llm import evaluate
+  from llm import startup
   from llm.scoring import Scorer
-  run = rundir.load(reward_run)
-  task, _ = evaluate.run_task(run)
+  run = runs.load(reward_run)
+  task, _ = run.task.data_for(run.model, startup.run_context(run))
   # It ranks the training pairs right (chance: half of them).
   train_pairs = task.batches.take(np.arange(len(task.batches)), None)
   sums = objectives.reward(run.model).loss(run.params, train_pairs, None, False)
@@ -199,8 +203,8 @@ def test_reward_model_loss_is_bradley_terry_and_it_learns(reward_run, records):
                                                          * batch["weights"]), rtol=1e-5)
   # The scorer gives a pair what the objective does.
   record = _record(records, task.splits["eval"][0])
-  prompt = data.alpaca_prompt(record["instruction"], record.get("input") or "")
-  got = Scorer(reward_run).score([prompt, prompt], [record["chosen"], record["rejected"]])
+  prompt = alpaca_prompt(record["instruction"], record.get("input") or "")
+  got = Scorer(runs.load(reward_run)).score([prompt, prompt], [record["chosen"], record["rejected"]])
   np.testing.assert_allclose(got, scores[0], rtol=1e-5, atol=1e-5)
 
 
@@ -208,8 +212,8 @@ def test_best_of_n_returns_the_highest_reward_and_best_of_1_is_plain_sampling(
     tmp_path, base_run, reward_run):
   from llm.sampling import Generator
   from llm.scoring import Scorer, best_of
-  gen, scorer = Generator(base_run), Scorer(reward_run)
-  prompts = [data.alpaca_prompt("Rewrite the sentence politely.", "Give me the salt.")]
+  gen, scorer = Generator(runs.load(base_run)), Scorer(runs.load(reward_run))
+  prompts = [alpaca_prompt("Rewrite the sentence politely.", "Give me the salt.")]
   sampling = dict(max_new_tokens=12, temperature=1.0, seed=3)
   [best] = best_of(gen, scorer, prompts, 4, **sampling)
   one_by_one = [float(scorer.score(prompts, [s])[0]) for s in best.samples]

@@ -2,7 +2,8 @@ import os
 
 import pytest
 
-from llm import data, tokenizer
+from llm import tokenizer
+from llm.data import sources
 from llm.errors import UserError
 
 VARIED = "Hello, world!  Tabs\tand  spaces\n\nnumbers 12345 3.14, unicode: héllo 世界 🙂, <|endoftext|> end"
@@ -10,7 +11,7 @@ VARIED = "Hello, world!  Tabs\tand  spaces\n\nnumbers 12345 3.14, unicode: héll
 
 @pytest.fixture(scope="module")
 def sentencepiece(tmp_path_factory):
-  texts = data.texts(data.embedded_corpus(), "text", 10**9)
+  texts = sources.first_chars(sources.embedded_corpus()["text"], 10**9)
   return tokenizer.SentencePieceTokenizer.train(texts, 512, str(tmp_path_factory.mktemp("sp")))
 
 

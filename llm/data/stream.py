@@ -19,108 +19,41 @@ shuffle over the whole corpus and no tokenizing during training: prefer them for
 """
 
 import copy
-import queue
-import threading
 
 import numpy as np
 
-from llm import data, token_shards
+from llm.data import batches as batches_lib
+from llm.data import shards, windows as windows_lib
 from llm.errors import UserError
 
 BATCH = 64  # documents tokenized at once
 QUEUE = 16  # tokenized batches made ahead
 
 
-def open_documents(data_cfg, check: bool = True):
-  """The documents of data.hf_name (or data.path's files, or the embedded corpus) as a
-  `datasets.IterableDataset`: read as they are needed, nothing downloaded or copied first.
-  `check`: as data.load_documents checks (empty files, the text field), on the first record;
-  the stream's state then is no longer its beginning (see Windows)."""
-  import datasets
-  # A file that does not parse is said in one line (data.read_error), not logged on the way.
-  datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-  where = data_cfg.hf_name or data_cfg.path
-  try:
-    if data_cfg.hf_name:
-      ds = datasets.load_dataset(data_cfg.hf_name, data_cfg.hf_config or None,
-                                 split=data_cfg.split, streaming=True)
-    elif data_cfg.path:
-      builder, files, kwargs = data.local_builder(data_cfg)
-      ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True,
-                                 **kwargs)
-    else:
-      return data.embedded_corpus().to_iterable_dataset()
-  except UserError:
-    raise
-  except Exception as e:  # datasets raises many types for unreachable input
-    raise data.read_error(data_cfg, e) from None
-  if not check:
-    return ds
-  try:
-    first_record = next(iter(ds), None)
-  except Exception as e:  # a file that does not parse, a network error
-    raise data.read_error(data_cfg, e) from None
-  if first_record is None:
-    raise UserError(f"the data at {where!r} holds no records")
-  if data_cfg.text_field not in first_record:
-    raise UserError(f"the data has no field {data_cfg.text_field!r} (columns: "
-                    f"{', '.join(first_record)}); set data.text_field")
-  return ds
+def _token_batches(ds, tokenizer, text_field: str, state: dict, beginning: dict):
+  """(state before, tokens, state after) of each batch of documents, from `state` on, made in a
+  background thread; the stream starts over at its end."""
+  dtype = shards.dtype_for(tokenizer.vocab_size)
+
+  def make(keep_going):
+    ds.load_state_dict(copy.deepcopy(state))
+    before = state
+    while keep_going():
+      empty = True
+      for batch in ds.iter(batch_size=BATCH):
+        empty = False
+        after = copy.deepcopy(ds.state_dict())
+        yield before, shards.encode_documents(batch[text_field], tokenizer, dtype), after
+        before = after
+      if empty and before == beginning:
+        raise UserError("the streamed data set holds no documents")
+      ds.load_state_dict(copy.deepcopy(beginning))  # a new epoch
+      before = beginning
+
+  return batches_lib.Producer(make, QUEUE, "stream")
 
 
-class _TokenBatches:
-  """(state before, tokens, state after) of each batch of documents, from `state` on, made in
-  a background thread; the stream starts over at its end."""
-
-  def __init__(self, ds, tokenizer, text_field: str, state: dict, beginning: dict):
-    self._queue = queue.Queue(maxsize=QUEUE)
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._fill, daemon=True, name="stream",
-                                    args=(ds, tokenizer, text_field, state, beginning))
-    self._thread.start()
-
-  def _fill(self, ds, tokenizer, text_field, state, start):
-    dtype = token_shards.dtype_for(tokenizer.vocab_size)
-    try:
-      ds.load_state_dict(copy.deepcopy(state))
-      before = state
-      while not self._stop.is_set():
-        empty = True
-        for batch in ds.iter(batch_size=BATCH):
-          empty = False
-          after = copy.deepcopy(ds.state_dict())
-          if not self._put((before, token_shards.encode_documents(batch[text_field], tokenizer,
-                                                                  dtype), after)):
-            return
-          before = after
-        if empty and before == start:
-          raise UserError("the streamed data set holds no documents")
-        ds.load_state_dict(copy.deepcopy(start))  # a new epoch
-        before = start
-    except BaseException as error:  # handed to the consumer
-      self._put(error)
-
-  def _put(self, item) -> bool:
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def __next__(self):
-    item = self._queue.get()
-    if isinstance(item, BaseException):
-      raise item
-    return item
-
-  def close(self):
-    self._stop.set()
-    self._thread.join()
-
-
-class Windows:
+class StreamWindows:
   """Windows of `length` tokens, one every `stride` tokens, of a document stream (each document
   followed by end-of-text), from `position` (see `position()`). `ds` has not been read yet:
   its state is the stream's beginning."""
@@ -136,8 +69,8 @@ class Windows:
   def seek(self, position: dict) -> None:
     if self._source is not None:
       self._source.close()
-    self._source = _TokenBatches(self.ds, self.tokenizer, self.text_field, position["source"],
-                                 self._beginning)
+    self._source = _token_batches(self.ds, self.tokenizer, self.text_field, position["source"],
+                                  self._beginning)
     self._batches = []  # (state before, number of tokens) of the batches in the buffer
     self._after = position["source"]  # the state after the last batch read
     self._buffer = np.zeros(0, np.int64)  # their tokens
@@ -171,13 +104,13 @@ class Windows:
 
 
 class StreamBatches:
-  """Global batches of shuffled windows of the stream; like data.Batches, a process gets its
+  """Global batches of shuffled windows of the stream; like batches.Batches, a process gets its
   share [grad_accum, micro_batch / processes, ...], and `state()` / `restore()` resume exactly.
   """
 
-  def __init__(self, windows: Windows, start: dict, batch_size: int, grad_accum: int,
+  def __init__(self, windows: StreamWindows, start: dict, batch_size: int, grad_accum: int,
                shuffle_buffer: int, seed: int, eot_id=None, process_index=0, process_count=1):
-    data.check_batch_size(batch_size, grad_accum, process_count)
+    batches_lib.check_batch_size(batch_size, grad_accum, process_count)
     self.windows, self.batch_size, self.grad_accum = windows, batch_size, grad_accum
     self.block_size, self.shuffle, self.seed = max(shuffle_buffer, 1), shuffle_buffer > 0, seed
     self.eot_id, self.process_index, self.process_count = eot_id, process_index, process_count
@@ -204,14 +137,14 @@ class StreamBatches:
       rows.extend(self._block[s["used"]:s["used"] + take])
       s["used"] += take
     self._state["step"] += 1
-    mine = data.process_rows(self.batch_size, self.grad_accum, self.process_index,
+    mine = batches_lib.process_rows(self.batch_size, self.grad_accum, self.process_index,
                              self.process_count)
-    batch = data.window_examples(np.stack([rows[i] for i in mine]), self.eot_id)
-    return data.as_micro_batches(batch, self.grad_accum)
+    batch = windows_lib.window_examples(np.stack([rows[i] for i in mine]), self.eot_id)
+    return batches_lib.as_micro_batches(batch, self.grad_accum)
 
   def example(self) -> dict:
     """One example (its arrays' shapes are every example's)."""
-    return data.window_examples(self._block[:1], self.eot_id)
+    return windows_lib.window_examples(self._block[:1], self.eot_id)
 
   def state(self) -> dict:
     return copy.deepcopy(self._state)
@@ -222,16 +155,16 @@ class StreamBatches:
     self._read_block()
 
 
-def lm_batches(ds, tokenizer, text_field: str, max_length: int, stride: int, batch_size: int,
+def stream_batches(ds, tokenizer, text_field: str, max_length: int, stride: int, batch_size: int,
                grad_accum: int, eval_batches: int, shuffle_buffer: int, seed: int, eot_id=None,
                process_index=0, process_count=1) -> tuple[StreamBatches, list[dict]]:
   """(training batches, validation batches) of the stream: validation is its first
   `eval_batches` micro-batches of windows, training the windows after them."""
   micro = batch_size // grad_accum
-  windows = Windows(ds, tokenizer, text_field, max_length + 1, stride)
+  windows = StreamWindows(ds, tokenizer, text_field, max_length + 1, stride)
   held_out = np.stack([next(windows) for _ in range(eval_batches * micro)])
-  evals = data.fixed_batches(
-      len(held_out), lambda idx, _: data.window_examples(held_out[idx], eot_id), micro,
+  evals = batches_lib.fixed_batches(
+      len(held_out), lambda idx, _: windows_lib.window_examples(held_out[idx], eot_id), micro,
       eval_batches, process_index, process_count)
   return StreamBatches(windows, windows.position(), batch_size, grad_accum, shuffle_buffer,
                        seed, eot_id, process_index, process_count), evals

@@ -20,6 +20,7 @@ etils.epath; local shards are memory-mapped, remote ones read by byte range.
 import collections
 import concurrent.futures
 import ctypes
+import hashlib
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ import time
 import numpy as np
 from etils import epath
 
+from llm.data import sources
 from llm.errors import UserError
 
 FORMAT = "llm-token-shards/1"
@@ -407,7 +409,7 @@ class Shards:
     return self.index["eot_id"]
 
 
-def read_tokenizer(path: str):
+def saved_tokenizer(path: str):
   """The tokenizer saved with the shards in `path`."""
   from llm import tokenizer as tokenizer_lib
   folder = _folder(path) / "tokenizer"
@@ -456,3 +458,26 @@ def open_shards(path: str, tokenizer=None) -> Shards:
     else:
       parts.append(_RemoteArray(file, shard["tokens"], dtype))
   return Shards(path, index, Tokens(parts))
+
+
+def prepare_tokens(data_cfg, ds, tokenizer, out: str = "",
+                   documents_per_shard: int = DOCUMENTS_PER_SHARD,
+                   progress: bool = True) -> Shards:
+  """The documents of `ds` (the data `data_cfg` names) tokenized into shards in `out` (default:
+  its cache folder), once: a folder already complete is opened, one left unfinished is
+  completed."""
+  out = out or cache_folder(data_cfg, tokenizer)
+  try:
+    return prepare(ds, tokenizer, data_cfg.text_field, out, documents_per_shard, progress,
+                   source=sources.source_key(data_cfg))
+  except ReadError as e:
+    raise sources.read_error(data_cfg, e.args[0]) from None
+
+
+def cache_folder(data_cfg, tokenizer) -> str:
+  """The cache folder of the shards of (data, tokenizer, text field): where a run's token
+  stream is prepared and read (and `python -m llm.prepare` writes without --out)."""
+  cache_dir = data_cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "llm")
+  key = hashlib.sha256(f"{sources.source_key(data_cfg)}|{tokenizer.fingerprint()}|"
+                       f"{data_cfg.text_field}".encode()).hexdigest()[:20]
+  return os.path.join(cache_dir, f"tokens-{key}")

@@ -1,0 +1,70 @@
+"""Evaluating a model opened from a run directory: an objective's metrics over batches, and
+greedy responses written beside records for judging. The tasks choose what to evaluate
+(Task.evaluate); `python -m llm.evaluate` prints it."""
+
+import json
+import os
+
+from llm import objectives, sharding
+from llm.errors import UserError
+from llm.sampling import Generator
+
+
+def evaluate_batches(run, objective: objectives.Objective, batches) -> dict:
+  """The objective's metrics of `run`'s model over all the batches."""
+  evaluate = objectives.evaluator(objective)
+  with sharding.activate(run.mesh, run.mesh_cfg):
+    return evaluate(run.params, {}, batches)
+
+
+def evaluate_splits(run, data) -> dict:
+  """The run's metrics on its task data's validation ("eval") and test splits."""
+  objective = run.task.objective(run.model)
+  return {split: evaluate_batches(run, objective, batches)
+          for split, batches in data.evals.items()}
+
+
+def print_metrics(split: str, result: dict) -> None:
+  print(f"{split}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()
+                                 if isinstance(v, float)))
+  for name, m in result.get("per_class", {}).items():
+    print(f"  {name:>12}: precision {m['precision']:.4f}  recall {m['recall']:.4f}  "
+          f"f1 {m['f1']:.4f}  ({m['support']} examples)")
+  if "confusion" in result:
+    print(f"  confusion (rows: true, columns: predicted): {result['confusion']}")
+
+
+def write_responses(run, data, docs, out: str, max_new_tokens: int, batch_size: int,
+                    reference=None) -> int:
+  """A run's greedy responses to the prompts of its test split (as its task formats them), as
+  JSON lines beside the record's own fields; with `reference` (an opened run: DPO's starting
+  model), its responses too."""
+  generators = {"response": Generator(run)}
+  if reference is not None:
+    generators["reference_response"] = Generator(reference)
+  if not len(data.splits.get("test", ())):
+    raise UserError("this run has no test split (data.test_fraction=0)")
+  records = [dict(docs[int(i)]) for i in data.splits["test"]]
+  gen = generators["response"]
+  with open(out, "w") as f:
+    for b in range(0, len(records), batch_size):
+      chunk = records[b:b + batch_size]
+      prompts = [run.task.prompt(r) for r in chunk]
+      room = gen.model.cfg.max_len - max(len(gen.tokenizer.encode(p)) for p in prompts)
+      for key, generator in generators.items():
+        responses = generator.generate(prompts, max_new_tokens=max(min(max_new_tokens, room), 1),
+                                       temperature=0.0)
+        for r, [response] in zip(chunk, responses):
+          r[key] = response.strip()
+      for r in chunk:
+        f.write(json.dumps({"input": "", **r}) + "\n")
+  return len(records)
+
+
+def write_test_responses(run, data, docs, options, reference=None) -> None:
+  """`write_responses` where llm.evaluate's options say (default DIR/test_responses.jsonl)."""
+  out = options.output or os.path.join(run.workdir, "test_responses.jsonl")
+  n = write_responses(run, data, docs, out, options.max_new_tokens, options.batch_size,
+                      reference)
+  also = " and the reference model's" if reference is not None else ""
+  print(f"wrote {n} test responses{also} to {out}")

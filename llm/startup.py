@@ -1,0 +1,77 @@
+"""The one setup path of every entry point that trains, prepares or benchmarks a config, in one
+order: the resolved config (once), the task, its documents, the tokenizer (chosen in one
+place), and the context the task's data is made in.
+
+    s = startup.setup(cfg, workdir)
+    data = s.task.data(s.docs, model, startup.context(s, mesh, workdir))
+"""
+
+import dataclasses
+import tempfile
+from typing import Any
+
+import jax
+
+from llm import config as config_lib, rundir, runs, tasks
+from llm import tokenizer as tokenizer_lib
+from llm.data import shards
+from llm.errors import UserError
+
+
+@dataclasses.dataclass
+class Setup:
+  cfg: Any  # the resolved config: what DIR/config.json holds
+  task: tasks.Task
+  docs: Any  # the task's documents or records (a stream for lm; None for prepared shards)
+  tokenizer: tokenizer_lib.Tokenizer
+  source: runs.Source | None  # the init_from model
+
+
+def setup(cfg, workdir: str = "") -> Setup:
+  """A config settled: its values checked before any data is read, then the data read once,
+  and the values only the data can give (a classifier's labels) filled in."""
+  source = runs.Source(cfg.init_from) if cfg.init_from else None
+  cfg = config_lib.resolve(cfg, source.values if source else None)
+  task = tasks.build(cfg)
+  docs = task.load()
+  found = task.found_in_data(docs)
+  if found:
+    cfg = config_lib.replace(cfg, found)
+    task = tasks.build(cfg)
+  return Setup(cfg, task, docs, choose_tokenizer(task, docs, workdir, source), source)
+
+
+def choose_tokenizer(task: tasks.Task, docs, workdir: str = "",
+                     source: runs.Source | None = None) -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer, from the first of: the run directory's own (a resumed run keeps it),
+  the init_from model's, the prepared shards', or the config's (trained on the task's text when
+  it names no files)."""
+  cfg = task.cfg
+  if workdir and rundir.has_tokenizer(workdir):
+    tokenizer = rundir.read_tokenizer(workdir)
+  elif source is not None:
+    tokenizer = source.tokenizer
+  elif cfg.data.prepared:
+    tokenizer = shards.saved_tokenizer(cfg.data.prepared)
+  else:
+    trains = not cfg.tokenizer.path and cfg.tokenizer.kind in ("sentencepiece", "wordpiece")
+    with tempfile.TemporaryDirectory() as tmp:
+      tokenizer = tokenizer_lib.build(cfg, task.tokenizer_texts(docs) if trains else None, tmp)
+  if cfg.model.vocab_size and cfg.model.vocab_size < tokenizer.vocab_size:
+    raise UserError(f"config: model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                    f"tokenizer's {tokenizer.vocab_size}; use 0 or a larger size")
+  return tokenizer
+
+
+def context(s: Setup, mesh, workdir: str = "") -> tasks.Context:
+  """What the task's data is made with, for this process of a run in `workdir` on `mesh`."""
+  return tasks.Context(s.tokenizer, jax.process_index(), jax.process_count(),
+                       task_data=rundir.path(workdir, rundir.TASK_DATA) if workdir else "",
+                       start=runs.Start(s.cfg, mesh, s.cfg.mesh, s.source))
+
+
+def run_context(run: runs.Run) -> tasks.Context:
+  """The context of an opened run's task data: its tokenizer, its kept task data, the model it
+  started from."""
+  return tasks.Context(run.tokenizer, task_data=rundir.path(run.workdir, rundir.TASK_DATA),
+                       start=runs.Start(run.cfg, run.mesh, run.mesh_cfg))

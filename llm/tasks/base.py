@@ -1,0 +1,254 @@
+"""The interface every task implements, and the registry that maps `task.kind` to its class.
+
+A task is what a run trains: which records it reads and what text a tokenizer learns from them,
+its model and objective, its batches (and their schema), its evaluation, and how its prompts
+are formatted. The train loop, llm.evaluate, llm.prepare and the inference tools ask the task;
+nothing outside llm/tasks/ compares `task.kind`. A new task is one class in one module:
+
+    @register
+    class Copy(Task):
+      kind = "copy"
+      def objective(self, model): ...
+      def data(self, docs, model, context): ...
+"""
+
+import dataclasses
+import difflib
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import numpy as np
+
+from llm import config as config_lib, evaluation
+from llm import model as model_lib
+from llm import objectives
+from llm.data import batches, sources
+from llm.errors import UserError
+
+_REGISTRY: dict[str, type["Task"]] = {}
+
+
+def register(cls: type["Task"]) -> type["Task"]:
+  """Class decorator: `task.kind=cls.kind` now trains this task."""
+  if not cls.kind:
+    raise ValueError(f"{cls.__name__} has no kind")
+  _REGISTRY[cls.kind] = cls
+  return cls
+
+
+def kinds() -> tuple[str, ...]:
+  return tuple(_REGISTRY)
+
+
+def get(kind: str) -> type["Task"]:
+  """The class of `task.kind`; an unknown kind stops with the closest known one."""
+  if kind not in _REGISTRY:
+    close = difflib.get_close_matches(kind, _REGISTRY, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise UserError(f"config: task.kind={kind!r} is not allowed; {hint}use one of {kinds()}")
+  return _REGISTRY[kind]
+
+
+def build(cfg) -> "Task":
+  """The task of a resolved config, its settings checked."""
+  task = get(cfg.task.kind)(cfg)
+  task.check()
+  return task
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+  """What one example of a task's batches holds: name -> (dtype, shape) without the batch axes,
+  the length of its sequences (the model's sequence axis: what FLOPs and MFU count) and how many
+  sequences an example holds (a preference pair: 2). Batches are [grad_accum, micro_batch,
+  *shape] (training) or [batch, *shape] (evaluation)."""
+  arrays: dict[str, tuple[np.dtype, tuple[int, ...]]]
+  length: int
+  sequences: int = 1
+
+  @classmethod
+  def of(cls, example: dict, length: int, sequences: int = 1) -> "Schema":
+    """The schema of `example`, a dict of arrays whose first axis counts examples."""
+    return cls({k: (np.dtype(v.dtype), tuple(v.shape[1:])) for k, v in example.items()},
+               length, sequences)
+
+  @property
+  def tokens(self) -> int:
+    """Tokens of one example (what a step's tokens/s counts)."""
+    return self.length * self.sequences
+
+  def check(self, batch: dict, batch_axes: int) -> None:
+    """Raises ValueError when `batch` is not made of this schema's arrays."""
+    got = {k: (np.dtype(v.dtype), tuple(v.shape[batch_axes:])) for k, v in batch.items()}
+    if got != self.arrays:
+      raise ValueError(f"a batch does not match the task's schema: {got} != {self.arrays}")
+
+
+@dataclasses.dataclass
+class TaskData:
+  """A task's data, ready to train on."""
+  batches: Any  # training batches: an iterator with state() / restore(), resumable
+  evals: dict  # split -> fixed batches; "eval" runs every train.eval_every, "test" at the end
+  schema: Schema
+  summary: str  # one line about the data, printed at start
+  splits: dict = dataclasses.field(default_factory=dict)  # records: split -> rows of the data
+
+
+@dataclasses.dataclass
+class Context:
+  """What a task is given besides its config."""
+  tokenizer: Any
+  process_index: int = 0
+  process_count: int = 1
+  task_data: str = ""  # a file where a task keeps what it computed once (DPO's reference)
+  start: Any = None  # the model the run starts from: `start.params(model)` (runs.Start)
+
+
+@dataclasses.dataclass
+class EvalOptions:
+  """What llm.evaluate's flags ask of a task's evaluation."""
+  data_path: str = ""  # other data than the run's own
+  text_field: str = "text"
+  max_length: int = 0
+  batch_size: int = 8
+  output: str = ""  # where generated answers go
+  max_new_tokens: int = 256
+
+
+class Task:
+  """A kind of training. Subclasses set `kind` and implement `objective` and `data`; the rest
+  has defaults for records read whole from the run's data."""
+  kind: ClassVar[str] = ""
+  # What the trained model gives, for the tools that use it: "text" (llm.generate), "classes"
+  # (llm.classify), "reward" (llm.score), "vectors" (llm.embed).
+  produces: ClassVar[str] = "text"
+  families: ClassVar[tuple[str, ...]] = ("gpt",)  # the model.kind values it trains
+  reads_token_stream: ClassVar[bool] = False  # may read data.prepared, a stream, document masks
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+
+  # -- the config ---------------------------------------------------------------------------
+
+  def check(self) -> None:
+    """Raises UserError naming the first config key this task cannot work with."""
+    c = self.cfg
+    if c.model.kind not in self.families:
+      raise UserError(f"config: task.kind={self.kind!r} is not allowed; it trains model.kind="
+                      f"{' or '.join(self.families)}, not {c.model.kind!r}")
+    for key in ("prepared", "streaming", "document_masks"):
+      if c.data[key] and not self.reads_token_stream:
+        raise UserError(f"config: data.{key}={c.data[key]!r} is not allowed; only "
+                        "next-token pre-training (task.kind=lm) reads a token stream")
+
+  def on_data(self, data_cfg) -> "Task":
+    """The same task reading other data (llm.evaluate --data.path)."""
+    return type(self)(config_lib.replace(self.cfg, {f"data.{k}": v for k, v in data_cfg.items()}))
+
+  # -- records and tokenizer ----------------------------------------------------------------
+
+  def fields(self) -> tuple[str, ...]:
+    """The columns the task reads from each record."""
+    return (self.cfg.data.text_field,)
+
+  def load(self):
+    """The task's documents or records (a `datasets.Dataset`; a stream, or None, for tasks that
+    read a token stream)."""
+    return sources.open_documents(self.cfg.data, self.fields(), complete=True)
+
+  def found_in_data(self, docs) -> dict:
+    """Config values that only the data can give ({"task.labels": ...}), settled once."""
+    return {}
+
+  def tokenizer_texts(self, docs):
+    """The text a tokenizer is trained on, when the run trains one (read here, where a file
+    that does not parse is said in one line)."""
+    try:
+      return list(sources.first_chars((r[self.cfg.data.text_field] for r in docs),
+                                      self.cfg.tokenizer.train_chars))
+    except UserError:
+      raise
+    except Exception as e:  # datasets, pyarrow and the network raise many types
+      raise sources.read_error(self.cfg.data, e) from None
+
+  # -- model, objective, data ---------------------------------------------------------------
+
+  def build_model(self, vocab_size: int) -> nn.Module:
+    return model_lib.build(self.cfg.model, vocab_size)
+
+  def objective(self, model) -> objectives.Objective:
+    raise NotImplementedError
+
+  def data(self, docs, model, context: Context) -> TaskData:
+    raise NotImplementedError
+
+  def data_for(self, model, context: Context, data_path: str = ""):
+    """(task data, records) of the run's own data, or of the records at `data_path` read and
+    split the same way (what the task keeps for its own data, DPO's reference, is computed
+    again)."""
+    if not data_path:
+      docs = self.load()
+      return self.data(docs, model, context), docs
+    task = self.on_data({"path": data_path, "hf_name": ""})
+    docs = task.load()
+    return task.data(docs, model, dataclasses.replace(context, task_data="")), docs
+
+  def micro_batch(self) -> int:
+    return self.cfg.train.batch_size // self.cfg.train.grad_accum
+
+  # -- evaluation ---------------------------------------------------------------------------
+
+  def evaluate(self, run, context: Context, options: EvalOptions) -> dict:
+    """What llm.evaluate prints (and writes) for a run of this task: by default the objective's
+    metrics on the validation and test splits of its data."""
+    return self.evaluate_splits(run, context, options)[0]
+
+  def evaluate_splits(self, run, context: Context, options: EvalOptions):
+    """(each split's metrics, printed; the task's data; its records), on the run's own data or
+    options.data_path's, split the same way."""
+    data, docs = self.data_for(run.model, context, options.data_path)
+    results = evaluation.evaluate_splits(run, data)
+    for split, result in results.items():
+      evaluation.print_metrics(split, result)
+    return results, data, docs
+
+  # -- prompts ------------------------------------------------------------------------------
+
+  def prompt(self, record: dict) -> str:
+    """A record's prompt, as sampling and scoring format it for this task's models."""
+    return record[self.cfg.data.text_field]
+
+
+class RecordTask(Task):
+  """A task on records held in memory (fine-tuning): `examples` makes their arrays, padded to
+  one length; they are split into train / validation / test by data.val_fraction,
+  data.test_fraction and the seed."""
+  sequences: ClassVar[int] = 1  # sequences per example
+
+  def examples(self, docs, model, context: Context) -> tuple[dict, np.ndarray, str]:
+    """(arrays with one row per example and a "weights" array, the record behind each row,
+    what the examples are: a few words for the summary)."""
+    raise NotImplementedError
+
+  def data(self, docs, model, context: Context) -> TaskData:
+    cfg, d, tr = self.cfg, self.cfg.data, self.cfg.train
+    examples, rows, what = self.examples(docs, model, context)
+    parts = batches.split_indices(len(examples["weights"]), d.val_fraction, d.test_fraction,
+                                  cfg.seed, what="records")
+    subset = {name: {k: v[idx] for k, v in examples.items()} for name, idx in parts.items()}
+    where = dict(process_index=context.process_index, process_count=context.process_count)
+    train = batches.Batches(len(parts["train"]), batches.take_rows(subset["train"]),
+                            tr.batch_size, tr.grad_accum, cfg.seed, **where)
+    evals = {name: batches.fixed_batches(len(idx), batches.take_rows(subset[name]),
+                                         self.micro_batch(), len(idx), **where)
+             for name, idx in parts.items() if name != "train" and len(idx)}
+    schema = Schema.of(train.example(), self.sequence_length(examples), self.sequences)
+    return TaskData(train, evals, schema,
+                    f"{len(examples['weights']):,} records ({what}), padded to "
+                    f"{schema.length} tokens: "
+                    + ", ".join(f"{len(idx)} {name}" for name, idx in parts.items()),
+                    splits={name: rows[idx] for name, idx in parts.items()})
+
+  def sequence_length(self, examples: dict) -> int:
+    """The length of the examples' sequences (their last axis)."""
+    return examples["tokens"].shape[-1]
