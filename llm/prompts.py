@@ -22,6 +22,11 @@ def record_prompt(record: dict) -> str:
   return alpaca_prompt(record["instruction"], record.get("input") or "")
 
 
+def record_text(record: dict, answer_fields) -> str:
+  """A record's prompt followed by its answers: the text a tokenizer for it trains on."""
+  return record_prompt(record) + "\n".join(record[field] for field in answer_fields)
+
+
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
   """Prompts as a decoder reads them: the tokenizer's beginning-of-text token (Llama's <s>),
   where it has one, then the prompt's ids."""

@@ -37,9 +37,8 @@ class InstructionTuning(RecordTask):
     return ("instruction",) + self.answer_fields
 
   def tokenizer_texts(self, docs):
-    return sources.first_chars((prompts.record_prompt(r) + "\n".join(r[a] for a in
-                                                                    self.answer_fields)
-                                for r in docs), self.cfg.tokenizer.train_chars)
+    return sources.first_chars((prompts.record_text(r, self.answer_fields) for r in docs),
+                               self.cfg.tokenizer.train_chars)
 
   def prompt(self, record: dict) -> str:
     return prompts.record_prompt(record)

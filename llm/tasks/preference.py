@@ -98,8 +98,8 @@ class PreferencePairs(RecordTask):
 
   def tokenizer_texts(self, docs):
     answers = (self.cfg.data.chosen_field, self.cfg.data.rejected_field)
-    return sources.first_chars((prompts.record_prompt(r) + "\n".join(r[a] for a in answers)
-                                for r in docs), self.cfg.tokenizer.train_chars)
+    return sources.first_chars((prompts.record_text(r, answers) for r in docs),
+                               self.cfg.tokenizer.train_chars)
 
   def prompt(self, record: dict) -> str:
     return prompts.record_prompt(record)
