@@ -86,7 +86,8 @@ def test_bad_shard_folders_fail_in_one_line_and_nothing_is_overwritten(tmp_path,
   before = {n: (folder / n).read_bytes() for n in os.listdir(folder) if n.endswith(".npy")}
   other = sources.embedded_corpus().select(range(3))
   from llm.tokenizer import SentencePieceTokenizer
-  sp = SentencePieceTokenizer.train(sources.first_chars(other["text"], 10**9), 400, str(tmp_path / "sp"))
+  sp = SentencePieceTokenizer.train(sources.first_chars(other["text"], 10**9), 400,
+                                    str(tmp_path / "sp"))
   with pytest.raises(UserError, match="another tokenizer"):
     shards.open_shards(str(folder), sp)
   with pytest.raises(UserError, match="another tokenizer"):  # preparing into it does not help

@@ -38,8 +38,9 @@ def test_batches_depend_only_on_seed_and_position():
 def test_prefetching_hands_out_the_same_batches_and_the_consumed_position():
   tokens = np.arange(1000)
   plain = windows.train_windows(tokens, 8, 8, batch_size=4, grad_accum=1, seed=1)
-  ahead = data_batches.Prefetch(windows.train_windows(tokens, 8, 8, batch_size=4, grad_accum=1, seed=1),
-                        place=lambda b: {**b, "placed": True}, size=3)
+  ahead = data_batches.Prefetch(
+      windows.train_windows(tokens, 8, 8, batch_size=4, grad_accum=1, seed=1),
+      place=lambda b: {**b, "placed": True}, size=3)
   try:
     for step in range(1, 6):
       batch = next(ahead)
@@ -93,7 +94,8 @@ def test_tokens_are_cached(tmp_path, monkeypatch):
   (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
                                                for t in docs["text"]))
   cfg = _data_cfg(path=str(tmp_path / "docs.jsonl"), cache_dir=str(tmp_path / "cache"))
-  tok = tokenizer.SentencePieceTokenizer.train(sources.first_chars(docs["text"], 10**9), 512, str(tmp_path))
+  tok = tokenizer.SentencePieceTokenizer.train(sources.first_chars(docs["text"], 10**9), 512,
+                                               str(tmp_path))
   tokens = lambda ds: np.asarray(shards.prepare_tokens(cfg, ds, tok).tokens)
   first = tokens(sources.open_documents(cfg))
   assert first[-1] == tok.eot_id and (first == tok.eot_id).sum() == 5

@@ -91,7 +91,8 @@ def test_masked_loss_equals_hand_computed_value():
 def test_labels_balance_and_splits():
   assert classify.label_names(["spam", "ham", "spam"]) == ["ham", "spam"]
   assert classify.label_names([1, 0, 2, 2]) == ["0", "1", "2"]
-  np.testing.assert_array_equal(classify.label_ids(["spam", "ham", "1"], ["ham", "spam"]), [1, 0, 1])
+  np.testing.assert_array_equal(classify.label_ids(["spam", "ham", "1"], ["ham", "spam"]),
+                                [1, 0, 1])
   with pytest.raises(UserError, match="row 2 has label 'eggs'"):
     classify.label_ids(["ham", "spam", "eggs"], ["ham", "spam"])
   labels = np.array([0] * 90 + [1] * 10)

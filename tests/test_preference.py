@@ -204,7 +204,8 @@ def test_reward_model_loss_is_bradley_terry_and_it_learns(reward_run, records):
   # The scorer gives a pair what the objective does.
   record = _record(records, task.splits["eval"][0])
   prompt = alpaca_prompt(record["instruction"], record.get("input") or "")
-  got = Scorer(runs.load(reward_run)).score([prompt, prompt], [record["chosen"], record["rejected"]])
+  got = Scorer(runs.load(reward_run)).score([prompt, prompt],
+                                            [record["chosen"], record["rejected"]])
   np.testing.assert_allclose(got, scores[0], rtol=1e-5, atol=1e-5)
 
 
