@@ -26,10 +26,12 @@ from llm.model import layers
 
 class Checkpointer:
 
-  def __init__(self, directory: str, keep: int):
+  def __init__(self, directory: str, keep: int, trains: bool = False):
+    """`trains`: opened by the run that saves here (holding its lock), which removes what a
+    save stopped halfway left; a reader must not, a save may be in progress."""
     self.directory = os.path.abspath(directory)
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, cleanup_tmp_directories=trains))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

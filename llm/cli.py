@@ -11,6 +11,7 @@ before anything is written.
 import atexit
 import difflib
 import functools
+import gc
 import glob
 import os
 import re
@@ -28,6 +29,7 @@ EXIT_USER_ERROR = 2
 
 
 def run(main, define_flags) -> None:
+  preemption.protect(quit_at_once)  # from the first line: see llm/preemption.py
   define_flags()
   flags.DEFINE_bool("verbose", False, "Show the log lines of XLA and Gloo that are hidden.")
   app.run(_exits_cleanly(main), flags_parser=_parse_flags)
@@ -47,8 +49,28 @@ def _exits_cleanly(main):
       if jax.process_index() == 0:  # every process saved; one says so
         print(e, file=sys.stderr)
       sys.exit(preemption.EXIT_PREEMPTED)
+    except preemption.Interrupted as e:  # the files it was writing are removed by now
+      stopped_by = str(e)
+    except Exception:
+      stopped_by = preemption.signalled()  # raised by a library it interrupted (XLA, orbax)
+      if not stopped_by:
+        raise
+    gc.collect()  # what the interrupted frames held goes first: a progress bar ends its line
+    if jax.process_index() == 0:
+      print(f"stopped by {stopped_by}; nothing is left half-written; run the same command "
+            "again", file=sys.stderr)
+    sys.exit(preemption.EXIT_PREEMPTED)
 
   return wrapped
+
+
+def quit_at_once(status: int, line: str) -> None:
+  """Ends the process now, without unwinding (a second Ctrl-C), after `line` reached the
+  terminal."""
+  print(f"\n{line}", file=sys.stderr, flush=True)
+  for restore in reversed(_restores):  # the chatter filter passes on what it holds
+    restore()
+  os._exit(status)
 
 
 def fail(message: str) -> None:
@@ -85,6 +107,10 @@ def _hide_chatter() -> None:
       thread.join(timeout=5)
 
     atexit.register(restore)
+    _restores.append(restore)
+
+
+_restores = []  # undo _hide_chatter, for quit_at_once (atexit does it on a normal exit)
 
 
 def _is_stream_or_file(fd: int) -> bool:

@@ -4,6 +4,7 @@ Experiment files in configs/ call `base_config()` and change what they need. `va
 an entry point starts, so a wrong value stops the run at once with a line naming the key.
 """
 
+import json
 import re
 
 import ml_collections
@@ -210,6 +211,50 @@ def replace(cfg, changes: dict) -> ml_collections.FrozenConfigDict:
     section, _, name = key.rpartition(".")
     (new[section] if section else new)[name] = value
   return ml_collections.FrozenConfigDict(new)
+
+
+# What a resumed run may change: how long and how it trains, logs and saves, the devices it runs
+# on and how the model is computed there (its numbers, not its parameters). What the run is (its
+# model, tokenizer, task, data and seed) stays: the checkpoint and the data order were made
+# with it.
+RESUMABLE = ("train.", "mesh.", "data.cache_dir", "data.shuffle_buffer", "init_from",
+             "model.dtype", "model.attention_impl", "model.remat", "model.scan_layers",
+             "model.logits_chunk")
+NOT_RESUMABLE = ("train.trainable",)  # the checkpoint holds the trainable parameters only
+RESUME_NOTES = {
+    "train.batch_size": "the data goes on with the next example the run has not seen",
+    "train.grad_accum": "the same sequences per step, in other micro-batches",
+    "train.steps": "the learning-rate schedule is stretched to the new length",
+    "init_from": "a resumed run restores its checkpoint; init_from only started it",
+}
+
+
+def resume_changes(saved: dict, cfg) -> list[str]:
+  """What resuming a run whose DIR/config.json holds `saved` with `cfg` changes, one
+  "key: old -> new (meaning)" per key. A key that cannot change (a model's shape, its data)
+  raises UserError naming it. Keys `saved` lacks (added to the code since) are not compared."""
+  new, old = _flatten(json.loads(cfg.to_json_best_effort())), _flatten(saved)
+  changes = []
+  for key in new:
+    if key not in old or old[key] == new[key]:
+      continue
+    if key in NOT_RESUMABLE or not key.startswith(RESUMABLE):
+      raise UserError(f"config: {key}={new[key]!r}, but the run being resumed has {old[key]!r} "
+                      "(its config.json); what a run is cannot change on resume: use its value, "
+                      "or a new --workdir")
+    note = RESUME_NOTES.get(key)
+    changes.append(f"{key}: {old[key]!r} -> {new[key]!r}" + (f" ({note})" if note else ""))
+  return changes
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
 
 
 def _check(ok: bool, key: str, allowed: str, value) -> None:

@@ -11,10 +11,14 @@ fine-tuning (`init_from`) read; a Hugging Face folder is also accepted as `init_
 The formats themselves are llm/hf.py; the run directory is llm/rundir.py.
 """
 
+import json
+import os
+import shutil
+
 import jax
 from absl import flags
 
-from llm import cli, config as config_lib, hf, params as params_lib, rundir, runs, tasks
+from llm import cli, config as config_lib, files, hf, params as params_lib, rundir, runs, tasks
 from llm.errors import UserError
 
 
@@ -32,14 +36,29 @@ def from_hf(name_or_path: str, workdir: str, allow_torch_bin: bool = False) -> N
         f"({cfg.model.num_layers} layers, width {cfg.model.d_model}, context {cfg.model.max_len})")
 
 
-def to_hf(workdir: str, out: str) -> None:
+EXPORT_MARK = ".llm-export"  # in a folder --to_hf wrote: it may be replaced by the next export
+
+
+def to_hf(workdir: str, out: str, overwrite: bool = False) -> None:
   """DIR -> a folder that transformers reads: AutoModelForCausalLM for GPT-2,
-  BertForPreTraining (or AutoModel) for BERT."""
+  BertForPreTraining (or AutoModel) for BERT. A folder that holds anything but an earlier
+  export is replaced only with `overwrite`; the new folder is written beside it first."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UserError(f"--to_hf={out} is a file; choose a folder")
+  if (os.path.isdir(out) and os.listdir(out) and not overwrite
+      and not os.path.exists(os.path.join(out, EXPORT_MARK))):
+    raise UserError(f"--to_hf={out} holds other files ({', '.join(sorted(os.listdir(out))[:3])}"
+                    f"{' ...' if len(os.listdir(out)) > 3 else ''}); choose an empty folder, or "
+                    "add --overwrite to replace it whole")
   run = runs.load(workdir, jax.devices()[:1])
   if run.task.produces == "classes":
     raise UserError(f"--to_hf writes language models; {workdir} is a classifier")
-  cfg = run.cfg
-  num_tensors = hf.save(out, cfg.model, run.model.cfg, run.tokenizer, run.params)
+  with files.written(out) as tmp:
+    num_tensors = hf.save(os.fspath(tmp), run.cfg.model, run.model.cfg, run.tokenizer,
+                          run.params)
+    (tmp / EXPORT_MARK).write_text(json.dumps({"workdir": os.path.abspath(workdir)}))
+    if os.path.exists(out):
+      shutil.rmtree(out)
   print(f"wrote {out}: config.json, {hf.HF_WEIGHTS} ({num_tensors} tensors) and tokenizer files")
 
 
@@ -64,6 +83,7 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "Run directory: written by --from_hf, read by --to_hf.")
   flags.DEFINE_bool("merge_lora", False, "Write --workdir's model, adapters merged, to --out.")
   flags.DEFINE_string("out", None, "Run directory written by --merge_lora.")
+  flags.DEFINE_bool("overwrite", False, "Let --to_hf replace a folder that holds other files.")
   flags.DEFINE_bool("allow_torch_bin", False,
                     "Read pytorch_model.bin (a pickle) when there is no safetensors file.")
 
@@ -79,7 +99,7 @@ def main(argv):
   elif FLAGS.from_hf:
     from_hf(FLAGS.from_hf, FLAGS.workdir, FLAGS.allow_torch_bin)
   else:
-    to_hf(FLAGS.workdir, FLAGS.to_hf)
+    to_hf(FLAGS.workdir, FLAGS.to_hf, FLAGS.overwrite)
 
 
 if __name__ == "__main__":

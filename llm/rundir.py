@@ -21,7 +21,7 @@ import socket
 
 import ml_collections
 
-from llm import checkpoint, config as config_lib
+from llm import checkpoint, config as config_lib, files
 from llm import tokenizer as tokenizer_lib
 from llm.errors import UserError
 
@@ -41,6 +41,39 @@ def is_run(directory: str) -> bool:
       return isinstance(json.load(f).get("model"), dict)
   except (OSError, ValueError, AttributeError):
     return False
+
+
+def check(workdir: str) -> None:
+  """Before anything is written: DIR can be a run directory (a folder, or a path one can be
+  made at), and its files are of the right kind."""
+  parent = workdir
+  while parent and not os.path.exists(parent):
+    parent = os.path.dirname(parent.rstrip(os.sep))
+  if parent and not os.path.isdir(parent):
+    raise UserError(f"--workdir={workdir}: {parent} is a file, not a folder; choose another "
+                    "--workdir")
+  if parent and not os.access(parent, os.W_OK | os.X_OK):
+    raise UserError(f"--workdir={workdir}: {parent} is not writable; choose another --workdir")
+  for name, is_kind, kind in ((CONFIG, os.path.isfile, "file"), (METRICS, os.path.isfile, "file"),
+                              (TOKENIZER, os.path.isdir, "folder"),
+                              (CHECKPOINTS, os.path.isdir, "folder")):
+    if os.path.exists(path(workdir, name)) and not is_kind(path(workdir, name)):
+      raise UserError(f"{path(workdir, name)} should be a {kind}; move it away, or choose "
+                      "another --workdir")
+
+
+def resume_changes(workdir: str, cfg) -> list[str]:
+  """What resuming the run in DIR with `cfg` changes (config.resume_changes: UserError for what
+  cannot change); nothing for a new run."""
+  if not os.path.isfile(path(workdir, CONFIG)):
+    return []
+  try:
+    with open(path(workdir, CONFIG)) as f:
+      saved = json.load(f)
+  except ValueError as e:
+    raise UserError(f"{path(workdir, CONFIG)} is not valid JSON ({e}); fix it, or choose another "
+                    "--workdir") from None
+  return config_lib.resume_changes(saved, cfg)
 
 
 def read_config(workdir: str) -> ml_collections.FrozenConfigDict:
@@ -70,16 +103,18 @@ def has_tokenizer(workdir: str) -> bool:
   return os.path.isdir(path(workdir, TOKENIZER))
 
 
-def checkpointer(workdir: str, keep: int = 1) -> checkpoint.Checkpointer:
-  return checkpoint.Checkpointer(path(workdir, CHECKPOINTS), keep)
+def checkpointer(workdir: str, keep: int = 1, trains: bool = False) -> checkpoint.Checkpointer:
+  return checkpoint.Checkpointer(path(workdir, CHECKPOINTS), keep, trains)
 
 
 def start(workdir: str, cfg, tokenizer) -> None:
   """A run starts (or resumes): DIR gets its config and tokenizer."""
   os.makedirs(workdir, exist_ok=True)
-  with open(path(workdir, CONFIG), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2))
-  tokenizer.save(path(workdir, TOKENIZER))
+  if not has_tokenizer(workdir):  # a resumed run's is the one it read
+    with files.written(path(workdir, TOKENIZER)) as tmp:
+      tokenizer.save(os.fspath(tmp))
+  with files.written(path(workdir, CONFIG)) as tmp:
+    tmp.write_text(cfg.to_json_best_effort(indent=2))
 
 
 def write(workdir: str, cfg, tokenizer, params) -> None:
@@ -158,6 +193,5 @@ def drop_metrics_after(workdir: str, step: int) -> None:
         if line.strip():
           print(f"warning: {metrics} line {number} is torn (a kill while it was written); "
                 "dropped")
-  with open(metrics + ".tmp", "w") as f:
+  with files.written(metrics) as tmp, tmp.open("w") as f:
     f.writelines(kept)
-  os.replace(metrics + ".tmp", metrics)

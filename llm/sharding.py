@@ -37,6 +37,17 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
+def check_batch(mesh_cfg, batch_size: int, grad_accum: int) -> None:
+  """Each micro-batch splits evenly over the mesh's batch shards (data x fsdp), or UserError."""
+  data, fsdp, _ = mesh_shape(mesh_cfg, jax.device_count())
+  micro = batch_size // grad_accum
+  if micro % (data * fsdp):
+    raise UserError(f"train.batch_size={batch_size} ({micro} sequences per micro-batch, "
+                    f"train.grad_accum={grad_accum}) does not split over the mesh's "
+                    f"{data * fsdp} batch shards (mesh.data x mesh.fsdp = {data} x {fsdp}); use "
+                    f"a multiple of {data * fsdp * grad_accum}")
+
+
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))

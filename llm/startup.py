@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from llm import config as config_lib, rundir, runs, tasks
+from llm import config as config_lib, rundir, runs, sharding, tasks
 from llm import tokenizer as tokenizer_lib
 from llm.data import shards
 from llm.errors import UserError
@@ -29,15 +29,24 @@ class Setup:
 
 def setup(cfg, workdir: str = "") -> Setup:
   """A config settled: its values checked before any data is read, then the data read once,
-  and the values only the data can give (a classifier's labels) filled in."""
+  and the values only the data can give (a classifier's labels) filled in. With the `workdir`
+  of a run to train: the batch's fit on the devices and the run directory checked too (a
+  resumed run keeps what it is), before anything is written."""
   source = runs.Source(cfg.init_from) if cfg.init_from else None
   cfg = config_lib.resolve(cfg, source.values if source else None)
   task = tasks.build(cfg)
+  if workdir:
+    sharding.check_batch(cfg.mesh, cfg.train.batch_size, cfg.train.grad_accum)
+    rundir.check(workdir)
   docs = task.load()
   found = task.found_in_data(docs)
   if found:
     cfg = config_lib.replace(cfg, found)
     task = tasks.build(cfg)
+  if workdir:
+    changes = rundir.resume_changes(workdir, cfg)
+    if changes and jax.process_index() == 0:
+      print(f"note: resuming {workdir} with changed settings: " + "; ".join(changes))
   return Setup(cfg, task, docs, choose_tokenizer(task, docs, workdir, source), source)
 
 

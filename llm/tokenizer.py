@@ -74,10 +74,10 @@ class SentencePieceTokenizer(Tokenizer):
     import sentencepiece as spm
     os.makedirs(directory, exist_ok=True)
     # One training sentence per line; newlines become a piece of their own.
-    lines = (line for text in texts for line in text.split("\n") if line.strip())
+    lines = [line for text in texts for line in text.split("\n") if line.strip()]
     try:
       spm.SentencePieceTrainer.train(
-          sentence_iterator=lines,
+          sentence_iterator=iter(lines),
           model_prefix=os.path.join(directory, "sentencepiece"),
           model_type="bpe",
           vocab_size=vocab_size,
@@ -95,6 +95,10 @@ class SentencePieceTokenizer(Tokenizer):
       )
     except RuntimeError as e:  # sentencepiece says what to change, after an internal prefix
       reason = str(e).strip().rsplit("] ", 1)[-1]
+      chars = sum(len(line) for line in lines)
+      if "Vocabulary size too high" in reason:
+        reason = (f"the text is too short ({chars:,} characters) for {vocab_size} pieces; give "
+                  f"it more text, or a smaller tokenizer.vocab_size ({reason})")
       raise UserError(f"could not train a sentencepiece tokenizer with tokenizer.vocab_size="
                       f"{vocab_size} on this text: {reason}") from None
     os.remove(os.path.join(directory, "sentencepiece.vocab"))

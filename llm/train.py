@@ -191,16 +191,14 @@ def train(cfg, workdir: str) -> dict:
   """
   trainer = Trainer(cfg, workdir)
   with rundir.lock(workdir) if trainer.is_main else contextlib.nullcontext():
-    ckpt = rundir.checkpointer(workdir, trainer.cfg.train.keep_checkpoints)
-    watcher = preemption.Watcher(ckpt)
+    ckpt = rundir.checkpointer(workdir, trainer.cfg.train.keep_checkpoints, trains=True)
     try:
-      return _train(trainer, ckpt, watcher)
+      return _train(trainer, ckpt)
     finally:
-      watcher.close()
-      ckpt.close()
+      ckpt.close()  # waits for the last save
 
 
-def _train(trainer: Trainer, ckpt, watcher) -> dict:
+def _train(trainer: Trainer, ckpt) -> dict:
   cfg, tr, mesh, workdir = trainer.cfg, trainer.cfg.train, trainer.mesh, trainer.workdir
   state, frozen = trainer.init_state()
   start, health = 0, new_health()
@@ -223,25 +221,26 @@ def _train(trainer: Trainer, ckpt, watcher) -> dict:
   last_eval = {}
   batches = data_batches.Prefetch(trainer.batches, trainer.place)
   try:
-    for step in range(start + 1, tr.steps + 1):
-      batch = next(batches)
-      with sharding.activate(mesh, cfg.mesh):
-        state, stats, health = train_step(state, frozen, batch, health)
-        log.trained(step, stats, health)
-        if (step % tr.eval_every == 0 or step == tr.steps) and "eval" in eval_data:
-          last_eval = log.evaluated(step, "eval", evaluate(state["params"], frozen,
-                                                           eval_data["eval"]))
-        if step == tr.steps and "test" in eval_data:
-          log.evaluated(step, "test", evaluate(state["params"], frozen, eval_data["test"]))
-      preempted = watcher.requested(step)
-      if step % tr.checkpoint_every == 0 or step == tr.steps or preempted:
-        log.phase("saving")
-        skipped = log.check(step, health)  # never save a run that diverged
-        ckpt.save(step, state, {**batches.state(), "skipped": skipped})
-      if preempted:
-        raise preemption.Preempted(f"preempted at step {step}, saved; run the same command to "
-                                   "resume")
-      log.phase("train")
+    with preemption.Watcher(ckpt, start) as watcher:  # a signal from here on: save the step, stop
+      for step in range(start + 1, tr.steps + 1):
+        batch = next(batches)
+        with sharding.activate(mesh, cfg.mesh):
+          state, stats, health = train_step(state, frozen, batch, health)
+          log.trained(step, stats, health)
+          if (step % tr.eval_every == 0 or step == tr.steps) and "eval" in eval_data:
+            last_eval = log.evaluated(step, "eval", evaluate(state["params"], frozen,
+                                                             eval_data["eval"]))
+          if step == tr.steps and "test" in eval_data:
+            log.evaluated(step, "test", evaluate(state["params"], frozen, eval_data["test"]))
+        preempted = watcher.requested(step)
+        if step % tr.checkpoint_every == 0 or step == tr.steps or preempted:
+          log.phase("saving")
+          skipped = log.check(step, health)  # never save a run that diverged
+          ckpt.save(step, state, {**batches.state(), "skipped": skipped})
+        if preempted:
+          raise preemption.Preempted(f"preempted at step {step}, saved; run the same command to "
+                                     "resume")
+        log.phase("train")
   finally:
     batches.close()
     log.close()

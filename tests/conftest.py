@@ -1,5 +1,6 @@
 """Shared test helpers: tiny configs, the repository's test data."""
 
+import json
 import os
 import sys
 
@@ -43,6 +44,53 @@ def tiny_config(tmp_path, **overrides):
   return c
 
 
+def signal_in(target: str, signal_name: str, nth: int = 1, after: bool = False) -> None:
+  """Makes this process send itself `signal_name` as the `nth` call of `target`
+  ("module:attribute", e.g. "llm.tokenizer:SentencePieceTokenizer.train") starts (or, `after`,
+  returns), as a scheduler or a Ctrl-C could at that moment. For a config file of a command
+  the test starts (`config_file`)."""
+  import functools
+  import importlib
+  import itertools
+  import signal
+  module, attribute = target.split(":")
+  owner = importlib.import_module(module)
+  *path, name = attribute.split(".")
+  for part in path:
+    owner = getattr(owner, part)
+  original, calls = getattr(owner, name), itertools.count(1)
+
+  @functools.wraps(original)
+  def signalled(*args, **kwargs):
+    now = next(calls) == nth
+    if now and not after:
+      os.kill(os.getpid(), getattr(signal, signal_name))
+    result = original(*args, **kwargs)
+    if now and after:
+      os.kill(os.getpid(), getattr(signal, signal_name))
+    return result
+
+  setattr(owner, name, signalled)
+
+
+def config_file(tmp_path, overrides: dict, signals=(), name="fault_config.py",
+                make=("tiny_config",)) -> str:
+  """A config file for a command the test starts (`python -m llm.train`), holding
+  make[0](tmp_path, *make[1:], **overrides) (a config function of this file); `signals`: the
+  arguments of `signal_in` calls, so that the command's process sends itself those signals."""
+  function, *args = make
+  path = tmp_path / name
+  path.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
+      "import pathlib\n"
+      f"from conftest import signal_in, {function}\n"
+      + "".join(f"signal_in(*{tuple(spec)!r})\n" for spec in signals) +
+      "def get_config(arg=None):\n"
+      f"  return {function}(pathlib.Path({str(tmp_path)!r}), *{args!r}, **{overrides!r})\n")
+  return str(path)
+
+
 def train_classifier_from(tmp_path, init_from: str, trainable: str) -> str:
   """Two steps of a yes/no classifier fine-tuned from `init_from`; returns its run directory."""
   from llm.config import base_config
@@ -66,6 +114,49 @@ def test_data():
 
 
 def read_metrics(workdir):
-  import json
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def records(tmp_path_factory, test_data):
+  """The first 48 of the 200 preference records (polite chosen, impolite rejected)."""
+  with open(os.path.join(test_data, "preference", "preference-examples.json")) as f:
+    rows = json.load(f)[:48]
+  path = tmp_path_factory.mktemp("records") / "preference.json"
+  path.write_text(json.dumps(rows))
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory, records):
+  """A tiny random GPT with a tokenizer of the records' text, as a run directory: the policy's
+  and the reward model's start."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+  from llm import model as model_lib, rundir, tokenizer as tokenizer_lib
+  tmp = tmp_path_factory.mktemp("base")
+  with open(records) as f:
+    texts = [" ".join(r.values()) for r in json.load(f)]
+  tokenizer = tokenizer_lib.SentencePieceTokenizer.train(texts, 512, str(tmp / "tokenizer"))
+  cfg = tiny_config(tmp, **{"model.max_len": 128})
+  model = model_lib.build(cfg.model, tokenizer.vocab_size)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 1), np.int32))["params"])
+  rundir.write(str(tmp / "run"), cfg, tokenizer, params)
+  return str(tmp / "run")
+
+
+def preference_config(tmp_path, base, records, kind, **overrides):
+  from llm import config as config_lib
+  c = config_lib.base_config()
+  c.init_from = base
+  c.task.kind = kind
+  c.data.update(path=records, max_length=128, val_fraction=0.25, test_fraction=0.1,
+                cache_dir=str(tmp_path / "cache"))
+  c.train.update(steps=6, batch_size=8, lr=2e-3, min_lr=2e-3, warmup_steps=0, log_every=1,
+                 eval_every=6, checkpoint_every=3, peak_flops=1e9)
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  return c

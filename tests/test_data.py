@@ -24,9 +24,15 @@ def test_batches_depend_only_on_seed_and_position():
   tokens = np.arange(1000)
   a = windows.train_windows(tokens, 8, 8, batch_size=4, grad_accum=2, seed=1)
   first = [next(a) for _ in range(32)]  # crosses epochs: 124 windows, 4 per batch
-  b = windows.train_windows(tokens, 8, 8, batch_size=4, grad_accum=2, seed=1)
-  b.restore(a.state() | {"step": 17})
-  assert all((next(b)["inputs"] == first[k]["inputs"]).all() for k in range(17, 32))
+  assert a.state() == {"drawn": 32 * 4}  # counted in examples, so a batch size may change
+  for state in ({"drawn": 17 * 4}, {"step": 17}):  # {"step"}: a checkpoint of before
+    b = windows.train_windows(tokens, 8, 8, batch_size=4, grad_accum=2, seed=1)
+    b.restore(state)
+    assert all((next(b)["inputs"] == first[k]["inputs"]).all() for k in range(17, 32))
+  halves = windows.train_windows(tokens, 8, 8, batch_size=2, grad_accum=1, seed=1)
+  halves.restore({"drawn": 17 * 4})  # resumed with half the batch size: the next examples
+  assert (np.concatenate([next(halves)["inputs"][0], next(halves)["inputs"][0]])
+          == first[17]["inputs"].reshape(4, 8)).all()
   assert first[0]["inputs"].shape == (2, 2, 8)
   c = windows.train_windows(tokens, 8, 8, batch_size=4, grad_accum=2, seed=2)
   assert not (next(c)["inputs"] == first[0]["inputs"]).all()
@@ -45,7 +51,7 @@ def test_prefetching_hands_out_the_same_batches_and_the_consumed_position():
     for step in range(1, 6):
       batch = next(ahead)
       assert batch["placed"] and (batch["inputs"] == next(plain)["inputs"]).all()
-      assert ahead.state() == {"step": step}  # not the batches made ahead
+      assert ahead.state() == {"drawn": 4 * step}  # not the batches made ahead
   finally:
     ahead.close()
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, read_metrics, tiny_config
+from conftest import ROOT, config_file, read_metrics, tiny_config
 from llm import preemption, rundir, runs
 from llm.errors import UserError
 from llm.train import train
@@ -29,19 +29,6 @@ FAULT_RUN = {"model.d_model": 64, "model.d_ff": 128, "model.num_heads": 4, "trai
 
 def _losses(workdir, split="train"):
   return {m["step"]: m["loss"] for m in read_metrics(workdir) if m["split"] == split}
-
-
-def _config_file(tmp_path, overrides: dict) -> str:
-  """A config file for `python -m llm.train` holding tiny_config(overrides)."""
-  path = tmp_path / "fault_config.py"
-  path.write_text(
-      "import sys\n"
-      f"sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
-      "import pathlib\n"
-      "from conftest import tiny_config\n"
-      "def get_config(arg=None):\n"
-      f"  return tiny_config(pathlib.Path({str(tmp_path)!r}), **{overrides!r})\n")
-  return str(path)
 
 
 def _start(config: str, workdir, *extra, launcher=()):
@@ -76,7 +63,7 @@ def straight(straight_run):
 
 
 def test_kill_9_at_random_moments_loses_nothing(tmp_path, straight, straight_run):
-  config, workdir = _config_file(tmp_path, FAULT_RUN), tmp_path / "run"
+  config, workdir = config_file(tmp_path, FAULT_RUN), tmp_path / "run"
   rng = random.Random(0)
   for until_step in (3, 9, 15):  # three kills, while training or saving
     process = _start(config, workdir)
@@ -107,7 +94,7 @@ def _stop_at(config, workdir, step, send, launcher=()) -> int:
 
 
 def test_sigterm_and_ctrl_c_save_the_current_step_and_exit_for_requeueing(tmp_path, straight):
-  config, workdir = _config_file(tmp_path, FAULT_RUN), tmp_path / "run"
+  config, workdir = config_file(tmp_path, FAULT_RUN), tmp_path / "run"
   first = _stop_at(config, workdir, 5, lambda p: p.send_signal(signal.SIGTERM))
   second = _stop_at(config, workdir, first + 6, lambda p: p.send_signal(signal.SIGINT))
   assert second > first
@@ -117,7 +104,7 @@ def test_sigterm_and_ctrl_c_save_the_current_step_and_exit_for_requeueing(tmp_pa
 
 def test_two_processes_stop_together_on_ctrl_c_or_one_host_preempted(tmp_path, straight):
   overrides = {**FAULT_RUN, "mesh.data": 2}
-  config, workdir = _config_file(tmp_path, overrides), tmp_path / "run"
+  config, workdir = config_file(tmp_path, overrides), tmp_path / "run"
   launcher = ("env", "DEVICES_PER_PROCESS=1", os.path.join(ROOT, "launch", "local.sh"), "2")
 
   def preempt_one_host(process):
@@ -134,6 +121,70 @@ def test_two_processes_stop_together_on_ctrl_c_or_one_host_preempted(tmp_path, s
   assert sorted(resumed) == sorted(straight)  # 2 x 1 devices: the 1-device losses, to rounding
   np.testing.assert_allclose([resumed[s] for s in sorted(resumed)],
                              [straight[s] for s in sorted(straight)], rtol=2e-5)
+
+
+# Moments of a start-up (see conftest.signal_in), in the order a fresh run reaches them. The
+# last is inside the train loop: the first step's compile, which the run finishes and saves.
+START_UP = [("llm.tokenizer:SentencePieceTokenizer.train", "SIGINT"),  # training a tokenizer
+            ("llm.data.shards:encode_documents", "SIGTERM"),  # tokenizing the corpus
+            ("optax.tree:norm", "SIGTERM")]  # tracing the train step, to compile it
+
+
+def _leftovers(tmp_path) -> list[str]:
+  """Temporary files and folders anywhere under tmp_path: what a stopped write left."""
+  return [str(p) for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or "-tmp" in p.name]
+
+
+def _stopped(config, workdir, launcher=()) -> str:
+  """Runs the command to its end: exit 75, one line saying so, no traceback; returns stderr."""
+  process = _start(config, workdir, launcher=launcher)
+  _, err = process.communicate(timeout=300)
+  assert process.returncode == preemption.EXIT_PREEMPTED, err[-3000:]
+  said = err.count("nothing is left half-written") + err.count("preempted at step")
+  assert said == 1 and "Traceback" not in err and "Fatal" not in err, err[-3000:]
+  return err
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_signal_at_each_start_up_phase_exits_75_and_the_rerun_trains_the_same(
+    tmp_path, straight, processes):
+  overrides = {**FAULT_RUN, "mesh.data": processes}
+  launcher = () if processes == 1 else (
+      "env", "DEVICES_PER_PROCESS=1", os.path.join(ROOT, "launch", "local.sh"), "2")
+  workdir = tmp_path / "run"
+  for number, (target, signal_name) in enumerate(START_UP):
+    config = config_file(tmp_path, overrides, [(target, signal_name)], name=f"phase{number}.py")
+    err = _stopped(config, workdir, launcher)
+    assert _leftovers(tmp_path) == [], err[-2000:]
+    if target.startswith("optax"):  # inside the loop: the step is finished and saved
+      assert "preempted at step" in err
+    else:  # nothing to save; at once on one process (on several, JAX's service holds a
+      assert "stopped by" in err  # SIGTERM until the loop starts: see llm/preemption.py)
+      assert processes > 1 or not os.path.exists(workdir / rundir.CONFIG)
+  finished = _start(config_file(tmp_path, overrides), workdir, launcher=launcher)
+  assert finished.wait(timeout=300) == 0, finished.stderr.read()[-3000:]
+  resumed = _losses(workdir)
+  assert sorted(resumed) == sorted(straight)
+  np.testing.assert_allclose([resumed[s] for s in sorted(resumed)],
+                             [straight[s] for s in sorted(straight)], rtol=2e-5)
+
+
+def test_ctrl_c_twice_during_a_save_quits_at_once_and_the_next_start_resumes(tmp_path, straight):
+  """The first Ctrl-C as step 2's save starts (saved at step 3); the second as step 3's save is
+  under way: exit 130 at once, and step 3 half-written at most."""
+  config = config_file(tmp_path, FAULT_RUN, [
+      ("llm.checkpoint:Checkpointer.save", "SIGINT", 1),
+      ("orbax.checkpoint:CheckpointManager.save", "SIGINT", 2, True)])
+  workdir = tmp_path / "run"
+  process = _start(config, workdir)
+  _, err = process.communicate(timeout=300)
+  assert process.returncode == preemption.EXIT_INTERRUPTED, err[-3000:]
+  assert err.count("SIGINT again: quitting at once") == 1 and "Traceback" not in err, err
+  assert _latest_step(workdir) in (2, 3)
+  finished = _start(config_file(tmp_path, FAULT_RUN, name="again.py"), workdir)
+  assert finished.wait(timeout=300) == 0, finished.stderr.read()[-3000:]
+  assert _leftovers(tmp_path) == []
+  assert _losses(workdir) == straight
 
 
 def _latest_step(workdir):
@@ -165,7 +216,7 @@ def _poison_batches(monkeypatch, bad_steps):
   original = batches.Batches.__next__
 
   def poisoned(self):
-    step = self.step + 1
+    step = self.drawn // self.batch_size + 1
     batch = original(self)
     if step in bad_steps:
       batch["weights"] = batch["weights"] * np.nan
@@ -261,3 +312,84 @@ def test_a_full_disk_is_one_line_and_keeps_the_saved_checkpoints(tmp_path, monke
   monkeypatch.setattr(ocp.CheckpointManager, "save", original)
   train(cfg, workdir)  # room again: it resumes
   assert _latest_step(workdir) == 9
+
+
+def _refused(cfg, workdir, match: str):
+  """train() stops with one UserError matching `match`, and writes nothing in `workdir`."""
+  before = sorted(os.listdir(workdir)) if os.path.isdir(workdir) else None
+  with pytest.raises(UserError, match=match):
+    train(cfg, str(workdir))
+  assert (sorted(os.listdir(workdir)) if os.path.isdir(workdir) else None) == before
+
+
+def test_bad_inputs_are_one_line_naming_the_cause_before_anything_is_written(
+    tmp_path, straight_run, capsys):
+  records = [{"text": "a sentence of the corpus " * 20} for _ in range(30)]
+  number, null = tmp_path / "number.jsonl", tmp_path / "null.jsonl"
+  number.write_text("\n".join(json.dumps(r) for r in records[:7] + [{"text": 12345}]
+                              + records[8:]))
+  null.write_text("\n".join(json.dumps(r) for r in records[:7] + [{"text": None}] + records[8:]))
+  on = lambda path, **more: tiny_config(tmp_path, **{"data.path": str(path), **more})
+  _refused(on(number), tmp_path / "a", r"number.jsonl: record 8 \(counting from 1\) has "
+           "text=12345, not text")
+  train(on(null, **{"train.steps": 1, "tokenizer.vocab_size": 280}), str(tmp_path / "b"))
+  assert "record 8 of " in capsys.readouterr().out  # said, and trained on the rest
+
+  (tmp_path / "file").write_text("")
+  _refused(tiny_config(tmp_path), tmp_path / "file" / "run", "is a file, not a folder")
+  (tmp_path / "c" / rundir.METRICS).mkdir(parents=True)
+  _refused(tiny_config(tmp_path), tmp_path / "c", "metrics.jsonl should be a file")
+  (tmp_path / "short.txt").write_text("abc")
+  _refused(on(tmp_path / "short.txt"), tmp_path / "d", r"the text is too short \(3 characters\)")
+  mlm = tiny_config(tmp_path, **{"task.kind": "mlm"})
+  mlm.init_from = str(straight_run)
+  _refused(mlm, tmp_path / "e", "not 'gpt' \\(the model of init_from=")
+
+  resumed = tmp_path / "f"
+  train(tiny_config(tmp_path, **{"train.steps": 2}), str(resumed))
+  _refused(tiny_config(tmp_path, **{"train.steps": 4, "model.d_model": 64}), resumed,
+           "model.d_model=64, but the run being resumed has 32")
+  config = json.loads((resumed / rundir.CONFIG).read_text())
+  config["data"]["stride"] = 8  # a hand edit
+  (resumed / rundir.CONFIG).write_text(json.dumps(config))
+  _refused(tiny_config(tmp_path, **{"train.steps": 4}), resumed, "data.stride=16, but the run "
+           "being resumed has 8")
+  config["data"]["stride"] = 16
+  (resumed / rundir.CONFIG).write_text(json.dumps(config))
+  capsys.readouterr()
+  train(tiny_config(tmp_path, **{"train.steps": 4, "train.batch_size": 4}), str(resumed))
+  assert ("train.batch_size: 8 -> 4 (the data goes on with the next example the run has not "
+          "seen)") in capsys.readouterr().out
+
+
+def test_a_batch_that_does_not_split_over_the_mesh_stops_before_anything_is_written(tmp_path):
+  config = config_file(tmp_path, {"train.batch_size": 3, "mesh.data": 2})
+  process = subprocess.run(
+      [sys.executable, "-m", "llm.train", f"--config={config}", f"--workdir={tmp_path / 'run'}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"]
+           + " --xla_force_host_platform_device_count=2"})
+  assert process.returncode == 2
+  assert process.stderr.strip().splitlines() == [
+      "error: train.batch_size=3 (3 sequences per micro-batch, train.grad_accum=1) does not "
+      "split over the mesh's 2 batch shards (mesh.data x mesh.fsdp = 2 x 1); use a multiple "
+      "of 2"]
+  assert not (tmp_path / "run").exists()
+
+
+def test_to_hf_replaces_only_its_own_export_unless_told_to_overwrite(tmp_path, straight_run):
+  from llm import convert
+  out = tmp_path / "hf"
+  out.mkdir()
+  (out / "notes.txt").write_text("mine")
+  with pytest.raises(UserError, match="holds other files \\(notes.txt\\); choose an empty "
+                                      "folder, or add --overwrite"):
+    convert.to_hf(str(straight_run), str(out))
+  assert os.listdir(out) == ["notes.txt"]
+  convert.to_hf(str(straight_run), str(out), overwrite=True)
+  first = sorted(os.listdir(out))
+  assert "notes.txt" not in first and "model.safetensors" in first
+  (out / "stale.bin").write_text("from an earlier export")
+  convert.to_hf(str(straight_run), str(out))  # its own export: replaced whole
+  assert sorted(os.listdir(out)) == first
+  assert _leftovers(tmp_path) == []

@@ -12,54 +12,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, read_metrics, tiny_config
-from llm import config as config_lib, objectives, rundir, runs
+from conftest import ROOT, config_file, preference_config, read_metrics
+from llm import objectives, preemption, rundir, runs
 from llm.prompts import alpaca_prompt
 from llm.train import Trainer, train
 
 # Its tests share module fixtures: one pytest-xdist worker runs them all.
 pytestmark = pytest.mark.xdist_group("preference")
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory, test_data):
-  """The first 48 of the 200 preference records (polite chosen, impolite rejected)."""
-  with open(os.path.join(test_data, "preference", "preference-examples.json")) as f:
-    rows = json.load(f)[:48]
-  path = tmp_path_factory.mktemp("records") / "preference.json"
-  path.write_text(json.dumps(rows))
-  return str(path)
-
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory, records):
-  """A tiny random GPT with a tokenizer of the records' text, as a run directory: the policy's
-  and the reward model's start."""
-  import flax.linen as nn
-  from llm import model as model_lib, tokenizer as tokenizer_lib
-  tmp = tmp_path_factory.mktemp("base")
-  with open(records) as f:
-    texts = [" ".join(r.values()) for r in json.load(f)]
-  tokenizer = tokenizer_lib.SentencePieceTokenizer.train(texts, 512, str(tmp / "tokenizer"))
-  cfg = tiny_config(tmp, **{"model.max_len": 128})
-  model = model_lib.build(cfg.model, tokenizer.vocab_size)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 1), np.int32))["params"])
-  rundir.write(str(tmp / "run"), cfg, tokenizer, params)
-  return str(tmp / "run")
-
-
-def preference_config(tmp_path, base, records, kind, **overrides):
-  c = config_lib.base_config()
-  c.init_from = base
-  c.task.kind = kind
-  c.data.update(path=records, max_length=128, val_fraction=0.25, test_fraction=0.1,
-                cache_dir=str(tmp_path / "cache"))
-  c.train.update(steps=6, batch_size=8, lr=2e-3, min_lr=2e-3, warmup_steps=0, log_every=1,
-                 eval_every=6, checkpoint_every=3, peak_flops=1e9)
-  for key, value in overrides.items():
-    section, name = key.split(".")
-    c[section][name] = value
-  return c
 
 
 def _np_logps(logits_MxLxV, tokens_MxT, response_MxT, average):
@@ -146,6 +105,23 @@ def test_dpo_raises_the_reward_margin_and_resumes_bit_exactly(dpo_runs):
   assert [m["loss"] for m in read_metrics(resumed) if m["split"] == "train"] == [
       m["loss"] for m in lines]
   assert os.path.isfile(rundir.path(resumed, rundir.TASK_DATA))
+
+
+def test_ctrl_c_in_the_dpo_reference_pass_exits_75_and_the_rerun_trains_the_same(
+    tmp_path, dpo_runs, base_run, records):
+  config = config_file(tmp_path, {}, [("llm.objectives:sequence_logps", "SIGINT")],
+                       make=("preference_config", base_run, records, "dpo"))
+  workdir = tmp_path / "run"
+  process = subprocess.run([sys.executable, "-m", "llm.train", f"--config={config}",
+                            f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+  assert process.returncode == preemption.EXIT_PREEMPTED, process.stderr[-3000:]
+  assert process.stderr.count("stopped by SIGINT; nothing is left half-written") == 1
+  assert "Traceback" not in process.stderr and "Fatal" not in process.stderr
+  assert not workdir.exists()  # the reference pass comes before the run directory
+  train(preference_config(tmp_path, base_run, records, "dpo"), str(workdir))
+  losses = lambda run: [(m["step"], m["split"], m["loss"]) for m in read_metrics(run)]
+  assert losses(workdir) == losses(dpo_runs[0])
 
 
 def test_lora_dpo_starts_where_full_dpo_does_with_one_copy_of_the_weights(tmp_path, base_run,

@@ -38,7 +38,8 @@ def as_micro_batches(batch: dict, grad_accum: int) -> dict:
 
 
 class Batches:
-  """Examples 0..n-1 in a fresh shuffle every epoch; batch k is fixed by (seed, k).
+  """Examples 0..n-1 in a fresh shuffle every epoch; the run's i-th example drawn is fixed by
+  (seed, i).
 
   `take(indices, epochs)` makes the examples (a dict of arrays, first dim = example); the epoch
   lets an example change from one epoch to the next (BERT's masking). Every process computes
@@ -51,7 +52,7 @@ class Batches:
     self.num_examples, self.take = num_examples, take
     self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
     self.process_index, self.process_count = process_index, process_count
-    self.step = 0  # batches handed out so far: the iterator's whole state
+    self.drawn = 0  # examples handed out so far (every process's): the iterator's whole state
     self._epoch, self._order = -1, None
 
   def __len__(self):
@@ -73,17 +74,19 @@ class Batches:
     return self
 
   def __next__(self) -> dict:
-    g = self.step * self.batch_size + process_rows(self.batch_size, self.grad_accum,
-                                                   self.process_index, self.process_count)
+    g = self.drawn + process_rows(self.batch_size, self.grad_accum, self.process_index,
+                                  self.process_count)
     batch = self.take(np.array([self._example(i) for i in g]), g // self.num_examples)
-    self.step += 1
+    self.drawn += self.batch_size
     return as_micro_batches(batch, self.grad_accum)
 
   def state(self) -> dict:
-    return {"step": self.step}
+    return {"drawn": self.drawn}
 
   def restore(self, state: dict) -> None:
-    self.step = int(state["step"])
+    # Counted in examples, so that a run resumed with another batch size goes on with the
+    # next example it has not seen; checkpoints of before counted batches.
+    self.drawn = int(state["drawn"] if "drawn" in state else state["step"] * self.batch_size)
 
 
 class Producer:

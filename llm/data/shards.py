@@ -30,6 +30,7 @@ import time
 import numpy as np
 from etils import epath
 
+from llm import files
 from llm.data import sources
 from llm.errors import UserError
 
@@ -53,33 +54,9 @@ def _folder(path: str) -> epath.Path:
   return directory
 
 
-def _write_atomic(path: epath.Path, write) -> None:
-  """write(file) into a temporary name beside `path`, then renamed: never half a file."""
-  tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-  with tmp.open("wb") as f:
-    write(f)
-  tmp.replace(path)
-
-
-def _remove_stale_temporaries(directory: epath.Path) -> None:
-  """Removes the temporary files of killed preparations on this machine (not those of a
-  preparation still running)."""
-  if not _is_local(directory):
-    return
-  for tmp in directory.glob(".*.tmp"):
-    pid = tmp.name.rsplit(".", 2)[-2]
-    if not pid.isdigit():
-      continue
-    try:
-      os.kill(int(pid), 0)
-    except ProcessLookupError:
-      tmp.unlink(missing_ok=True)
-    except PermissionError:  # alive, another user's
-      pass
-
-
 def _write_json(path: epath.Path, value) -> None:
-  _write_atomic(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
+  with files.written(path) as tmp:
+    tmp.write_text(json.dumps(value, indent=1))
 
 
 def _read_json(path: epath.Path, what: str) -> dict:
@@ -208,32 +185,34 @@ def _npy_header(dtype, length: int) -> bytes:
   return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
 
 
+def _local_file() -> epath.Path:
+  """A new file on this machine's disk, where a bucket's file is made before it is copied."""
+  handle, name = tempfile.mkstemp(suffix=".npy")
+  os.close(handle)
+  return epath.Path(name)
+
+
 def _write_shard(path: epath.Path, parts, dtype, on_part=lambda part, documents: None) -> int:
   """Writes the arrays of `parts` ((tokens, documents) pairs) one after another as one .npy
   file at `path`, never holding more than one; returns the number of tokens. Written locally,
   then moved into place."""
-  local = _is_local(path)
-  if local:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-  else:  # a bucket's file cannot be written out of order: made here, then copied there
-    handle, name = tempfile.mkstemp(suffix=".npy")
-    os.close(handle)
-    tmp = epath.Path(name)
   length = 0
-  with open(os.fspath(tmp), "wb") as f:
-    f.write(b"\0" * HEADER)
-    for part, documents in parts:
-      f.write(part.tobytes())
-      length += len(part)
-      on_part(part, documents)
-    f.seek(0)
-    f.write(_npy_header(dtype, length))
-  if local:
-    tmp.replace(path)
-  else:
-    with tmp.open("rb") as written:
-      _write_atomic(path, lambda out: shutil.copyfileobj(written, out))
-    tmp.unlink()
+  local = path if _is_local(path) else _local_file()  # a bucket's file cannot be written out
+  try:                                                  # of order: made here, copied there
+    with files.written(local) as tmp, open(os.fspath(tmp), "wb") as f:
+      f.write(b"\0" * HEADER)
+      for part, documents in parts:
+        f.write(part.tobytes())
+        length += len(part)
+        on_part(part, documents)
+      f.seek(0)
+      f.write(_npy_header(dtype, length))
+    if local != path:
+      with local.open("rb") as made, files.written(path) as tmp, tmp.open("wb") as out:
+        shutil.copyfileobj(made, out)
+  finally:
+    if local != path:
+      local.unlink(missing_ok=True)
   return length
 
 
@@ -264,7 +243,8 @@ def prepare(ds, tokenizer, text_field: str, out: str,
                       f"({differ} differ); use another folder, or delete it to start over")
   else:
     _write_json(directory / PLAN, plan)
-  _remove_stale_temporaries(directory)
+  if _is_local(directory):
+    files.remove_stale(directory)
   with tempfile.TemporaryDirectory() as tmp:  # tokenizer.save writes local files
     tokenizer.save(tmp)
     (directory / "tokenizer").mkdir(exist_ok=True)

@@ -94,6 +94,8 @@ def open_documents(data_cfg, fields=None, complete: bool = False, stream: bool =
     raise read_error(data_cfg, e) from None
   where = data_cfg.hf_name or data_cfg.path
   if stream:
+    ds = ds.map(_TextCheck([f for f in fields if f != data_cfg.label_field], where),
+                with_indices=True)
     if not check:
       return ds
     try:
@@ -108,11 +110,52 @@ def open_documents(data_cfg, fields=None, complete: bool = False, stream: bool =
       raise UserError(f"the data has no field {field!r} (columns: {', '.join(columns)}); "
                       "set data.text_field / data.label_field, or data.columns for a CSV/TSV "
                       "file without a header row")
+  if not stream:
+    _check_text(ds, [f for f in fields if f != data_cfg.label_field], where, complete)
   if complete and not stream:
     ds = _complete_records(ds, fields, data_cfg.skip_bad_rows)
   if first_record is None or (not stream and len(ds) == 0):
     raise UserError(f"the data at {where!r} holds no records")
   return ds
+
+
+def _check_text(ds, fields, where: str, complete: bool) -> None:
+  """Every value of the text `fields` is a string or missing (null), read from the column's
+  type and null count, not row by row. A missing text of a corpus is said (it adds nothing);
+  a record task's are named by _complete_records."""
+  import datasets
+  for field in fields:
+    if not (isinstance(ds.features[field], datasets.Value)
+            and ds.features[field].dtype in ("string", "large_string")):
+      row, value = next((row, v) for row, v in enumerate(ds[field])
+                        if v is not None and not isinstance(v, str))
+      raise UserError(f"{where}: record {row + 1} (counting from 1) has {field}={value!r}, "
+                      f"not text; every {field!r} must be a string")
+    missing = ds.data.column(field).null_count
+    if missing and not complete:
+      first = ds[field].index(None)
+      print(f"note: {missing} of {len(ds)} records of {where} have no {field!r} (null; the "
+            f"first: record {first + 1}, counting from 1); they add nothing")
+
+
+class _TextCheck:
+  """A stream's `_check_text`, record by record as it is read: a value that is not text stops
+  the run naming its record; the first missing one is said."""
+
+  def __init__(self, fields, where: str):
+    self.fields, self.where, self.said = fields, where, False
+
+  def __call__(self, record: dict, row: int) -> dict:
+    for field in self.fields:
+      value = record.get(field)
+      if value is None and not self.said:
+        self.said = True
+        print(f"note: record {row + 1} of {self.where} (counting from 1) has no {field!r} "
+              "(null); such records add nothing")
+      elif value is not None and not isinstance(value, str):
+        raise UserError(f"{self.where}: record {row + 1} (counting from 1) has "
+                        f"{field}={value!r}, not text; every {field!r} must be a string")
+    return record
 
 
 def _complete_records(ds, fields, skip: bool):

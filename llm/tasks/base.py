@@ -134,8 +134,9 @@ class Task:
     """Raises UserError naming the first config key this task cannot work with."""
     c = self.cfg
     if c.model.kind not in self.families:
+      source = f" (the model of init_from={c.init_from!r})" if c.init_from else ""
       raise UserError(f"config: task.kind={self.kind!r} is not allowed; it trains model.kind="
-                      f"{' or '.join(self.families)}, not {c.model.kind!r}")
+                      f"{' or '.join(self.families)}, not {c.model.kind!r}{source}")
     for key in ("prepared", "streaming", "document_masks"):
       if c.data[key] and not self.reads_token_stream:
         raise UserError(f"config: data.{key}={c.data[key]!r} is not allowed; only "

@@ -12,7 +12,7 @@ import os
 import jax
 import numpy as np
 
-from llm import evaluation, objectives, prompts
+from llm import evaluation, files, objectives, prompts
 from llm import model as model_lib
 from llm.data import batches, sources
 from llm.errors import UserError
@@ -83,9 +83,8 @@ def reference_logps(cfg, model, examples, start, path: str, batch_size: int):
   reference = np.concatenate(reference)
   if path and jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:  # whole or not at all
+    with files.written(path) as tmp, tmp.open("wb") as f:
       np.savez(f, reference=reference, average=average)
-    os.replace(path + ".tmp", path)
   return reference
 
 
