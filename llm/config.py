@@ -44,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = ta = ml_collections.ConfigDict()
   ta.kind = "lm"  # "lm": next-token pre-training; "mlm": BERT's masked LM + next sentence;
   #                 "classify"; "instruct" (Alpaca records); on preference pairs, "reward"
-  #                 (a reward model) or "dpo" (direct preference optimisation)
+  #                 (a reward model) or "dpo" (direct preference optimisation); on
+  #                 prompts, "grpo" or "rloo" (online RL from rewards)
   ta.mask_rate = 0.15  # mlm: share of tokens selected (80% [MASK], 10% random, 10% kept)
   ta.mlm_weight = 1.0  # mlm: loss = mlm_weight * MLM + nsp_weight * NSP
   ta.nsp_weight = 1.0  # mlm: see task.mlm_weight
@@ -52,6 +53,21 @@ def base_config() -> ml_collections.ConfigDict:
   ta.mask_prompt = True  # instruct: only the response (and its end-of-text) is a target
   ta.beta = 0.1  # dpo: how far the policy may move from the reference (the rewards' scale)
   ta.dpo_average = False  # dpo: average the answer's token log-probabilities instead of summing
+  # grpo, rloo (online RL from init_from; llm/tasks/rl.py):
+  ta.rewards = ""  # reward functions, "name[*weight],...": built in exact_match,
+  #                  contains_answer (against the record's output), brevity; or module:function
+  ta.reward_model = ""  # a reward model run directory (task.kind=reward), added to the rewards
+  ta.reward_model_weight = 1.0  # its weight in the sum
+  ta.num_generations = 4  # completions sampled per prompt: the group compared
+  ta.max_new_tokens = 32  # the longest completion
+  ta.temperature = 1.0  # sampling temperature of the completions
+  ta.top_p = 1.0  # nucleus sampling of the completions
+  ta.clip_eps = 0.2  # PPO's clip of the probability ratio: [1 - clip_eps, 1 + clip_eps_high]
+  ta.clip_eps_high = 0.0  # the upper clip (DAPO's clip-higher); 0: clip_eps
+  ta.kl_coef = 0.04  # the KL penalty to the reference (k3 estimator); 0: none
+  ta.scale_rewards = True  # grpo: divide the advantages by the group's std (False: Dr. GRPO)
+  ta.loss_norm = "token"  # "token" (DAPO), "sequence" (GRPO) or "constant" (Dr. GRPO):
+  #                         objectives.NORMALIZATIONS
 
   c.model = m = ml_collections.ConfigDict()
   m.kind = "gpt"  # "gpt" (causal decoder) or "bert" (bidirectional encoder)

@@ -235,3 +235,74 @@ def _summarize_pairs(accuracy_name: str):
             "chosen_reward": mean("chosen"), "rejected_reward": mean("rejected"),
             "pairs": int(np.nan_to_num(sums["weight"]))}
   return summarize
+
+
+# The normalisations of the policy-gradient loss (the per-token loss l summed over completion
+# tokens t of sequences i; |o_i| a completion's length, G·B sequences, N = task.max_new_tokens):
+NORMALIZATIONS = {
+    "token": "Σ l / Σ|o_i|: every completion token weighs the same (DAPO)",
+    "sequence": "mean over sequences of Σ_t l / |o_i| (GRPO as published)",
+    "constant": "Σ l / (G·B·N): no length bias either way (Dr. GRPO)",
+}
+
+
+def token_logps(model, params, tokens_MxT, positions_MxT, valid_MxT, with_logits=False):
+  """log π(token t + 1 | the tokens up to t), [M, T - 1] (and the logits they come from)."""
+  logits_MxLxV = model.apply({"params": params}, tokens_MxT[:, :-1], positions_MxT[:, :-1],
+                             valid_MxT[:, :-1])
+  logps_MxL = -optax.softmax_cross_entropy_with_integer_labels(logits_MxLxV, tokens_MxT[:, 1:])
+  return (logps_MxL, logits_MxLxV) if with_logits else logps_MxL
+
+
+def policy_gradient(model, clip_low: float, clip_high: float, kl_coef: float,
+                    normalize: str, max_new_tokens: int) -> Objective:
+  """PPO's clipped surrogate on sampled completions, with a KL penalty to a reference: per
+  completion token, l = -min(ρ A, clip(ρ, 1 - clip_low, 1 + clip_high) A) + kl_coef · k3, where
+  ρ = π(token) / π_old(token), π_old the policy that sampled (log-probabilities in the batch,
+  `old_logps`), A the completion's advantage, and k3 = π_ref/π - log(π_ref/π) - 1 (Schulman's
+  unbiased, positive KL estimator; the reference's log-probabilities `ref_logps`). With one
+  update per rollout ρ = 1 and the gradient is REINFORCE's with the advantage's baseline.
+  `normalize`: see NORMALIZATIONS."""
+
+  def loss(params, batch, dropout_rng, train):
+    logps_MxL, logits_MxLxV = token_logps(model, params, batch["tokens"], batch["positions"],
+                                          batch["valid"], with_logits=True)
+    mask_MxL = batch["mask"][:, 1:]  # the token at t + 1 is predicted at t
+    ratio_MxL = jnp.exp(logps_MxL - batch["old_logps"])
+    advantage_Mx1 = batch["advantages"][:, None]
+    clipped_MxL = jnp.clip(ratio_MxL, 1.0 - clip_low, 1.0 + clip_high)
+    surrogate_MxL = jnp.minimum(ratio_MxL * advantage_Mx1, clipped_MxL * advantage_Mx1)
+    log_ref_ratio_MxL = batch["ref_logps"] - logps_MxL
+    kl_MxL = jnp.exp(log_ref_ratio_MxL) - log_ref_ratio_MxL - 1.0
+    per_token_MxL = (-surrogate_MxL + kl_coef * kl_MxL) * mask_MxL
+    lengths_M = jnp.sum(mask_MxL, axis=-1)
+    if normalize == "sequence":
+      loss_sum = jnp.sum(jnp.sum(per_token_MxL, -1) / jnp.maximum(lengths_M, 1.0))
+    elif normalize == "constant":
+      loss_sum = jnp.sum(per_token_MxL) / max_new_tokens
+    else:
+      loss_sum = jnp.sum(per_token_MxL)
+    probs_MxLxV = jax.nn.softmax(logits_MxLxV)
+    entropy_MxL = -jnp.sum(probs_MxLxV * jax.nn.log_softmax(logits_MxLxV), axis=-1)
+    w_M = batch["weights"]
+    was_clipped = (ratio_MxL * advantage_Mx1 != surrogate_MxL)
+    return {"loss": loss_sum, "tokens": jnp.sum(mask_MxL), "sequences": jnp.sum(w_M),
+            "kl": jnp.sum(kl_MxL * mask_MxL), "clipped": jnp.sum(was_clipped * mask_MxL),
+            "entropy": jnp.sum(entropy_MxL * mask_MxL),
+            "reward": jnp.sum(batch["rewards"] * w_M),
+            "reward_sq": jnp.sum(batch["rewards"] ** 2 * w_M),
+            "no_signal": jnp.sum(batch["no_signal"] * w_M)}
+
+  def summarize(sums):
+    per = lambda key, by: float(sums[key]) / max(float(sums[by]), 1.0)
+    mean = per("reward", "sequences")
+    return {"loss": per("loss", "tokens" if normalize == "token" else "sequences"),
+            "reward": mean, "reward_std": math.sqrt(max(per("reward_sq", "sequences") - mean ** 2,
+                                                        0.0)),
+            "kl": per("kl", "tokens"), "clip_fraction": per("clipped", "tokens"),
+            "entropy": per("entropy", "tokens"),
+            "completion_length": per("tokens", "sequences"),
+            "no_signal_groups": per("no_signal", "sequences")}
+
+  weights = "mask" if normalize == "token" else "weights"
+  return Objective(loss, summarize, terms=(("loss", weights, 1.0),))

@@ -1,5 +1,5 @@
 """Draws one run's curves from its metrics.jsonl: loss (train and validation), learning rate,
-gradient norm and throughput, against steps.
+gradient norm and throughput, against steps; and the reward of an online RL run.
 
     python -m llm.plot --workdir=runs/gpt_tiny [--out=runs/gpt_tiny/curves.png]
 """
@@ -29,8 +29,9 @@ def plot(workdir: str, out: str) -> None:
   import matplotlib
   matplotlib.use("Agg")  # files only, no display
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.5))
-  for ax, (key, title) in zip(axes, PANELS):
+  panels = PANELS + ((("reward", "reward"),) if any("reward" in r for r in records) else ())
+  fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
+  for ax, (key, title) in zip(axes, panels):
     for split, style in (("train", "-"), ("eval", "o--")):
       points = [(r["step"], r[key]) for r in records if r["split"] == split
                 and r.get(key) is not None]

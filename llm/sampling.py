@@ -15,6 +15,7 @@ import numpy as np
 
 from llm import prompts as prompts_lib
 from llm import sharding
+from llm.data import batches
 from llm.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -138,10 +139,7 @@ class Generator:
                       f"more than the model's context of {context} tokens; ask for at most "
                       f"{max(context - longest, 0)} new tokens")
     rows = [ids for ids in encoded for _ in range(num_samples)]
-    prompt = np.zeros((len(rows), longest), np.int32)
-    valid = np.zeros((len(rows), longest), bool)
-    for r, ids in enumerate(rows):  # left padding: every prompt ends at the same slot
-      prompt[r, longest - len(ids):], valid[r, longest - len(ids):] = ids, True
+    prompt, valid = batches.pad(rows, longest, 0, left=True)
     with sharding.activate(self.mesh, self.mesh_cfg):
       new = generate_tokens(self.model, self.params, prompt, valid, jax.random.PRNGKey(seed),
                       self.tokenizer.eot_id, max_new_tokens=max_new_tokens,

@@ -106,6 +106,17 @@ class Trainer:
         self.state_shardings["params"], self.frozen_shardings,
         sharding.batch_sharding(self.mesh, 0)))
 
+  def evaluators(self) -> dict:
+    """split -> (params, frozen) -> its metrics: the objective on the split's fixed batches,
+    or the task's own evaluation (an online task samples)."""
+    if self.data.evaluate is not None:
+      return {"eval": self.data.evaluate}
+    evaluate = self.jit_evaluate()
+    placed = {split: [sharding.global_batch(b, self.mesh, batch_dim=0) for b in batches]
+              for split, batches in self.data.evals.items()}
+    return {split: lambda params, frozen, b=b: evaluate(params, frozen, b)
+            for split, b in placed.items()}
+
   @property
   def tokens_per_step(self) -> int:
     return self.cfg.train.batch_size * self.schema.tokens
@@ -215,23 +226,22 @@ def _train(trainer: Trainer, ckpt) -> dict:
     rundir.start(workdir, cfg, trainer.tokenizer)
     rundir.drop_metrics_after(workdir, start)
   log = Log(trainer, start, ckpt)
-  train_step, evaluate = trainer.jit_train_step(), trainer.jit_evaluate()
-  eval_data = {split: [sharding.global_batch(b, mesh, batch_dim=0) for b in batches]
-               for split, batches in trainer.data.evals.items()}
-  last_eval = {}
+  train_step, evaluate = trainer.jit_train_step(), trainer.evaluators()
+  last_eval, sampled = {}, {}
   batches = data_batches.Prefetch(trainer.batches, trainer.place)
   try:
     with preemption.Watcher(ckpt, start) as watcher:  # a signal from here on: save the step, stop
       for step in range(start + 1, tr.steps + 1):
         batch = next(batches)
+        if trainer.data.rollout is not None:  # sampled from the policy being trained
+          batch, sampled = trainer.data.rollout(state["params"], frozen, batch, step)
         with sharding.activate(mesh, cfg.mesh):
           state, stats, health = train_step(state, frozen, batch, health)
-          log.trained(step, stats, health)
-          if (step % tr.eval_every == 0 or step == tr.steps) and "eval" in eval_data:
-            last_eval = log.evaluated(step, "eval", evaluate(state["params"], frozen,
-                                                             eval_data["eval"]))
-          if step == tr.steps and "test" in eval_data:
-            log.evaluated(step, "test", evaluate(state["params"], frozen, eval_data["test"]))
+          log.trained(step, stats, health, sampled)
+          if (step % tr.eval_every == 0 or step == tr.steps) and "eval" in evaluate:
+            last_eval = log.evaluated(step, "eval", evaluate["eval"](state["params"], frozen))
+          if step == tr.steps and "test" in evaluate:
+            log.evaluated(step, "test", evaluate["test"](state["params"], frozen))
         preempted = watcher.requested(step)
         if step % tr.checkpoint_every == 0 or step == tr.steps or preempted:
           log.phase("saving")
@@ -270,8 +280,9 @@ class Log:
             + ("" if self.throughput.peak_flops else
                "; MFU needs --config.train.peak_flops on this device"))
 
-  def trained(self, step: int, stats: dict, health: dict) -> None:
-    """After each step: a train line every train.log_every steps and at the last."""
+  def trained(self, step: int, stats: dict, health: dict, extra: dict) -> None:
+    """After each step: a train line every train.log_every steps and at the last (with `extra`
+    metrics of the step's making: an online task's sampling)."""
     if self.timer is None:  # the first step compiles (and one after an eval): time from its end
       jax.block_until_ready(stats)
       self.timer, self.timer_step = time.perf_counter(), step
@@ -280,6 +291,7 @@ class Log:
       speed = self.throughput(step - self.timer_step, time.perf_counter() - self.timer)
       task_metrics = {k: v for k, v in self.objective.summarize(stats["sums"]).items()
                       if isinstance(v, float) and k not in ("loss", "perplexity")}
+      task_metrics.update(extra)
       if self.train_cfg.on_nonfinite == "skip":
         task_metrics["skipped_steps"] = skipped
       loss, grad_norm = float(stats["loss"]), float(stats["grad_norm"])

@@ -214,3 +214,17 @@ def test_best_of_n_returns_the_highest_reward_and_best_of_1_is_plain_sampling(
        f"--response={line['text']}"], cwd=ROOT, capture_output=True, text=True)
   assert scored.returncode == 0, scored.stderr[-2000:]
   assert float(scored.stdout.split()[0]) == pytest.approx(line["reward"], abs=1e-3)
+
+
+def test_a_reward_model_scores_the_completions_of_online_rl(tmp_path, reward_run, records):
+  from llm import scoring
+  from llm.tasks import rl
+  cfg = preference_config(tmp_path, reward_run, records, "grpo",
+                          **{"task.reward_model": reward_run, "task.reward_model_weight": 2.0,
+                             "task.rewards": "brevity"})
+  prompts, answers = ["Say thanks.", "Say thanks."], ["Thank you very much!", "No."]
+  total, means = rl.Rewards(cfg, runs.load)(prompts, answers, [{}, {}])
+  scores = scoring.Scorer(runs.load(reward_run)).score(prompts, answers)
+  np.testing.assert_allclose(total, 2.0 * scores + np.array(rl.brevity(prompts, answers, [])),
+                             rtol=1e-5)
+  assert means["reward_model"] == pytest.approx(float(np.mean(scores)), rel=1e-5)

@@ -193,12 +193,15 @@ def take_rows(arrays: dict):
   return lambda idx, _: {k: v[idx] for k, v in arrays.items()}
 
 
-def pad(rows: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Rows of ids right-padded to `length`: (tokens [N, length] int32, valid [N, length])."""
+def pad(rows: list[list[int]], length: int, pad_id: int,
+        left: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Rows of ids padded to `length`, on the right (or the `left`: prompts to continue, every
+  one ending at the same slot): (tokens [N, length] int32, valid [N, length])."""
   tokens = np.full((len(rows), length), pad_id, np.int32)
   valid = np.zeros((len(rows), length), bool)
   for r, ids in enumerate(rows):
-    tokens[r, :len(ids)], valid[r, :len(ids)] = ids, True
+    where = slice(length - len(ids), length) if left else slice(0, len(ids))
+    tokens[r, where], valid[r, where] = ids, True
   return tokens, valid
 
 

@@ -92,6 +92,11 @@ class TaskData:
   schema: Schema
   summary: str  # one line about the data, printed at start
   splits: dict = dataclasses.field(default_factory=dict)  # records: split -> rows of the data
+  # An online task (RL) completes each batch with the current policy as its step starts:
+  # (trainable params, frozen params, placed batch, step) -> (the step's batch, metrics to log).
+  rollout: Any = None
+  # ... and is evaluated by sampling: (trainable, frozen) -> the "eval" split's metrics.
+  evaluate: Any = None
 
 
 @dataclasses.dataclass
@@ -102,6 +107,7 @@ class Context:
   process_count: int = 1
   task_data: str = ""  # a file where a task keeps what it computed once (DPO's reference)
   start: Any = None  # the model the run starts from: `start.params(model)` (runs.Start)
+  open_run: Any = None  # run directory -> the opened run (runs.load): another model a task uses
 
 
 @dataclasses.dataclass

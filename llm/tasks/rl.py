@@ -1,0 +1,312 @@
+"""Online reinforcement learning from rewards (task.kind=grpo or rloo): RLHF's last step.
+
+Every step the policy samples task.num_generations completions to each prompt of its batch, with
+the project's own KV-cache sampler, jitted on the training mesh with the training parameters (one
+copy of the weights, no separate inference engine); rewards score them (a reward model run, a
+Python function, or a weighted sum of several); the completions' advantages are their rewards
+against the other completions of the same prompt; and the policy takes one optimizer step on
+PPO's clipped surrogate with a KL penalty to the reference (objectives.policy_gradient).
+
+- grpo: A = (r - mean of the group) / (std of the group + 1e-4), without the division when
+  task.scale_rewards is False (Dr. GRPO).
+- rloo: A = r - mean of the group's other completions (REINFORCE leave-one-out).
+
+Prompts are instruction records (instruction, optional input), formatted by the Alpaca template
+as in instruction tuning; the held-out ones are answered greedily at each evaluation and scored
+with the same rewards. The reference is the starting model: with LoRA the base with its adapters
+off (no second copy), otherwise a frozen copy of the init_from weights.
+"""
+
+import importlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from llm import objectives, prompts, sampling, scoring, sharding
+from llm import params as params_lib
+from llm.data import batches
+from llm.errors import UserError
+from llm.tasks.base import Context, RecordTask, TaskData, register
+
+
+# -- rewards -----------------------------------------------------------------------------------
+# A reward function: (prompts, completions, records) -> one float per completion.
+
+
+def exact_match(prompts, completions, records, field: str = "output"):
+  """1 when the completion is the record's answer (spaces around it aside), else 0."""
+  return [float(c.strip() == str(r[field]).strip()) for c, r in zip(completions, records)]
+
+
+def contains_answer(prompts, completions, records, field: str = "output"):
+  """1 when the record's answer appears in the completion, else 0."""
+  return [float(str(r[field]).strip() in c) for c, r in zip(completions, records)]
+
+
+def brevity(prompts, completions, records):
+  """Minus the completion's length in characters over 100: a small push to stop."""
+  return [-len(c) / 100.0 for c in completions]
+
+
+BUILT_IN = {"exact_match": exact_match, "contains_answer": contains_answer, "brevity": brevity}
+
+
+def reward_functions(spec: str) -> list[tuple[str, float, object]]:
+  """"name[*weight],module:function[*weight],..." -> (name, weight, function)."""
+  functions = []
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    name, _, weight = item.partition("*")
+    try:
+      weight = float(weight) if weight else 1.0
+    except ValueError:
+      raise UserError(f"task.rewards: {item!r}: the weight after * is not a number") from None
+    if ":" in name:
+      module, _, attribute = name.partition(":")
+      try:
+        function = getattr(importlib.import_module(module), attribute)
+      except (ImportError, AttributeError) as e:
+        raise UserError(f"task.rewards: cannot load {name!r} ({e})") from None
+    elif name in BUILT_IN:
+      function = BUILT_IN[name]
+    else:
+      raise UserError(f"task.rewards: no reward {name!r}; built in: {', '.join(BUILT_IN)}, or "
+                      "module:function")
+    functions.append((name, weight, function))
+  return functions
+
+
+class Rewards:
+  """The weighted sum of task.rewards' functions and the task.reward_model's score."""
+
+  def __init__(self, cfg, open_run):
+    """`open_run`: run directory -> opened run (Context.open_run), for task.reward_model."""
+    self.functions = reward_functions(cfg.task.rewards)
+    if cfg.task.reward_model:
+      scorer = scoring.Scorer(open_run(cfg.task.reward_model))
+      self.functions.append(("model", cfg.task.reward_model_weight,
+                             lambda p, c, r: scorer.score(p, c)))
+    if not self.functions:
+      raise UserError(f"task.kind={cfg.task.kind} needs rewards: set task.rewards (e.g. "
+                      "exact_match) or task.reward_model=DIR")
+
+  def __call__(self, prompt_texts, completions, records) -> tuple[np.ndarray, dict]:
+    """(the total reward of each completion, each function's mean)."""
+    total, means = np.zeros(len(completions)), {}
+    for name, weight, function in self.functions:
+      try:
+        values = np.asarray(function(prompt_texts, completions, records), np.float64)
+      except UserError:
+        raise
+      except Exception as e:  # the user's code: said in one line, naming it
+        raise UserError(f"reward {name!r} raised {type(e).__name__}: {e}") from None
+      if values.shape != (len(completions),) or not np.all(np.isfinite(values)):
+        raise UserError(f"reward {name!r} must return one finite number per completion "
+                        f"({len(completions)}); it returned {values.shape[0] if values.ndim else 1}"
+                        f" values{'' if np.all(np.isfinite(values)) else ', not all finite'}")
+      total += weight * values
+      means[f"reward_{name.split(':')[-1]}"] = float(values.mean())
+    return total, means
+
+
+def advantages(rewards_M: np.ndarray, group: int, algorithm: str, scale: bool) -> np.ndarray:
+  """Each completion's advantage against the others of its prompt (rows in groups of `group`)."""
+  r = rewards_M.reshape(-1, group)
+  if algorithm == "rloo":  # the mean of the other group - 1 completions
+    return (r - (r.sum(1, keepdims=True) - r) / (group - 1)).reshape(-1)
+  centred = r - r.mean(1, keepdims=True)
+  if scale:
+    centred = centred / (r.std(1, keepdims=True) + 1e-4)
+  return centred.reshape(-1)
+
+
+# -- the task ----------------------------------------------------------------------------------
+
+
+@register
+class PolicyOptimization(RecordTask):
+  kind = algorithm = "grpo"  # how advantages are made: see `advantages`
+  produces = "text"
+  families = ("gpt",)
+
+  def fields(self):
+    return ("instruction",)
+
+  def check(self):
+    super().check()
+    t = self.cfg.task
+    if not self.cfg.init_from:
+      raise UserError(f"task.kind={self.kind} improves a model: set init_from (typically an "
+                      "instruction-tuned run)")
+    if t.num_generations < 2:
+      raise UserError(f"task.num_generations={t.num_generations}: a group needs at least 2 "
+                      "completions to compare")
+    if t.loss_norm not in objectives.NORMALIZATIONS:
+      raise UserError(f"task.loss_norm={t.loss_norm!r}: use one of "
+                      f"{', '.join(objectives.NORMALIZATIONS)}")
+    if t.max_new_tokens < 1 or t.temperature <= 0 or not 0 < t.top_p <= 1:
+      raise UserError("task: use max_new_tokens >= 1, temperature > 0 and 0 < top_p <= 1")
+
+  def prompt(self, record: dict) -> str:
+    return prompts.record_prompt(record)
+
+  def tokenizer_texts(self, docs):
+    return []  # the init_from model's tokenizer (check: init_from is set)
+
+  def objective(self, model):
+    t = self.cfg.task
+    return objectives.policy_gradient(model, t.clip_eps, t.clip_eps_high or t.clip_eps,
+                                      t.kl_coef, t.loss_norm, t.max_new_tokens)
+
+  def examples(self, docs, model, context: Context):
+    """Left-padded prompts (the instruction template), room left for max_new_tokens."""
+    tokenizer, t = context.tokenizer, self.cfg.task
+    room = model.cfg.max_len - t.max_new_tokens
+    ids = prompts.encode_prompts(tokenizer, [prompts.record_prompt(dict(r)) for r in docs])
+    kept = [i for i, p in enumerate(ids) if 0 < len(p) <= room]
+    if not kept:
+      raise UserError(f"no prompt fits the model's context of {model.cfg.max_len} tokens with "
+                      f"task.max_new_tokens={t.max_new_tokens}")
+    prompt, valid = batches.pad([ids[i] for i in kept], max(len(ids[i]) for i in kept),
+                                tokenizer.eot_id, left=True)
+    return ({"prompt": prompt, "prompt_valid": valid, "record": np.asarray(kept, np.int32),
+             "weights": np.ones(len(kept), np.float32)}, np.asarray(kept),
+            f"prompts, {len(docs) - len(kept)} longer than the context leaves")
+
+  def sequence_length(self, examples):
+    return examples["prompt"].shape[-1] + self.cfg.task.max_new_tokens
+
+  @property
+  def sequences(self) -> int:  # completions per prompt: what a step's tokens count
+    return self.cfg.task.num_generations
+
+  def data(self, docs, model, context: Context) -> TaskData:
+    """Batches of prompts, completed by `rollout` on the mesh as each step starts; the held-out
+    prompts are answered by `evaluate`."""
+    data = super().data(docs, model, context)
+    rollouts = Rollouts(self.cfg, self.algorithm, model, context, [dict(r) for r in docs],
+                        held_out=data.splits.get("eval", np.zeros(0, int)))
+    data.evals = {}  # evaluated by sampling, not by the objective on fixed batches
+    data.rollout, data.evaluate = rollouts, rollouts.evaluate
+    data.summary += (f"; {self.sequences} completions of up to {self.cfg.task.max_new_tokens} "
+                     "tokens per prompt each step")
+    return data
+
+
+@register
+class ReinforceLeaveOneOut(PolicyOptimization):
+  kind = algorithm = "rloo"
+
+
+class Rollouts:
+  """Turns a batch of prompts into a batch the train step reads: completions sampled by the
+  current policy, their rewards and advantages, and the sampling policy's and the reference's
+  log-probabilities of every completion token."""
+
+  def __init__(self, cfg, algorithm: str, model, context: Context, records: list[dict],
+               held_out):
+    t = cfg.task
+    self.cfg, self.algorithm, self.model, self.records = cfg, algorithm, model, records
+    self.tokenizer = context.tokenizer
+    self.mesh = context.start.mesh
+    self.rewards = Rewards(cfg, context.open_run)
+    self.group, self.n = t.num_generations, t.max_new_tokens
+    self.assemble = lambda trainable, frozen: params_lib.assemble(cfg, trainable, frozen)
+    self.reference = None if cfg.lora.rank else context.start.params(model)
+    self.held_out = held_out  # record rows
+    self._sample = jax.jit(self._sample_fn, static_argnames=("greedy",))
+
+  def _reference(self, trainable, frozen):
+    if self.reference is not None:
+      return self.reference
+    off = jax.tree.map(jnp.zeros_like, trainable)  # LoRA's adapters off: the base model
+    return self.assemble(off, frozen)
+
+  def _sample_fn(self, trainable, frozen, prompt_RxP, valid_RxP, rng, greedy=False):
+    params = self.assemble(trainable, frozen)
+    t = self.cfg.task
+    new_RxN = sampling.generate_tokens(
+        self.model, params, prompt_RxP, valid_RxP, rng, self.tokenizer.eot_id,
+        max_new_tokens=self.n, temperature=0.0 if greedy else float(t.temperature), top_k=0,
+        top_p=float(t.top_p), use_cache=True, num_tokens=self.tokenizer.vocab_size)
+    tokens_RxT = jnp.concatenate([prompt_RxP, new_RxN], axis=1)
+    valid_RxT = jnp.concatenate([valid_RxP, jnp.ones(new_RxN.shape, bool)], axis=1)
+    positions_RxT = jnp.maximum(jnp.cumsum(valid_RxT, axis=1) - 1, 0)
+    mask_RxT = jnp.concatenate([jnp.zeros(prompt_RxP.shape, jnp.float32),
+                                completion_mask(new_RxN, self.tokenizer.eot_id)], axis=1)
+    if greedy:
+      return new_RxN, mask_RxT
+    logps = lambda p: objectives.token_logps(self.model, p, tokens_RxT, positions_RxT,
+                                             valid_RxT)
+    return (new_RxN, tokens_RxT, positions_RxT, valid_RxT, mask_RxT, logps(params),
+            logps(self._reference(trainable, frozen)))
+
+  def _texts(self, new_RxN, mask_RxT) -> list[str]:
+    new_RxN = np.asarray(_gather(new_RxN))
+    lengths = np.asarray(_gather(mask_RxT))[:, -self.n:].sum(1).astype(int)
+    eot = self.tokenizer.eot_id
+    return [self.tokenizer.decode([i for i in row[:k] if i != eot])
+            for row, k in zip(new_RxN, lengths)]
+
+  def __call__(self, trainable, frozen, batch: dict, step: int) -> tuple[dict, dict]:
+    """(the train step's batch, [grad_accum, micro × group, ...] on the mesh; the rewards'
+    means) for a placed batch of prompts [grad_accum, micro, ...]."""
+    started = time.perf_counter()
+    A, m = batch["prompt"].shape[:2]
+    flat = lambda x: jnp.repeat(x.reshape(A * m, *x.shape[2:]), self.group, axis=0)
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), step)
+    with sharding.activate(self.mesh, self.cfg.mesh):
+      new, tokens, positions, valid, mask, old, ref = self._sample(
+          trainable, frozen, flat(batch["prompt"]), flat(batch["prompt_valid"]), rng)
+    rows = np.repeat(np.asarray(_gather(batch["record"])).reshape(-1), self.group)
+    records = [self.records[i] for i in rows]
+    completions = self._texts(new, mask)
+    rewards, means = self.rewards([prompts.record_prompt(r) for r in records], completions,
+                                  records)
+    adv = advantages(rewards, self.group, self.algorithm, self.cfg.task.scale_rewards)
+    no_signal = np.repeat(np.ptp(rewards.reshape(-1, self.group), axis=1) == 0, self.group)
+    host = {"advantages": adv, "rewards": rewards, "no_signal": no_signal,
+            "weights": np.ones_like(rewards)}
+    shape = lambda x: x.reshape(A, m * self.group, *x.shape[1:])
+    out = {k: shape(v) for k, v in dict(tokens=tokens, positions=positions, valid=valid,
+                                        mask=mask, old_logps=old, ref_logps=ref).items()}
+    mine = _process_share(m * self.group)
+    out.update(sharding.global_batch({k: shape(v.astype(np.float32))[:, mine]
+                                      for k, v in host.items()}, self.mesh, batch_dim=1))
+    seconds = time.perf_counter() - started  # sampling and scoring: the host waited for both
+    return out, {**means, "sampling_seconds": seconds,
+                 "sampled_tokens_per_sec": float(np.asarray(_gather(mask)).sum()) / seconds}
+
+  def evaluate(self, trainable, frozen) -> dict:
+    """Greedy completions to the held-out prompts, scored by the rewards."""
+    if not len(self.held_out):
+      return {}
+    records = [self.records[i] for i in self.held_out]
+    ids = prompts.encode_prompts(self.tokenizer, [prompts.record_prompt(r) for r in records])
+    prompt, valid = batches.pad(ids, max(map(len, ids)), self.tokenizer.eot_id, left=True)
+    with sharding.activate(self.mesh, self.cfg.mesh):
+      new, mask = self._sample(trainable, frozen, prompt, valid, jax.random.PRNGKey(0),
+                               greedy=True)
+    rewards, means = self.rewards([prompts.record_prompt(r) for r in records],
+                                  self._texts(new, mask), records)
+    return {"reward": float(rewards.mean()), **means,
+            "completion_length": float(np.asarray(mask).sum() / len(records))}
+
+
+def completion_mask(new_RxN, eot_id: int):
+  """1 on a completion's tokens up to and with its first end-of-text, 0 after it."""
+  eot_RxN = (new_RxN == eot_id).astype(jnp.int32)
+  return (jnp.cumsum(eot_RxN, axis=1) - eot_RxN == 0).astype(jnp.float32)
+
+
+def _gather(x):
+  """A global array's values on every process."""
+  return multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else x
+
+
+def _process_share(rows: int) -> slice:
+  """This process's rows of a global batch's row axis (processes hold contiguous shares)."""
+  share = rows // jax.process_count()
+  return slice(jax.process_index() * share, (jax.process_index() + 1) * share)
