@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import preference_config, read_metrics, tiny_config
-from llm import model as model_lib, objectives
+from llm import model as model_lib, objectives, runs, startup, tasks
 from llm.errors import UserError
 from llm.tasks import rl
 from llm.train import Trainer, train
@@ -166,6 +166,9 @@ def test_grpo_raises_the_reward_and_resumes_bit_exactly(rl_runs):
     assert key in lines[-1] and math.isfinite(lines[-1][key])
   evals = [m for m in read_metrics(straight) if m["split"] == "eval"]
   assert evals and "reward" in evals[-1]
+  run = runs.load(straight)  # llm.evaluate: the same greedy answers, scored the same
+  result = run.task.evaluate(run, startup.run_context(run), tasks.EvalOptions())
+  assert result["eval"]["reward"] == pytest.approx(evals[-1]["reward"], abs=1e-6)
   same = lambda run: [(m["step"], m["loss"], m["reward"]) for m in read_metrics(run)
                       if m["split"] == "train"]
   assert same(resumed) == same(straight)
@@ -180,7 +183,7 @@ def test_the_lora_reference_is_the_base_model(tmp_path, base_run, records):
   tokens = np.arange(24, dtype=np.int32).reshape(2, 12) % 50
   valid = np.ones(tokens.shape, bool)
   positions = np.tile(np.arange(12, dtype=np.int32), (2, 1))
-  lora_off = rollouts._reference(state["params"], frozen)
+  lora_off = rollouts._reference(state["params"], frozen, rollouts.reference)
   logps = lambda params: objectives.token_logps(trainer.model, params, tokens, positions, valid)
   np.testing.assert_allclose(logps(lora_off), logps(base), rtol=1e-6)
   assert rollouts.reference is None  # no second copy

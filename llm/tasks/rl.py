@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from llm import objectives, prompts, sampling, scoring, sharding
+from llm import evaluation, objectives, prompts, sampling, scoring, sharding
 from llm import params as params_lib
 from llm.data import batches
 from llm.errors import UserError
@@ -178,6 +178,14 @@ class PolicyOptimization(RecordTask):
   def sequence_length(self, examples):
     return examples["prompt"].shape[-1] + self.cfg.task.max_new_tokens
 
+  def evaluate(self, run, context: Context, options) -> dict:
+    """What llm.evaluate prints for an RL run: its greedy answers to the held-out prompts (of
+    its own records, or options.data_path's split the same way), scored by its rewards."""
+    data, _ = self.data_for(run.model, context, options.data_path)
+    result = data.rollout.score_answers(run.params)
+    evaluation.print_metrics("eval", result)
+    return {"eval": result}
+
   @property
   def sequences(self) -> int:  # completions per prompt: what a step's tokens count
     return self.cfg.task.num_generations
@@ -214,34 +222,39 @@ class Rollouts:
     self.rewards = Rewards(cfg, context.open_run)
     self.group, self.n = t.num_generations, t.max_new_tokens
     self.assemble = lambda trainable, frozen: params_lib.assemble(cfg, trainable, frozen)
-    self.reference = None if cfg.lora.rank else context.start.params(model)
+    self.start = context.start
+    self.reference = None  # the init_from weights, read at the first rollout (without LoRA)
     self.held_out = held_out  # record rows
-    self._sample = jax.jit(self._sample_fn, static_argnames=("greedy",))
+    self._sample = jax.jit(self._sample_fn)
+    self._greedy = jax.jit(lambda params, prompt, valid: self._complete(
+        params, prompt, valid, jax.random.PRNGKey(0), 0.0))
 
-  def _reference(self, trainable, frozen):
-    if self.reference is not None:
-      return self.reference
+  def _reference(self, trainable, frozen, reference):
+    if reference is not None:
+      return reference
     off = jax.tree.map(jnp.zeros_like, trainable)  # LoRA's adapters off: the base model
     return self.assemble(off, frozen)
 
-  def _sample_fn(self, trainable, frozen, prompt_RxP, valid_RxP, rng, greedy=False):
-    params = self.assemble(trainable, frozen)
-    t = self.cfg.task
+  def _complete(self, params, prompt_RxP, valid_RxP, rng, temperature: float):
+    """(new tokens [R, N], the completion mask of the whole sequences [R, P + N])."""
     new_RxN = sampling.generate_tokens(
         self.model, params, prompt_RxP, valid_RxP, rng, self.tokenizer.eot_id,
-        max_new_tokens=self.n, temperature=0.0 if greedy else float(t.temperature), top_k=0,
-        top_p=float(t.top_p), use_cache=True, num_tokens=self.tokenizer.vocab_size)
+        max_new_tokens=self.n, temperature=temperature, top_k=0,
+        top_p=float(self.cfg.task.top_p), use_cache=True, num_tokens=self.tokenizer.vocab_size)
+    return new_RxN, jnp.concatenate([jnp.zeros(prompt_RxP.shape, jnp.float32),
+                                     completion_mask(new_RxN, self.tokenizer.eot_id)], axis=1)
+
+  def _sample_fn(self, trainable, frozen, reference, prompt_RxP, valid_RxP, rng):
+    params = self.assemble(trainable, frozen)
+    new_RxN, mask_RxT = self._complete(params, prompt_RxP, valid_RxP, rng,
+                                       float(self.cfg.task.temperature))
     tokens_RxT = jnp.concatenate([prompt_RxP, new_RxN], axis=1)
     valid_RxT = jnp.concatenate([valid_RxP, jnp.ones(new_RxN.shape, bool)], axis=1)
     positions_RxT = jnp.maximum(jnp.cumsum(valid_RxT, axis=1) - 1, 0)
-    mask_RxT = jnp.concatenate([jnp.zeros(prompt_RxP.shape, jnp.float32),
-                                completion_mask(new_RxN, self.tokenizer.eot_id)], axis=1)
-    if greedy:
-      return new_RxN, mask_RxT
     logps = lambda p: objectives.token_logps(self.model, p, tokens_RxT, positions_RxT,
                                              valid_RxT)
     return (new_RxN, tokens_RxT, positions_RxT, valid_RxT, mask_RxT, logps(params),
-            logps(self._reference(trainable, frozen)))
+            logps(self._reference(trainable, frozen, reference)))
 
   def _texts(self, new_RxN, mask_RxT) -> list[str]:
     new_RxN = np.asarray(_gather(new_RxN))
@@ -257,9 +270,12 @@ class Rollouts:
     A, m = batch["prompt"].shape[:2]
     flat = lambda x: jnp.repeat(x.reshape(A * m, *x.shape[2:]), self.group, axis=0)
     rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), step)
+    if self.reference is None and not self.cfg.lora.rank:
+      self.reference = self.start.params(self.model)
     with sharding.activate(self.mesh, self.cfg.mesh):
       new, tokens, positions, valid, mask, old, ref = self._sample(
-          trainable, frozen, flat(batch["prompt"]), flat(batch["prompt_valid"]), rng)
+          trainable, frozen, self.reference, flat(batch["prompt"]), flat(batch["prompt_valid"]),
+          rng)
     rows = np.repeat(np.asarray(_gather(batch["record"])).reshape(-1), self.group)
     records = [self.records[i] for i in rows]
     completions = self._texts(new, mask)
@@ -281,14 +297,17 @@ class Rollouts:
 
   def evaluate(self, trainable, frozen) -> dict:
     """Greedy completions to the held-out prompts, scored by the rewards."""
+    return self.score_answers(jax.jit(self.assemble)(trainable, frozen))
+
+  def score_answers(self, params) -> dict:
+    """The model's (`params`: assembled) greedy answers to the held-out prompts, scored."""
     if not len(self.held_out):
       return {}
     records = [self.records[i] for i in self.held_out]
     ids = prompts.encode_prompts(self.tokenizer, [prompts.record_prompt(r) for r in records])
     prompt, valid = batches.pad(ids, max(map(len, ids)), self.tokenizer.eot_id, left=True)
     with sharding.activate(self.mesh, self.cfg.mesh):
-      new, mask = self._sample(trainable, frozen, prompt, valid, jax.random.PRNGKey(0),
-                               greedy=True)
+      new, mask = self._greedy(params, prompt, valid)
     rewards, means = self.rewards([prompts.record_prompt(r) for r in records],
                                   self._texts(new, mask), records)
     return {"reward": float(rewards.mean()), **means,
