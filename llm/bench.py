@@ -8,6 +8,8 @@
 arguments, per device) and times it after one warm-up step on batches already on the devices
 (`step_ms`), then fed as training feeds it, by a host thread that makes the next batches
 (`step_ms_with_data`).
+`rl` times an online RL config's (task.kind=grpo, rloo) rollout and update apart, and the share
+of a step spent sampling.
 `generate` times prefill and decoding of a randomly initialised model of the config's shape, with
 and without the KV cache, and prints the ratio and the cache's size.
 `data` measures the data path of the config's tokenizer on corpora of --corpus_mb megabytes
@@ -49,7 +51,8 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-  flags.DEFINE_integer("steps", 20, "train: timed steps (0: compile and report memory only).")
+  flags.DEFINE_integer("steps", 20, "train, rl: timed steps (train 0: compile and report memory "
+                       "only).")
   flags.DEFINE_integer("batch", 1, "generate: prompts per batch.")
   flags.DEFINE_integer("prompt_len", 16, "generate: prompt tokens.")
   flags.DEFINE_integer("new_tokens", 256, "generate: tokens to decode.")
@@ -112,6 +115,38 @@ def bench_train(cfg, steps: int) -> dict:
       fed.close()
   return {"compile_s": compile_s, **memory, "step_ms": 1e3 * seconds / steps,
           "step_ms_with_data": 1e3 * fed_seconds / steps, **trainer.throughput()(steps, seconds)}
+
+
+def bench_rl(cfg, steps: int) -> dict:
+  """An online RL config's steps, their two halves timed apart after one untimed step (which
+  compiles): the rollout (sampling, scoring, the policy's and the reference's log-probabilities;
+  the host waits for it) and the update; tokens/s of each and the share of a step spent
+  sampling."""
+  from llm.train import Trainer, new_health
+  with tempfile.TemporaryDirectory() as workdir:  # a run that writes nothing
+    trainer = Trainer(cfg, workdir)
+  if trainer.data.rollout is None:
+    raise UserError("llm.bench rl times an online RL config (task.kind=grpo or rloo)")
+  state, frozen = trainer.init_state()
+  health, step_fn = new_health(), trainer.jit_train_step()
+  rollout_s = update_s = sampled = 0.0
+  for step in range(1, steps + 2):
+    prompts = trainer.place(next(trainer.batches))
+    started = time.perf_counter()
+    batch, _ = trainer.data.rollout(state["params"], frozen, prompts, step)
+    jax.block_until_ready(batch)
+    rolled = time.perf_counter()
+    with sharding.activate(trainer.mesh, trainer.cfg.mesh):
+      state, stats, health = step_fn(state, frozen, batch, health)
+    jax.block_until_ready(stats)
+    if step > 1:
+      rollout_s += rolled - started
+      update_s += time.perf_counter() - rolled
+      sampled += float(jnp.sum(batch["mask"]))
+  return {"rollout_ms": 1e3 * rollout_s / steps, "update_ms": 1e3 * update_s / steps,
+          "sampling_share": rollout_s / (rollout_s + update_s),
+          "sampled_tokens_per_sec": sampled / rollout_s,
+          "update_tokens_per_sec": trainer.tokens_per_step * steps / update_s}
 
 
 def bench_generate(cfg, batch: int, prompt_len: int, new_tokens: int, repeats: int,
@@ -343,8 +378,8 @@ def _config_file() -> str:
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ("train", "generate", "data") or FLAGS.config is None:
-    raise UserError("usage: python -m llm.bench train|generate|data --config=configs/FILE.py")
+  if len(argv) != 2 or argv[1] not in ("train", "generate", "data", "rl") or FLAGS.config is None:
+    raise UserError("usage: python -m llm.bench train|generate|data|rl --config=configs/FILE.py")
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   if argv[1] == "train":
     result = bench_train(FLAGS.config, FLAGS.steps)
@@ -353,6 +388,8 @@ def main(argv):
       result.update(torch_result)
       result["tokens_per_sec_over_torch"] = (result["tokens_per_sec"] /
                                              torch_result["torch_tokens_per_sec"])
+  elif argv[1] == "rl":
+    result = bench_rl(FLAGS.config, max(FLAGS.steps, 1))
   elif argv[1] == "data":
     result = bench_data(FLAGS.config, [int(mb) for mb in FLAGS.corpus_mb], FLAGS.corpus_dir)
   else:
