@@ -225,7 +225,7 @@ class Rollouts:
     self.start = context.start
     self.reference = None  # the init_from weights, read at the first rollout (without LoRA)
     self.held_out = held_out  # record rows
-    self._sample = jax.jit(self._sample_fn)
+    self._sample, self._assemble = jax.jit(self._sample_fn), jax.jit(self.assemble)
     self._greedy = jax.jit(lambda params, prompt, valid: self._complete(
         params, prompt, valid, jax.random.PRNGKey(0), 0.0))
 
@@ -297,7 +297,7 @@ class Rollouts:
 
   def evaluate(self, trainable, frozen) -> dict:
     """Greedy completions to the held-out prompts, scored by the rewards."""
-    return self.score_answers(jax.jit(self.assemble)(trainable, frozen))
+    return self.score_answers(self._assemble(trainable, frozen))
 
   def score_answers(self, params) -> dict:
     """The model's (`params`: assembled) greedy answers to the held-out prompts, scored."""
