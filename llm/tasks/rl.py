@@ -257,8 +257,8 @@ class Rollouts:
             logps(self._reference(trainable, frozen, reference)))
 
   def _texts(self, new_RxN, mask_RxT) -> list[str]:
-    new_RxN = np.asarray(_gather(new_RxN))
-    lengths = np.asarray(_gather(mask_RxT))[:, -self.n:].sum(1).astype(int)
+    """The completions' text (host arrays: _gather's)."""
+    lengths = mask_RxT[:, -self.n:].sum(1).astype(int)
     eot = self.tokenizer.eot_id
     return [self.tokenizer.decode([i for i in row[:k] if i != eot])
             for row, k in zip(new_RxN, lengths)]
@@ -278,7 +278,8 @@ class Rollouts:
           rng)
     rows = np.repeat(np.asarray(_gather(batch["record"])).reshape(-1), self.group)
     records = [self.records[i] for i in rows]
-    completions = self._texts(new, mask)
+    new_host, mask_host = np.asarray(_gather(new)), np.asarray(_gather(mask))  # once a step
+    completions = self._texts(new_host, mask_host)
     rewards, means = self.rewards([prompts.record_prompt(r) for r in records], completions,
                                   records)
     adv = advantages(rewards, self.group, self.algorithm, self.cfg.task.scale_rewards)
@@ -293,7 +294,7 @@ class Rollouts:
                                       for k, v in host.items()}, self.mesh, batch_dim=1))
     seconds = time.perf_counter() - started  # sampling and scoring: the host waited for both
     return out, {**means, "sampling_seconds": seconds,
-                 "sampled_tokens_per_sec": float(np.asarray(_gather(mask)).sum()) / seconds}
+                 "sampled_tokens_per_sec": float(mask_host.sum()) / seconds}
 
   def evaluate(self, trainable, frozen) -> dict:
     """Greedy completions to the held-out prompts, scored by the rewards."""
@@ -308,10 +309,11 @@ class Rollouts:
     prompt, valid = batches.pad(ids, max(map(len, ids)), self.tokenizer.eot_id, left=True)
     with sharding.activate(self.mesh, self.cfg.mesh):
       new, mask = self._greedy(params, prompt, valid)
+    new, mask = np.asarray(_gather(new)), np.asarray(_gather(mask))
     rewards, means = self.rewards([prompts.record_prompt(r) for r in records],
                                   self._texts(new, mask), records)
     return {"reward": float(rewards.mean()), **means,
-            "completion_length": float(np.asarray(mask).sum() / len(records))}
+            "completion_length": float(mask.sum() / len(records))}
 
 
 def completion_mask(new_RxN, eot_id: int):
