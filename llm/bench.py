@@ -120,8 +120,8 @@ def bench_train(cfg, steps: int) -> dict:
 def bench_rl(cfg, steps: int) -> dict:
   """An online RL config's steps, their two halves timed apart after one untimed step (which
   compiles): the rollout (sampling, scoring, the policy's and the reference's log-probabilities;
-  the host waits for it) and the update; tokens/s of each and the share of a step spent
-  sampling."""
+  the host waits for it) and the update (task.updates_per_rollout passes); tokens/s of each
+  and the share of a step spent sampling."""
   from llm.train import Trainer, new_health
   with tempfile.TemporaryDirectory() as workdir:  # a run that writes nothing
     trainer = Trainer(cfg, workdir)
@@ -129,6 +129,7 @@ def bench_rl(cfg, steps: int) -> dict:
     raise UserError("llm.bench rl times an online RL config (task.kind=grpo or rloo)")
   state, frozen = trainer.init_state()
   health, step_fn = new_health(), trainer.jit_train_step()
+  passes = trainer.data.updates_per_batch  # task.updates_per_rollout
   rollout_s = update_s = sampled = 0.0
   for step in range(1, steps + 2):
     prompts = trainer.place(next(trainer.batches))
@@ -137,7 +138,8 @@ def bench_rl(cfg, steps: int) -> dict:
     jax.block_until_ready(batch)
     rolled = time.perf_counter()
     with sharding.activate(trainer.mesh, trainer.cfg.mesh):
-      state, stats, health = step_fn(state, frozen, batch, health)
+      for _ in range(passes):
+        state, stats, health = step_fn(state, frozen, batch, health)
     jax.block_until_ready(stats)
     if step > 1:
       rollout_s += rolled - started
@@ -146,7 +148,7 @@ def bench_rl(cfg, steps: int) -> dict:
   return {"rollout_ms": 1e3 * rollout_s / steps, "update_ms": 1e3 * update_s / steps,
           "sampling_share": rollout_s / (rollout_s + update_s),
           "sampled_tokens_per_sec": sampled / rollout_s,
-          "update_tokens_per_sec": trainer.tokens_per_step * steps / update_s}
+          "update_tokens_per_sec": trainer.tokens_per_step * passes * steps / update_s}
 
 
 def bench_generate(cfg, batch: int, prompt_len: int, new_tokens: int, repeats: int,

@@ -62,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   ta.max_new_tokens = 32  # the longest completion
   ta.temperature = 1.0  # sampling temperature of the completions
   ta.top_p = 1.0  # nucleus sampling of the completions
+  ta.updates_per_rollout = 1  # optimizer passes over each step's rollout (PPO epochs; GRPO's μ)
   ta.clip_eps = 0.2  # PPO's clip of the probability ratio: [1 - clip_eps, 1 + clip_eps_high]
   ta.clip_eps_high = 0.0  # the upper clip (DAPO's clip-higher); 0: clip_eps
   ta.kl_coef = 0.04  # the KL penalty to the reference (k3 estimator); 0: none
@@ -150,6 +151,7 @@ def base_config() -> ml_collections.ConfigDict:
   tr.grad_clip = 1.0  # global gradient norm clipped to this; 0: off
   tr.log_every = 10  # steps between train lines in metrics.jsonl
   tr.eval_every = 200  # steps between evaluations on the validation split
+  tr.eval_at_start = False  # evaluate before the first step too (step 0: the starting model)
   tr.eval_batches = 20  # validation batches per evaluation (lm, mlm)
   tr.checkpoint_every = 500  # steps between checkpoints (and always at the end)
   tr.keep_checkpoints = 3  # newest checkpoints kept

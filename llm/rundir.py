@@ -187,7 +187,7 @@ def drop_metrics_after(workdir: str, step: int) -> None:
   with open(metrics) as f:
     for number, line in enumerate(f, 1):
       try:
-        if json.loads(line)["step"] <= step:
+        if json.loads(line)["step"] <= step and step:  # (a step 0 evaluation goes too)
           kept.append(line)
       except (ValueError, KeyError, TypeError):
         if line.strip():

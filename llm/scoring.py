@@ -10,7 +10,7 @@ end-of-text; see tasks/preference.py).
 
 import dataclasses
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 from llm import prompts as prompts_lib
@@ -28,21 +28,26 @@ class Scorer:
       raise UserError(f"{run.workdir} is a {run.cfg.task.kind} run, not a reward model "
                       "(task.kind=reward)")
     self.tokenizer, self.max_len = run.tokenizer, run.model.backbone.cfg.max_len
+    self._score = jax.jit(lambda params, tokens, valid: run.model.apply(
+        {"params": params}, tokens, valid)[:, 0])
 
-  def score(self, prompts: list[str], answers: list[str], batch_size: int = 8) -> np.ndarray:
+  def score(self, prompts: list[str], answers: list[str], batch_size: int = 16) -> np.ndarray:
     """The reward of each answer to its prompt."""
     tok = self.tokenizer
     rows = [(p + a + [tok.eot_id])[:self.max_len] for p, a in
             zip(prompts_lib.encode_prompts(tok, prompts), tok.encode_batch(answers))]
+    if not rows:
+      return np.zeros(0, np.float32)
+    # Batches of one shape for all calls with rows of similar length: one compilation (the
+    # length rounded up to a power of two, the last batch filled with copies of a row).
+    length = min(self.max_len, 1 << (max(map(len, rows)) - 1).bit_length())
+    padded = rows + rows[:1] * (-len(rows) % batch_size)
     rewards = []
-    for start in range(0, len(rows), batch_size):
-      chunk = rows[start:start + batch_size]
-      tokens, valid = batches.pad(chunk, max(map(len, chunk)), tok.eot_id)
+    for start in range(0, len(padded), batch_size):
+      tokens, valid = batches.pad(padded[start:start + batch_size], length, tok.eot_id)
       with sharding.activate(self.run.mesh, self.run.mesh_cfg):
-        out = self.run.model.apply({"params": self.run.params}, jnp.asarray(tokens),
-                                   jnp.asarray(valid))
-      rewards.append(np.asarray(out)[:, 0])
-    return np.concatenate(rewards) if rewards else np.zeros(0, np.float32)
+        rewards.append(np.asarray(self._score(self.run.params, tokens, valid)))
+    return np.concatenate(rewards)[:len(rows)]
 
 
 @dataclasses.dataclass

@@ -54,7 +54,7 @@ class Trainer:
     self.batches, self.schema = self.data.batches, self.data.schema
     self.trainable = params_lib.is_trainable(cfg, model_lib.shape_of(self.model).num_layers)
     self.assemble = functools.partial(params_lib.assemble, cfg)
-    self.tx = optim.build(cfg.train)
+    self.tx = optim.build(cfg.train, self.data.updates_per_batch)
     if self.is_main:
       print(f"{self.data.summary}; {jax.device_count()} devices as mesh {dict(self.mesh.shape)}")
 
@@ -88,7 +88,8 @@ class Trainer:
   def jit_train_step(self):
     """The train step, compiled for the state's shardings, with the old state donated."""
     tr = self.cfg.train
-    step = make_train_step(self.objective, self.tx, optim.lr_schedule(tr), self.assemble,
+    schedule = optim.lr_schedule(tr, self.data.updates_per_batch)
+    step = make_train_step(self.objective, self.tx, schedule, self.assemble,
                            max_nonfinite=tr.max_nonfinite if tr.on_nonfinite == "skip" else 1)
     return jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings,
                                        sharding.batch_sharding(self.mesh), None),
@@ -229,6 +230,9 @@ def _train(trainer: Trainer, ckpt) -> dict:
   train_step, evaluate = trainer.jit_train_step(), trainer.evaluators()
   last_eval, sampled = {}, {}
   batches = data_batches.Prefetch(trainer.batches, trainer.place)
+  if start == 0 and tr.eval_at_start and "eval" in evaluate:
+    with sharding.activate(mesh, cfg.mesh):
+      log.evaluated(0, "eval", evaluate["eval"](state["params"], frozen))
   try:
     with preemption.Watcher(ckpt, start) as watcher:  # a signal from here on: save the step, stop
       for step in range(start + 1, tr.steps + 1):
@@ -236,7 +240,8 @@ def _train(trainer: Trainer, ckpt) -> dict:
         if trainer.data.rollout is not None:  # sampled from the policy being trained
           batch, sampled = trainer.data.rollout(state["params"], frozen, batch, step)
         with sharding.activate(mesh, cfg.mesh):
-          state, stats, health = train_step(state, frozen, batch, health)
+          for _ in range(trainer.data.updates_per_batch):  # the last pass's stats are logged
+            state, stats, health = train_step(state, frozen, batch, health)
           log.trained(step, stats, health, sampled)
           if (step % tr.eval_every == 0 or step == tr.steps) and "eval" in evaluate:
             last_eval = log.evaluated(step, "eval", evaluate["eval"](state["params"], frozen))
@@ -340,8 +345,9 @@ class Log:
 
 
 def headline(result: dict) -> str:
-  """The loss, perplexity and every accuracy (classes; BERT's masked tokens and next sentence)."""
-  keys = [k for k in ("loss", "perplexity") if k in result]
+  """The loss, perplexity, reward (online RL) and every accuracy (classes; BERT's masked tokens
+  and next sentence)."""
+  keys = [k for k in ("loss", "perplexity", "reward", "best_of_n_reward") if k in result]
   keys += [k for k in result if k.endswith("accuracy")]
   return ", ".join(f"{k} {result[k]:.4f}" for k in keys)
 

@@ -4,7 +4,8 @@
                                                                    2x2x2:llama; see sharding_config)
 
 Trains the sharding test's tiny GPT on each mesh and writes {mesh: {step: loss}} plus the
-sharding of a large weight.
+sharding of a large weight. MESH:rl instead trains online RL (GRPO, two passes over each rollout)
+from the run $RL_BASE_RUN on the records $RL_RECORDS, for its losses, rewards and clip fractions.
 """
 
 import json
@@ -13,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from conftest import read_metrics, tiny_config  # noqa: E402
+from conftest import preference_config, read_metrics, tiny_config  # noqa: E402
 from llm.train import Trainer, train  # noqa: E402
 
 
@@ -35,10 +36,28 @@ def sharding_config(tmp, mesh: str, steps: int):
       **(LLAMA if "llama" in options else {})})
 
 
+def rl_config(tmp, mesh: str, steps: int):
+  """GRPO with the brevity reward (always some signal), two optimizer passes per rollout."""
+  data, fsdp, tensor = map(int, mesh.split(":")[0].split("x"))
+  return preference_config(tmp, os.environ["RL_BASE_RUN"], os.environ["RL_RECORDS"], "grpo", **{
+      "task.rewards": "brevity", "task.num_generations": 4, "task.max_new_tokens": 8,
+      "task.updates_per_rollout": 2, "train.batch_size": 4, "train.steps": steps,
+      "train.eval_every": steps, "data.val_fraction": 0.1, "data.test_fraction": 0.0,
+      "mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
+
+
 def main(out, tmp, steps, *meshes):
   import pathlib
   results = {}
   for mesh in meshes:
+    if mesh.endswith(":rl"):
+      workdir = os.path.join(tmp, f"run-{mesh}")
+      train(rl_config(pathlib.Path(tmp), mesh, int(steps)), workdir)
+      results[mesh] = {f"{m['split']} {m['step']}": [m["reward"], m.get("loss", 0.0),
+                                                      m.get("clip_fraction", 0.0),
+                                                      m.get("best_of_n_reward", 0.0)]
+                       for m in read_metrics(workdir)}
+      continue
     cfg = sharding_config(pathlib.Path(tmp), mesh, int(steps))
     workdir = os.path.join(tmp, f"run-{mesh}")
     train(cfg, workdir)

@@ -23,7 +23,8 @@ def rl_config(tmp_path, base, records, kind="grpo", **overrides):
   return preference_config(tmp_path, base, records, kind, **{
       "task.rewards": "test_rl:vowels", "task.num_generations": 4, "task.max_new_tokens": 12,
       "task.kl_coef": 0.0, "train.batch_size": 4, "train.lr": 1e-2, "train.min_lr": 1e-2,
-      "train.steps": 8, "train.eval_every": 8, "train.checkpoint_every": 4,
+      "train.steps": 8, "train.eval_every": 8, "train.eval_at_start": True,
+      "train.checkpoint_every": 4,
       "data.test_fraction": 0.0, **overrides})
 
 
@@ -165,7 +166,9 @@ def test_grpo_raises_the_reward_and_resumes_bit_exactly(rl_runs):
               "sampling_seconds"):
     assert key in lines[-1] and math.isfinite(lines[-1][key])
   evals = [m for m in read_metrics(straight) if m["split"] == "eval"]
-  assert evals and "reward" in evals[-1]
+  assert [m["step"] for m in evals] == [0, 8]  # the starting model's too (train.eval_at_start)
+  assert all(0 <= m["best_of_n_reward"] <= 1 for m in evals)
+  assert [m["step"] for m in read_metrics(resumed) if m["split"] == "eval"] == [0, 4, 8]
   run = runs.load(straight)  # llm.evaluate: the same greedy answers, scored the same
   result = run.task.evaluate(run, startup.run_context(run), tasks.EvalOptions())
   assert result["eval"]["reward"] == pytest.approx(evals[-1]["reward"], abs=1e-6)

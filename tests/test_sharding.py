@@ -27,10 +27,11 @@ def _env(devices):
   return env
 
 
-def _mesh_runs(tmp_path, devices, steps, *meshes):
+def _mesh_runs(tmp_path, devices, steps, *meshes, env=None):
   out = tmp_path / f"out-{devices}-{'-'.join(meshes)}.json"
   result = subprocess.run([sys.executable, HELPER, str(out), str(tmp_path), str(steps), *meshes],
-                          env=_env(devices), capture_output=True, text=True, cwd=ROOT)
+                          env={**_env(devices), **(env or {})}, capture_output=True, text=True,
+                          cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(out.read_text())
 
@@ -41,8 +42,15 @@ def _close(a, b):
 
 
 @pytest.fixture(scope="module")
-def single_device_runs(tmp_path_factory):
-  return _mesh_runs(tmp_path_factory.mktemp("one"), 1, 6, "1x1x1", "1x1x1:llama")
+def rl_env(base_run, records):
+  """Where the meshes' online RL runs (MESH:rl) start from."""
+  return {"RL_BASE_RUN": base_run, "RL_RECORDS": records}
+
+
+@pytest.fixture(scope="module")
+def single_device_runs(tmp_path_factory, rl_env):
+  return _mesh_runs(tmp_path_factory.mktemp("one"), 1, 6, "1x1x1", "1x1x1:llama", "1x1x1:rl",
+                    env=rl_env)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +59,9 @@ def single_device(single_device_runs):
 
 
 @pytest.fixture(scope="module")
-def eight_devices(tmp_path_factory):
-  return _mesh_runs(tmp_path_factory.mktemp("eight"), 8, 6, "2x2x2", "2x2x2:llama")
+def eight_devices(tmp_path_factory, rl_env):
+  return _mesh_runs(tmp_path_factory.mktemp("eight"), 8, 6, "2x2x2", "2x2x2:llama", "2x2x2:rl",
+                    env=rl_env)
 
 
 def test_every_mesh_gives_the_single_device_losses(eight_devices, single_device_runs):
@@ -74,6 +83,18 @@ def test_sampling_with_parameters_split_over_devices(eight_devices):
 
 def test_splash_attention_split_over_devices(eight_devices):
   assert eight_devices["2x2x2"]["splash_error"] < 2e-6
+
+
+def test_online_rl_on_a_mesh_gives_the_single_device_steps(eight_devices, single_device_runs):
+  """GRPO's rollouts sampled with parameters split over 2x2x2, then two optimizer passes over
+  each, and the held-out prompts answered: the same completions, rewards, losses and
+  evaluation as on one device."""
+  one, eight = single_device_runs["1x1x1:rl"], eight_devices["2x2x2:rl"]
+  assert one.keys() == eight.keys() == {*(f"train {s}" for s in range(1, 7)), "eval 6"}
+  np.testing.assert_allclose([eight[s] for s in one], [one[s] for s in one], rtol=1e-4,
+                             atol=1e-6)
+  # The second pass's ratio π/π_old has moved from 1: the rollout's log-probabilities were kept.
+  assert one["train 1"][2] > 0
 
 
 def test_checkpoint_moves_between_meshes_and_layer_layouts(tmp_path, single_device):

@@ -97,6 +97,7 @@ class TaskData:
   rollout: Any = None
   # ... and is evaluated by sampling: (trainable, frozen) -> the "eval" split's metrics.
   evaluate: Any = None
+  updates_per_batch: int = 1  # optimizer passes over each batch (an RL rollout is reused)
 
 
 @dataclasses.dataclass

@@ -4,16 +4,18 @@ Every step the policy samples task.num_generations completions to each prompt of
 the project's own KV-cache sampler, jitted on the training mesh with the training parameters (one
 copy of the weights, no separate inference engine); rewards score them (a reward model run, a
 Python function, or a weighted sum of several); the completions' advantages are their rewards
-against the other completions of the same prompt; and the policy takes one optimizer step on
-PPO's clipped surrogate with a KL penalty to the reference (objectives.policy_gradient).
+against the other completions of the same prompt; and the policy takes task.updates_per_rollout
+optimizer steps on PPO's clipped surrogate with a KL penalty to the reference
+(objectives.policy_gradient), each a pass over the whole rollout.
 
 - grpo: A = (r - mean of the group) / (std of the group + 1e-4), without the division when
   task.scale_rewards is False (Dr. GRPO).
 - rloo: A = r - mean of the group's other completions (REINFORCE leave-one-out).
 
 Prompts are instruction records (instruction, optional input), formatted by the Alpaca template
-as in instruction tuning; the held-out ones are answered greedily at each evaluation and scored
-with the same rewards. The reference is the starting model: with LoRA the base with its adapters
+as in instruction tuning; at each evaluation the held-out ones are answered greedily, and
+task.num_generations times by sampling (the best of those: best-of-n), scored by the same
+rewards. The reference is the starting model: with LoRA the base with its adapters
 off (no second copy), otherwise a frozen copy of the init_from weights.
 """
 
@@ -140,6 +142,8 @@ class PolicyOptimization(RecordTask):
     if not self.cfg.init_from:
       raise UserError(f"task.kind={self.kind} improves a model: set init_from (typically an "
                       "instruction-tuned run)")
+    if t.updates_per_rollout < 1:
+      raise UserError(f"task.updates_per_rollout={t.updates_per_rollout}: use 1 or more")
     if t.num_generations < 2:
       raise UserError(f"task.num_generations={t.num_generations}: a group needs at least 2 "
                       "completions to compare")
@@ -198,6 +202,7 @@ class PolicyOptimization(RecordTask):
                         held_out=data.splits.get("eval", np.zeros(0, int)))
     data.evals = {}  # evaluated by sampling, not by the objective on fixed batches
     data.rollout, data.evaluate = rollouts, rollouts.evaluate
+    data.updates_per_batch = self.cfg.task.updates_per_rollout
     data.summary += (f"; {self.sequences} completions of up to {self.cfg.task.max_new_tokens} "
                      "tokens per prompt each step")
     return data
@@ -228,6 +233,8 @@ class Rollouts:
     self._sample, self._assemble = jax.jit(self._sample_fn), jax.jit(self.assemble)
     self._greedy = jax.jit(lambda params, prompt, valid: self._complete(
         params, prompt, valid, jax.random.PRNGKey(0), 0.0))
+    self._sampled = jax.jit(lambda params, prompt, valid: self._complete(  # best-of-n's
+        params, prompt, valid, jax.random.PRNGKey(cfg.seed), float(t.temperature)))
 
   def _reference(self, trainable, frozen, reference):
     if reference is not None:
@@ -301,18 +308,26 @@ class Rollouts:
     return self.score_answers(self._assemble(trainable, frozen))
 
   def score_answers(self, params) -> dict:
-    """The model's (`params`: assembled) greedy answers to the held-out prompts, scored."""
+    """The model's (`params`: assembled) answers to the held-out prompts, scored: greedy ones
+    (`reward`, and each function's), and the best of task.num_generations samples
+    (`best_of_n_reward`, what picking by the rewards at inference would reach)."""
     if not len(self.held_out):
       return {}
     records = [self.records[i] for i in self.held_out]
-    ids = prompts.encode_prompts(self.tokenizer, [prompts.record_prompt(r) for r in records])
+    texts = [prompts.record_prompt(r) for r in records]
+    ids = prompts.encode_prompts(self.tokenizer, texts)
     prompt, valid = batches.pad(ids, max(map(len, ids)), self.tokenizer.eot_id, left=True)
     with sharding.activate(self.mesh, self.cfg.mesh):
-      new, mask = self._greedy(params, prompt, valid)
-    new, mask = np.asarray(_gather(new)), np.asarray(_gather(mask))
-    rewards, means = self.rewards([prompts.record_prompt(r) for r in records],
-                                  self._texts(new, mask), records)
+      greedy = self._greedy(params, prompt, valid)
+      sampled = self._sampled(params, np.repeat(prompt, self.group, axis=0),
+                              np.repeat(valid, self.group, axis=0))
+    new, mask = (np.asarray(_gather(x)) for x in greedy)
+    rewards, means = self.rewards(texts, self._texts(new, mask), records)
+    repeated = lambda items: [x for x in items for _ in range(self.group)]
+    samples = self._texts(*(np.asarray(_gather(x)) for x in sampled))
+    best, _ = self.rewards(repeated(texts), samples, repeated(records))
     return {"reward": float(rewards.mean()), **means,
+            "best_of_n_reward": float(best.reshape(-1, self.group).max(1).mean()),
             "completion_length": float(mask.sum() / len(records))}
 
 
