@@ -3,6 +3,7 @@
     python -m llm.data_sets list
     python -m llm.data_sets fetch sms_spam data/          # -> data/SMSSpamCollection
     python -m llm.data_sets fetch alpaca_book data/       # -> data/instruction-data.json
+    python -m llm.data_sets fetch hellaswag data/         # -> data/hellaswag_val.jsonl
 
 Each file is checked (its format, and its size where the source is fixed) before it is written,
 atomically, into DIR; a file already there is kept. Offline, the command says in one line where
@@ -17,6 +18,7 @@ import os
 import urllib.error
 import urllib.request
 import zipfile
+from typing import Callable
 
 from absl import flags
 
@@ -30,6 +32,37 @@ class DataSet:
   url: str
   files: tuple[str, ...]  # written into DIR
   member: str = ""  # for a zip archive: the member holding the (single) file
+  # Benchmarks: each file made from its own URLs' contents by `convert` (into JSON lines).
+  sources: tuple[tuple[str, ...], ...] = ()
+  convert: Callable | None = None
+
+
+def _parquet_to_jsonl(contents: list[bytes]) -> bytes:
+  """A Hugging Face data set's parquet file as JSON lines of its records."""
+  import pyarrow.parquet as pq
+  rows = pq.read_table(io.BytesIO(contents[0])).to_pylist()
+  return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def _piqa(contents: list[bytes]) -> bytes:
+  """PIQA's records (goal, sol1, sol2) with the label of each from its labels file."""
+  records = [json.loads(line) for line in contents[0].decode().splitlines() if line.strip()]
+  labels = [int(x) for x in contents[1].decode().split()]
+  if len(labels) != len(records):
+    raise UserError(f"{len(records)} records but {len(labels)} labels; the source may have "
+                    "moved")
+  return "".join(json.dumps({**r, "label": y}) + "\n" for r, y in zip(records, labels)).encode()
+
+
+def _zip_member(member: str):
+  def convert(contents: list[bytes]) -> bytes:
+    try:
+      with zipfile.ZipFile(io.BytesIO(contents[0])) as archive:
+        return archive.read(member)
+    except (zipfile.BadZipFile, KeyError):
+      raise UserError(f"the download is not a zip archive holding {member}; the source may "
+                      "have moved") from None
+  return convert
 
 
 BOOK = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
@@ -56,6 +89,45 @@ DATA_SETS = {
         "https://openaipublic.blob.core.windows.net/gpt-2/models/124M/",
         ("encoder.json", "vocab.bpe")),
 }
+HUB = "https://huggingface.co/datasets/"
+BENCHMARK_SETS = {
+    "hellaswag": DataSet(
+        "HellaSwag validation, 10,042 sentence completions, 4 endings (Zellers et al. 2019)",
+        "https://github.com/rowanz/hellaswag", ("hellaswag_val.jsonl",),
+        sources=(("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"
+                  "hellaswag_val.jsonl",),)),
+    "lambada": DataSet(
+        "LAMBADA test as OpenAI prepared it for GPT-2, 5,153 passages; predict the last word",
+        "https://openaipublic.blob.core.windows.net/gpt-2/data/", ("lambada_test.jsonl",),
+        sources=(("https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",),)),
+    "arc_easy": DataSet(
+        "AI2 Reasoning Challenge, Easy test set, 2,376 science questions (Clark et al. 2018)",
+        HUB + "allenai/ai2_arc", ("arc_easy_test.jsonl",),
+        sources=((HUB + "allenai/ai2_arc/resolve/main/ARC-Easy/test-00000-of-00001.parquet",),),
+        convert=_parquet_to_jsonl),
+    "arc_challenge": DataSet(
+        "AI2 Reasoning Challenge, Challenge test set, 1,172 science questions",
+        HUB + "allenai/ai2_arc", ("arc_challenge_test.jsonl",),
+        sources=((HUB + "allenai/ai2_arc/resolve/main/ARC-Challenge/"
+                  "test-00000-of-00001.parquet",),), convert=_parquet_to_jsonl),
+    "piqa": DataSet(
+        "PIQA validation, 1,838 physical commonsense goals with 2 solutions (Bisk et al. 2020)",
+        "https://yonatanbisk.com/piqa/", ("piqa_valid.jsonl",),
+        sources=(("https://yonatanbisk.com/piqa/data/valid.jsonl",
+                  "https://yonatanbisk.com/piqa/data/valid-labels.lst"),), convert=_piqa),
+    "winogrande": DataSet(
+        "WinoGrande 1.1 dev, 1,267 fill-in-the-blank sentences with 2 options (Sakaguchi et al.)",
+        "https://winogrande.allenai.org", ("winogrande_dev.jsonl",),
+        sources=(("https://storage.googleapis.com/ai2-mosaic/public/winogrande/"
+                  "winogrande_1.1.zip",),), convert=_zip_member("winogrande_1.1/dev.jsonl")),
+    "mmlu": DataSet(
+        "MMLU test, 14,042 questions in 57 subjects, and its dev split for 5-shot prompts "
+        "(Hendrycks et al. 2021)", HUB + "cais/mmlu", ("mmlu_test.jsonl", "mmlu_dev.jsonl"),
+        sources=((HUB + "cais/mmlu/resolve/main/all/test-00000-of-00001.parquet",),
+                 (HUB + "cais/mmlu/resolve/main/all/dev-00000-of-00001.parquet",)),
+        convert=_parquet_to_jsonl),
+}
+DATA_SETS.update(BENCHMARK_SETS)
 INSTRUCTION_KEYS = {"instruction", "output"}
 
 
@@ -66,7 +138,9 @@ def _check(name: str, file: str, content: bytes) -> None:
   except UnicodeDecodeError:
     raise UserError(f"{name}: {file} is not UTF-8 text; the source may have moved") from None
   problem = ""
-  if file.endswith(".json"):
+  if name in BENCHMARK_SETS:
+    _check_benchmark(name, file, text)
+  elif file.endswith(".json"):
     try:
       records = json.loads(text)
     except json.JSONDecodeError as e:
@@ -91,6 +165,21 @@ def _check(name: str, file: str, content: bytes) -> None:
     raise UserError(f"{name}: the downloaded {file} is {problem}; the source may have moved")
 
 
+def _check_benchmark(name: str, file: str, text: str) -> None:
+  """Every line a record the benchmark reads (MMLU's dev split: the test split's layout)."""
+  from llm import benchmarks
+  bench = benchmarks.BENCHMARKS[name]
+  lines = [line for line in text.splitlines() if line.strip()]
+  if not lines:
+    raise UserError(f"{name}: the downloaded {file} is empty; the source may have moved")
+  for number, line in enumerate(lines, 1):
+    try:
+      bench.example(json.loads(line), lambda subject: [])
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+      raise UserError(f"{name}: line {number} of the downloaded {file} is not a {name} record "
+                      f"({type(e).__name__}: {e}); the source may have moved") from None
+
+
 def _download(url: str) -> bytes:
   try:
     with urllib.request.urlopen(url, timeout=60) as response:
@@ -108,14 +197,19 @@ def fetch(name: str, directory: str, mirror: str = "") -> list[str]:
   ds = DATA_SETS[name]
   os.makedirs(directory, exist_ok=True)
   paths = [os.path.join(directory, f) for f in ds.files]
-  for file, path in zip(ds.files, paths):
+  for i, (file, path) in enumerate(zip(ds.files, paths)):
     if os.path.exists(path):
       print(f"{path} is already there; kept")
       continue
-    url = ds.url + file if ds.url.endswith("/") else ds.url
+    urls = ds.sources[i] if ds.sources else (ds.url + file if ds.url.endswith("/") else ds.url,)
     if mirror:
-      url = mirror.rstrip("/") + "/" + url.rsplit("/", 1)[1]
-    content = _download(url)
+      urls = tuple(mirror.rstrip("/") + "/" + url.rsplit("/", 1)[1] for url in urls)
+    url = urls[0]
+    contents = [_download(u) for u in urls]
+    try:
+      content = ds.convert(contents) if ds.convert else contents[0]
+    except UserError as e:
+      raise UserError(f"{name}: {e}") from None
     if ds.member:
       try:
         with zipfile.ZipFile(io.BytesIO(content)) as archive:

@@ -5,6 +5,7 @@
     python -m llm.evaluate --workdir=runs/spam                                # a classifier
     python -m llm.evaluate --workdir=runs/instruct                            # instruction tuning
     python -m llm.evaluate --workdir=runs/dpo                                 # reward or DPO
+    python -m llm.evaluate --workdir=runs/gpt2 --benchmark=hellaswag,mmlu     # benchmarks
 
 A language model: the loss and perplexity of every token of its own validation split (the run's
 data, tokenized and split as in training), or of the file at --data.path, read in back-to-back
@@ -15,12 +16,13 @@ per-class precision / recall / F1 and the confusion matrix on its validation and
 splits, and its responses to the test split written to a JSON lines file beside the references,
 ready for judging. A reward model or a DPO run: loss, (reward) accuracy, margin and the chosen
 and rejected rewards on those splits; a DPO run also writes its test responses beside those of
-the reference model it started from.
+the reference model it started from. --benchmark scores a language model on the benchmarks
+the field quotes instead, as lm-evaluation-harness does (llm/benchmarks.py).
 """
 
 from absl import flags
 
-from llm import cli, runs, startup, tasks
+from llm import cli, evaluation, runs, startup, tasks
 from llm.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -37,6 +39,13 @@ def define_flags():
   flags.DEFINE_string("output", None, "Instruction runs: where the test responses go "
                       "(default DIR/test_responses.jsonl).")
   flags.DEFINE_integer("max_new_tokens", 256, "Instruction runs: longest response.")
+  flags.DEFINE_list("benchmark", None, "Benchmarks to score instead (llm/benchmarks.py): "
+                    "hellaswag, arc_easy, arc_challenge, piqa, winogrande, mmlu, lambada; "
+                    "NAME:PATH for a file of its records.")
+  flags.DEFINE_string("benchmark_dir", "data", "Where `llm.data_sets fetch` put the benchmarks.")
+  flags.DEFINE_integer("limit", 0, "Benchmarks: the first N examples of each (0: all).")
+  flags.DEFINE_integer("num_fewshot", 0, "Benchmarks: solved examples before each question "
+                       "(MMLU, from its dev split).")
 
 
 def main(argv):
@@ -44,6 +53,10 @@ def main(argv):
   if not FLAGS.workdir:
     raise UserError("usage: python -m llm.evaluate --workdir=DIR [--data.path=FILE]")
   run = runs.load(FLAGS.workdir)
+  if FLAGS.benchmark:
+    evaluation.score_benchmarks(run, FLAGS.benchmark, FLAGS.benchmark_dir, FLAGS.limit,
+                                FLAGS.num_fewshot, FLAGS.batch_size)
+    return
   options = tasks.EvalOptions(FLAGS["data.path"].value or "", FLAGS["data.text_field"].value,
                               FLAGS.max_length, FLAGS.batch_size, FLAGS.output or "",
                               FLAGS.max_new_tokens)

@@ -5,7 +5,7 @@ greedy responses written beside records for judging. The tasks choose what to ev
 import json
 import os
 
-from llm import objectives, sharding
+from llm import benchmarks, loglikelihood, objectives, sharding
 from llm.errors import UserError
 from llm.sampling import Generator
 
@@ -68,3 +68,28 @@ def write_test_responses(run, data, docs, options, reference=None) -> None:
                       reference)
   also = " and the reference model's" if reference is not None else ""
   print(f"wrote {n} test responses{also} to {out}")
+
+
+def score_benchmarks(run, specs: list[str], data_dir: str, limit: int, num_fewshot: int,
+                     batch_size: int) -> dict:
+  """benchmark -> its metrics (llm/benchmarks.py) for the run's language model, printed with
+  what chance would score."""
+  from tqdm import tqdm
+  if run.task.produces != "text":
+    raise UserError(f"{run.workdir} is a {run.cfg.task.kind} run: benchmarks score language "
+                    "models")
+  scorer = loglikelihood.LogLikelihood(run.model, run.tokenizer, run.mesh, run.mesh_cfg,
+                                       batch_size)
+  results = {}
+  for spec in specs:
+    name, examples = benchmarks.load(spec, data_dir, limit, num_fewshot)
+    with tqdm(total=sum(len(e.requests) for e in examples), desc=name, unit="request",
+              dynamic_ncols=True) as bar:
+      results[name] = benchmarks.score(scorer, run.params, name, examples, bar.update)
+    cut = results[name]["cut"]
+    print(f"{name}: " + "  ".join(f"{k} {v:.4f}" for k, v in results[name].items()
+                                  if isinstance(v, float))
+          + f"  ({len(examples)} examples; chance {benchmarks.chance(name, examples):.4f}"
+          + (f"; {cut} requests cut to the model's {scorer.max_len} tokens" if cut else "")
+          + ")")
+  return results

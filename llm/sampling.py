@@ -125,13 +125,21 @@ class Generator:
     `stream(text)`, for one prompt and one sample, receives the text piece by piece as it is
     generated (up to the stop string).
     """
+    return self.generate_ids(prompts_lib.encode_prompts(self.tokenizer, prompts),
+                             max_new_tokens, temperature, top_k, top_p, num_samples, seed, stop,
+                             use_cache, stream)
+
+  def generate_ids(self, encoded: list[list[int]], max_new_tokens: int = 100,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   num_samples: int = 1, seed: int = 0, stop: str | None = None,
+                   use_cache: bool = True, stream=None) -> list[list[str]]:
+    """`generate` for prompts already encoded (their ids as the model reads them)."""
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or num_samples < 1:
       raise UserError("sampling: use temperature >= 0, top_k >= 0, 0 < top_p <= 1 and "
                       "num_samples >= 1")
     if max_new_tokens < 1:
       raise UserError(f"max_new_tokens={max_new_tokens}: ask for at least 1 new token")
-    encoded = [ids or [self.tokenizer.eot_id]
-               for ids in prompts_lib.encode_prompts(self.tokenizer, prompts)]
+    encoded = [ids or [self.tokenizer.eot_id] for ids in encoded]
     longest = max(map(len, encoded))
     context = self.model.cfg.max_len
     if longest + max_new_tokens > context:
@@ -147,7 +155,7 @@ class Generator:
                       use_cache=use_cache, num_tokens=self.tokenizer.vocab_size,
                       on_token=None if stream is None else self._streamer(stream, stop))
     texts = [self._text(row, stop) for row in np.asarray(new)]
-    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(encoded))]
 
   def _streamer(self, stream, stop):
     ids, shown = [], [""]

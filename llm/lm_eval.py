@@ -1,0 +1,70 @@
+"""Runs lm-evaluation-harness tasks on a run directory (llm/harness.py is the model).
+
+    python -m llm.lm_eval --workdir=runs/gpt2 --tasks=hellaswag,arc_easy [--num_fewshot=0]
+        [--limit=500] [--include_path=my_tasks/] [--output=results.json]
+
+Every harness task (`lm_eval --tasks list` names them) runs on this project's model, on any
+device and mesh; the harness downloads its data sets from the Hugging Face hub. Local tasks (a
+YAML file over local data) come from --include_path.
+"""
+
+import json
+import multiprocessing
+
+from absl import flags
+
+from llm import cli, runs
+from llm.errors import UserError
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_string("workdir", None, "Run directory to evaluate.")
+  flags.DEFINE_list("tasks", None, "Harness task names (or groups), comma-separated.")
+  flags.DEFINE_integer("num_fewshot", None, "Few-shot examples (default: each task's own).")
+  flags.DEFINE_float("limit", None, "Examples per task (a fraction if below 1).")
+  flags.DEFINE_integer("batch_size", 16, "Requests per forward pass.")
+  flags.DEFINE_string("include_path", None, "A folder of more task YAML files.")
+  flags.DEFINE_string("output", None, "Write the harness's results as JSON here.")
+
+
+def evaluate(workdir: str, task_names: list[str], num_fewshot=None, limit=None,
+             batch_size: int = 16, include_path: str | None = None, **options) -> dict:
+  """The harness's results dictionary for the run's model on `task_names` (`options`: more
+  arguments of lm_eval.simple_evaluate, e.g. log_samples)."""
+  try:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+  except ImportError:
+    raise UserError("lm-evaluation-harness is not installed: pip install lm_eval==0.4.13") \
+        from None
+  from llm.harness import HarnessModel
+  manager = TaskManager(include_path=include_path)
+  unknown = [t for t in task_names if t not in manager.all_tasks]
+  if unknown:
+    raise UserError(f"lm-evaluation-harness has no task {unknown[0]!r} (`lm_eval --tasks "
+                    "list` names them; local YAML files: --include_path)")
+  model = HarnessModel(runs.load(workdir), batch_size)
+  return lm_eval.simple_evaluate(model=model, tasks=task_names, num_fewshot=num_fewshot,
+                                 limit=limit, task_manager=manager, **options)
+
+
+def main(argv):
+  del argv
+  # The harness bootstraps standard errors in a process pool; forking a process that runs JAX's
+  # threads can deadlock, so the pool's processes start fresh.
+  multiprocessing.set_start_method("spawn", force=True)
+  if not FLAGS.workdir or not FLAGS.tasks:
+    raise UserError("usage: python -m llm.lm_eval --workdir=DIR --tasks=hellaswag[,...]")
+  results = evaluate(FLAGS.workdir, FLAGS.tasks, FLAGS.num_fewshot, FLAGS.limit,
+                     FLAGS.batch_size, FLAGS.include_path)
+  from lm_eval.utils import make_table
+  print(make_table(results))
+  if FLAGS.output:
+    with open(FLAGS.output, "w") as f:
+      json.dump(results["results"], f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+  cli.run(main, define_flags)
