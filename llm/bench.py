@@ -10,6 +10,8 @@ arguments, per device) and times it after one warm-up step on batches already on
 (`step_ms_with_data`).
 `rl` times an online RL config's (task.kind=grpo, rloo) rollout and update apart, and the share
 of a step spent sampling.
+`evaluate` times multiple-choice scoring (HellaSwag's shape: 4 choices per example) in
+examples/s, and with --compare_hf lm-evaluation-harness's own Hugging Face backend beside it.
 `generate` times prefill and decoding of a randomly initialised model of the config's shape, with
 and without the KV cache, and prints the ratio and the cache's size.
 `data` measures the data path of the config's tokenizer on corpora of --corpus_mb megabytes
@@ -57,8 +59,13 @@ def define_flags():
   flags.DEFINE_integer("prompt_len", 16, "generate: prompt tokens.")
   flags.DEFINE_integer("new_tokens", 256, "generate: tokens to decode.")
   flags.DEFINE_integer("repeats", 3, "generate: timed repeats (the best counts).")
+  flags.DEFINE_integer("examples", 64, "evaluate: multiple-choice examples (4 choices each).")
+  flags.DEFINE_integer("context_len", 48, "evaluate: context tokens of each example.")
+  flags.DEFINE_integer("choice_len", 24, "evaluate: tokens of each choice.")
+  flags.DEFINE_integer("requests_per_batch", 16, "evaluate: requests per forward pass.")
   flags.DEFINE_bool("compare_hf", False,
-                    "generate: also time transformers' GPT-2 generate (CPU torch), same shape.")
+                    "generate: also time transformers' GPT-2 generate (CPU torch), same shape; "
+                    "evaluate: also lm-evaluation-harness's Hugging Face backend.")
   flags.DEFINE_list("corpus_mb", ["100", "1000"], "data: corpus sizes in megabytes.")
   flags.DEFINE_string("corpus_dir", os.path.join(tempfile.gettempdir(), "llm-bench-data"),
                       "data: where the corpora and their shards are made (kept for reruns).")
@@ -271,6 +278,67 @@ def _hf_gpt2_decode(cfg, prompt, new_tokens: int, repeats: int) -> dict:
           "transformers_decode_tokens_per_sec": batch * (new_tokens - 1) / (total - prefill)}
 
 
+def bench_evaluate(cfg, examples: int, context_len: int, choice_len: int, batch_size: int,
+                   compare_hf: bool = False) -> dict:
+  """Multiple-choice scoring at the config's model shape (random weights): `examples` examples
+  of 4 choices, a `context_len`-token context and `choice_len`-token choices of random tokens,
+  through loglikelihood.LogLikelihood after one untimed pass (which compiles); examples/s.
+  With `compare_hf`, lm-evaluation-harness's Hugging Face backend on transformers' GPT-2 of the
+  same shape, on the same token ids, in the same process."""
+  import types
+  from llm import loglikelihood
+  config_lib.validate(cfg)
+  model = model_lib.build(cfg.model, cfg.tokenizer.vocab_size)
+  if context_len + choice_len > model.cfg.max_len + 1:
+    raise UserError(f"context_len + choice_len is more than model.max_len + 1 = "
+                    f"{model.cfg.max_len + 1}")
+  params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0),
+                                                    jnp.zeros((1, 1), jnp.int32)))["params"])()
+  rng = np.random.default_rng(0)
+  ids = lambda n: rng.integers(0, model.cfg.vocab_size, n).tolist()
+  requests = [(context, ids(choice_len)) for context in (ids(context_len)
+                                                         for _ in range(examples))
+              for _ in range(4)]
+  scorer = loglikelihood.LogLikelihood(model, types.SimpleNamespace(bos_id=None, eot_id=0),
+                                       sharding.make_mesh(cfg.mesh), cfg.mesh, batch_size)
+  scorer(params, requests)  # compiles
+  started = time.perf_counter()
+  scorer(params, requests)
+  result = {"examples_per_sec": examples / (time.perf_counter() - started),
+            "requests_per_batch": batch_size}
+  if compare_hf:
+    seconds = _harness_hf_seconds(model.cfg, requests, batch_size)
+    result["harness_hf_examples_per_sec"] = examples / seconds
+    result["examples_per_sec_over_harness_hf"] = result["examples_per_sec"] * seconds / examples
+  return result
+
+
+def _harness_hf_seconds(cfg, requests, batch_size: int) -> float:
+  """lm-evaluation-harness's HFLM scoring `requests` (token ids) with transformers' GPT-2 of
+  the model's shape (CPU torch): the second of two passes."""
+  try:
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+  except ImportError:
+    raise UserError("--compare_hf needs torch, transformers and lm_eval "
+                    "(pip install torch==2.13.0 transformers lm_eval[hf]==0.4.13)") from None
+  hf_cfg = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_len,
+                                   n_embd=cfg.d_model, n_layer=cfg.num_layers,
+                                   n_head=cfg.num_heads, n_inner=cfg.d_ff, bos_token_id=None,
+                                   eos_token_id=None)
+  # The tokenizer is never used (the requests are ids); HFLM reads its special tokens.
+  tokenizer = transformers.GPT2TokenizerFast(vocab={"<|endoftext|>": 0}, merges=[],
+                                             eos_token="<|endoftext|>",
+                                             unk_token="<|endoftext|>")
+  lm = HFLM(pretrained=transformers.GPT2LMHeadModel(hf_cfg).eval(), tokenizer=tokenizer,
+            batch_size=batch_size, device="cpu")
+  tagged = [(("", ""), context, choice) for context, choice in requests]
+  lm._loglikelihood_tokens(tagged, disable_tqdm=True)
+  started = time.perf_counter()
+  lm._loglikelihood_tokens(tagged, disable_tqdm=True)
+  return time.perf_counter() - started
+
+
 def make_corpus(path: str, megabytes: int) -> str:
   """JSON lines of real text, `megabytes` of it: CPython's documentation and its standard
   library's sources, again and again."""
@@ -380,8 +448,9 @@ def _config_file() -> str:
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ("train", "generate", "data", "rl") or FLAGS.config is None:
-    raise UserError("usage: python -m llm.bench train|generate|data|rl --config=configs/FILE.py")
+  kinds = ("train", "generate", "data", "rl", "evaluate")
+  if len(argv) != 2 or argv[1] not in kinds or FLAGS.config is None:
+    raise UserError(f"usage: python -m llm.bench {'|'.join(kinds)} --config=configs/FILE.py")
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   if argv[1] == "train":
     result = bench_train(FLAGS.config, FLAGS.steps)
@@ -392,6 +461,9 @@ def main(argv):
                                              torch_result["torch_tokens_per_sec"])
   elif argv[1] == "rl":
     result = bench_rl(FLAGS.config, max(FLAGS.steps, 1))
+  elif argv[1] == "evaluate":
+    result = bench_evaluate(FLAGS.config, FLAGS.examples, FLAGS.context_len, FLAGS.choice_len,
+                            FLAGS.requests_per_batch, FLAGS.compare_hf)
   elif argv[1] == "data":
     result = bench_data(FLAGS.config, [int(mb) for mb in FLAGS.corpus_mb], FLAGS.corpus_dir)
   else:

@@ -187,15 +187,25 @@ def _shots(bench: Benchmark, path: str, k: int, name: str):
 # -- scoring -------------------------------------------------------------------------------------
 
 
+def requests(scorer, examples: list[Example]) -> list[tuple[list[int], list[int]]]:
+  """Every example's requests as (context ids, continuation ids), in order."""
+  return [scorer.encode(c, x) for e in examples for c, x in e.requests]
+
+
 def score(scorer, params, name: str, examples: list[Example], progress=None) -> dict:
-  """The benchmark's metrics of the model (`params`) through a loglikelihood.LogLikelihood;
-  `cut` counts the requests whose context was cut to fit the model."""
-  requests = [scorer.encode(c, x) for e in examples for c, x in e.requests]
-  results = scorer(params, requests, progress)
+  """The benchmark's metrics of the model (`params`) through a loglikelihood.LogLikelihood."""
+  encoded = requests(scorer, examples)
+  return metrics(name, examples, encoded, scorer(params, encoded, progress), scorer.max_len)
+
+
+def metrics(name: str, examples: list[Example], encoded: list, results: list,
+            max_len: int) -> dict:
+  """The benchmark's metrics from its requests' (log-likelihood, greedy) results; `cut`
+  counts the requests whose context was cut to fit the model's `max_len`."""
   out = {"examples": len(examples),
-         "cut": sum(len(c) + len(x) > scorer.max_len + 1 for c, x in requests)}
-  metrics = BENCHMARKS[name].metrics
-  if "perplexity" in metrics:  # one request per example
+         "cut": sum(len(c) + len(x) > max_len + 1 for c, x in encoded)}
+  kinds = BENCHMARKS[name].metrics
+  if "perplexity" in kinds:  # one request per example
     logps = np.array([lp for lp, _ in results])
     out["acc"] = float(np.mean([greedy for _, greedy in results]))
     out["perplexity"] = float(math.exp(-logps.mean()))
@@ -208,9 +218,14 @@ def score(scorer, params, name: str, examples: list[Example], progress=None) -> 
     lengths = np.array([float(len(c)) for c in e.choices])
     correct_norm.append(int(np.argmax(logps / lengths)) == e.gold)
   out["acc"] = float(np.mean(correct))
-  if "acc_norm" in metrics:
+  if "acc_norm" in kinds:
     out["acc_norm"] = float(np.mean(correct_norm))
   return out
+
+
+def headline(name: str) -> str:
+  """The metric a benchmark is quoted by: acc_norm where it has one, else acc."""
+  return "acc_norm" if "acc_norm" in BENCHMARKS[name].metrics else "acc"
 
 
 def chance(name: str, examples: list[Example]) -> float:

@@ -3,7 +3,7 @@
     python -m llm.compare runs/gpt runs/llama [--out=compare.png]
 
 Prints a table (the config keys in which the runs differ, parameters, the last train and
-validation loss, median tokens/s) and draws the training (solid) and validation (dashed) loss
+validation loss, median tokens/s, the last score of each benchmark of train.evals) and draws the training (solid) and validation (dashed) loss
 of every run against steps and against tokens seen.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 from absl import flags
 from flax import traverse_util
 
-from llm import cli, metrics, rundir, tasks
+from llm import benchmarks, cli, metrics, rundir, tasks
 from llm.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -35,6 +35,8 @@ class RunSummary:
     records = metrics.read(rundir.path(workdir, rundir.METRICS))
     self.train = [r for r in records if r["split"] == "train" and r.get("loss") is not None]
     self.eval = [r for r in records if r["split"] == "eval" and r.get("loss") is not None]
+    self.benchmarks = {r["split"]: r for r in records  # the last evaluation of each
+                       if r["split"] in benchmarks.BENCHMARKS}
     self.tokens_per_step = self.cfg.train.batch_size * self.cfg.data.max_length
     model = tasks.build(self.cfg).build_model(rundir.read_tokenizer(workdir).vocab_size)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
@@ -61,11 +63,15 @@ def table(runs: list[RunSummary]) -> str:
   keys = [k for k in differing_keys(runs) if k != "data.cache_dir"]
   flat = [_flatten(run.cfg) for run in runs]
   fmt = lambda x, spec: "-" if x is None else format(x, spec)
-  header = ["run", *keys, "parameters", "train loss", "val loss", "tokens/s"]
+  scored = sorted(set().union(*(run.benchmarks for run in runs)))
+  header = ["run", *keys, "parameters", "train loss", "val loss", "tokens/s",
+            *(f"{name} {benchmarks.headline(name)}" for name in scored)]
   rows = [[run.name, *(str(f.get(k)) for k in keys), f"{run.num_params:,}",
            fmt(run.train[-1]["loss"] if run.train else None, ".4f"),
            fmt(run.eval[-1]["loss"] if run.eval else None, ".4f"),
-           fmt(run.tokens_per_sec(), ",.0f")] for run, f in zip(runs, flat)]
+           fmt(run.tokens_per_sec(), ",.0f"),
+           *(fmt(run.benchmarks.get(name, {}).get(benchmarks.headline(name)), ".4f")
+             for name in scored)] for run, f in zip(runs, flat)]
   widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
   line = lambda row: "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
   return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])

@@ -152,6 +152,10 @@ def base_config() -> ml_collections.ConfigDict:
   tr.log_every = 10  # steps between train lines in metrics.jsonl
   tr.eval_every = 200  # steps between evaluations on the validation split
   tr.eval_at_start = False  # evaluate before the first step too (step 0: the starting model)
+  tr.evals = ""  # benchmarks scored at every evaluation too (llm/benchmarks.py), e.g.
+  #                "hellaswag,arc_easy" or "lambada:path/to/file.jsonl"; logged as split NAME
+  tr.eval_examples = 500  # the first N examples of each benchmark in train.evals (0: all)
+  tr.benchmark_dir = "data"  # where `llm.data_sets fetch NAME DIR` put the benchmarks
   tr.eval_batches = 20  # validation batches per evaluation (lm, mlm)
   tr.checkpoint_every = 500  # steps between checkpoints (and always at the end)
   tr.keep_checkpoints = 3  # newest checkpoints kept
@@ -359,6 +363,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(0 <= tr.warmup_steps, "train.warmup_steps", "use 0 or more", tr.warmup_steps)
   for key in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
     _check(tr[key] >= 1, f"train.{key}", "use a positive integer", tr[key])
+  _check(tr.eval_examples >= 0, "train.eval_examples", "use 0 (all) or more", tr.eval_examples)
   _check(tr.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", 'use "stop" or "skip"',
          tr.on_nonfinite)
   _check(tr.max_nonfinite >= 1, "train.max_nonfinite", "use a positive integer",

@@ -1,5 +1,6 @@
 """Draws one run's curves from its metrics.jsonl: loss (train and validation), learning rate,
-gradient norm and throughput, against steps; and the reward of an online RL run.
+gradient norm and throughput, against steps; the reward of an online RL run, and the benchmarks
+of train.evals.
 
     python -m llm.plot --workdir=runs/gpt_tiny [--out=runs/gpt_tiny/curves.png]
 """
@@ -8,7 +9,7 @@ import os
 
 from absl import flags
 
-from llm import cli, metrics, rundir
+from llm import benchmarks, cli, metrics, rundir
 from llm.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -29,9 +30,16 @@ def plot(workdir: str, out: str) -> None:
   import matplotlib
   matplotlib.use("Agg")  # files only, no display
   import matplotlib.pyplot as plt
+  scored = sorted({r["split"] for r in records} & set(benchmarks.BENCHMARKS))
   panels = PANELS + ((("reward", "reward"),) if any("reward" in r for r in records) else ())
+  panels += (("benchmarks", "benchmarks (train.evals)"),) if scored else ()
   fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
   for ax, (key, title) in zip(axes, panels):
+    for name in scored if key == "benchmarks" else ():
+      metric = benchmarks.headline(name)
+      ax.plot(*zip(*[(r["step"], r[metric]) for r in records if r["split"] == name]), "o-",
+              label=f"{name} {metric}")
+      ax.legend(fontsize="small")
     for split, style in (("train", "-"), ("eval", "o--")):
       points = [(r["step"], r[key]) for r in records if r["split"] == split
                 and r.get(key) is not None]

@@ -17,8 +17,8 @@ import optax
 from absl import flags
 from ml_collections import config_flags
 
-from llm import checkpoint, cli, config as config_lib, metrics, objectives, optim
-from llm import preemption, rundir, sharding, startup
+from llm import benchmarks, checkpoint, cli, config as config_lib, loglikelihood, metrics
+from llm import objectives, optim, preemption, rundir, sharding, startup
 from llm import model as model_lib
 from llm import params as params_lib
 from llm.data import batches as data_batches
@@ -55,8 +55,18 @@ class Trainer:
     self.trainable = params_lib.is_trainable(cfg, model_lib.shape_of(self.model).num_layers)
     self.assemble = functools.partial(params_lib.assemble, cfg)
     self.tx = optim.build(cfg.train, self.data.updates_per_batch)
+    self.benchmarks = self.load_benchmarks()
     if self.is_main:
       print(f"{self.data.summary}; {jax.device_count()} devices as mesh {dict(self.mesh.shape)}")
+
+  def load_benchmarks(self) -> dict:
+    """train.evals' benchmarks: name -> its first train.eval_examples examples."""
+    tr = self.cfg.train
+    specs = [s.strip() for s in tr.evals.split(",") if s.strip()]
+    if specs and (self.task.produces != "text" or self.cfg.model.kind != "gpt"):
+      raise UserError(f"train.evals scores language models; task.kind={self.cfg.task.kind} "
+                      f"with model.kind={self.cfg.model.kind} is not one")
+    return dict(benchmarks.load(spec, tr.benchmark_dir, tr.eval_examples) for spec in specs)
 
   def init_state(self):
     """(train state, frozen parameters), created sharded; their shardings are kept on self.
@@ -109,14 +119,29 @@ class Trainer:
 
   def evaluators(self) -> dict:
     """split -> (params, frozen) -> its metrics: the objective on the split's fixed batches,
-    or the task's own evaluation (an online task samples)."""
+    or the task's own evaluation (an online task samples); and each of train.evals'
+    benchmarks."""
+    evaluators = self.benchmark_evaluators()
     if self.data.evaluate is not None:
-      return {"eval": self.data.evaluate}
+      return {"eval": self.data.evaluate, **evaluators}
     evaluate = self.jit_evaluate()
     placed = {split: [sharding.global_batch(b, self.mesh, batch_dim=0) for b in batches]
               for split, batches in self.data.evals.items()}
-    return {split: lambda params, frozen, b=b: evaluate(params, frozen, b)
-            for split, b in placed.items()}
+    return {**{split: lambda params, frozen, b=b: evaluate(params, frozen, b)
+               for split, b in placed.items()}, **evaluators}
+
+  def benchmark_evaluators(self) -> dict:
+    """benchmark -> (params, frozen) -> its metrics, for train.evals: the requests encoded
+    once; the scoring programs compiled at the first evaluation, reused by the others."""
+    scorer = loglikelihood.LogLikelihood(self.model, self.tokenizer, self.mesh, self.cfg.mesh)
+    assemble = jax.jit(self.assemble)
+
+    def evaluator(name, examples):
+      requests = benchmarks.requests(scorer, examples)
+      return lambda params, frozen: benchmarks.metrics(
+          name, examples, requests, scorer(assemble(params, frozen), requests), scorer.max_len)
+
+    return {name: evaluator(name, examples) for name, examples in self.benchmarks.items()}
 
   @property
   def tokens_per_step(self) -> int:
@@ -228,11 +253,18 @@ def _train(trainer: Trainer, ckpt) -> dict:
     rundir.drop_metrics_after(workdir, start)
   log = Log(trainer, start, ckpt)
   train_step, evaluate = trainer.jit_train_step(), trainer.evaluators()
+  periodic = [split for split in evaluate if split != "test"]  # "eval" and any benchmarks
   last_eval, sampled = {}, {}
+
+  def evaluated(step, splits, params) -> dict:
+    results = {split: log.evaluated(step, split, evaluate[split](params, frozen))
+               for split in splits}
+    return results.get("eval", last_eval)
+
   batches = data_batches.Prefetch(trainer.batches, trainer.place)
-  if start == 0 and tr.eval_at_start and "eval" in evaluate:
+  if start == 0 and tr.eval_at_start:
     with sharding.activate(mesh, cfg.mesh):
-      log.evaluated(0, "eval", evaluate["eval"](state["params"], frozen))
+      evaluated(0, periodic, state["params"])
   try:
     with preemption.Watcher(ckpt, start) as watcher:  # a signal from here on: save the step, stop
       for step in range(start + 1, tr.steps + 1):
@@ -243,10 +275,10 @@ def _train(trainer: Trainer, ckpt) -> dict:
           for _ in range(trainer.data.updates_per_batch):  # the last pass's stats are logged
             state, stats, health = train_step(state, frozen, batch, health)
           log.trained(step, stats, health, sampled)
-          if (step % tr.eval_every == 0 or step == tr.steps) and "eval" in evaluate:
-            last_eval = log.evaluated(step, "eval", evaluate["eval"](state["params"], frozen))
+          if step % tr.eval_every == 0 or step == tr.steps:
+            last_eval = evaluated(step, periodic, state["params"])
           if step == tr.steps and "test" in evaluate:
-            log.evaluated(step, "test", evaluate["test"](state["params"], frozen))
+            evaluated(step, ["test"], state["params"])
         preempted = watcher.requested(step)
         if step % tr.checkpoint_every == 0 or step == tr.steps or preempted:
           log.phase("saving")

@@ -243,3 +243,35 @@ def test_every_benchmark_is_fetched_and_checked(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "again" / "hellaswag_val.jsonl")
   finally:
     server.shutdown()
+
+
+def test_benchmarks_while_training_compile_once_survive_a_resume_and_are_drawn(tmp_path,
+                                                                               monkeypatch):
+  from conftest import read_metrics, tiny_config
+  from llm import compare, loglikelihood, plot
+  from llm.train import train
+  traces = []
+  score_fn = loglikelihood.LogLikelihood._score_fn
+  monkeypatch.setattr(loglikelihood.LogLikelihood, "_score_fn",
+                      lambda self, *args: (traces.append(1), score_fn(self, *args))[1])
+  config = lambda steps: tiny_config(tmp_path, **{
+      "train.steps": steps, "train.eval_every": 2, "train.checkpoint_every": 2,
+      "train.evals": f"arc_easy:{DATA}/arc.jsonl, lambada:{DATA}/lambada.jsonl"})
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train(config(4), straight)
+  compiled_in_two_evaluations = len(traces)
+  traces.clear()
+  train(config(2), resumed)
+  assert len(traces) == compiled_in_two_evaluations > 0  # the second compiled nothing
+  train(config(4), resumed)
+  lines = lambda run: [(m["split"], m["step"], m.get("acc_norm"), m.get("perplexity"))
+                       for m in read_metrics(run) if m["split"] in ("arc_easy", "lambada")]
+  assert [(split, step) for split, step, *_ in lines(straight)] == [
+      ("arc_easy", 2), ("lambada", 2), ("arc_easy", 4), ("lambada", 4)]
+  assert lines(resumed) == lines(straight)
+  arc = [m for m in read_metrics(straight) if m["split"] == "arc_easy"][-1]
+  assert arc["examples"] == 10 and 0 <= arc["acc"] <= 1 and arc["cut"] > 0  # 32-token context
+  runs_ = [compare.RunSummary(straight), compare.RunSummary(resumed)]
+  assert "arc_easy acc_norm  lambada acc" in compare.table(runs_)
+  plot.plot(straight, str(tmp_path / "curves.png"))
+  assert (tmp_path / "curves.png").stat().st_size > 0
