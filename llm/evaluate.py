@@ -39,6 +39,8 @@ def define_flags():
   flags.DEFINE_string("output", None, "Instruction runs: where the test responses go "
                       "(default DIR/test_responses.jsonl).")
   flags.DEFINE_integer("max_new_tokens", 256, "Instruction runs: longest response.")
+  flags.DEFINE_string("judge", "", "Instruction and DPO runs: a reward model run that scores "
+                      "the test responses (and the records' own answers, for scale).")
   flags.DEFINE_list("benchmark", None, "Benchmarks to score instead (llm/benchmarks.py): "
                     "hellaswag, arc_easy, arc_challenge, piqa, winogrande, mmlu, lambada; "
                     "NAME:PATH for a file of its records.")
@@ -59,7 +61,7 @@ def main(argv):
     return
   options = tasks.EvalOptions(FLAGS["data.path"].value or "", FLAGS["data.text_field"].value,
                               FLAGS.max_length, FLAGS.batch_size, FLAGS.output or "",
-                              FLAGS.max_new_tokens)
+                              FLAGS.max_new_tokens, FLAGS.judge)
   run.task.evaluate(run, startup.run_context(run), options)
 
 

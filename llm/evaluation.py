@@ -5,7 +5,9 @@ greedy responses written beside records for judging. The tasks choose what to ev
 import json
 import os
 
-from llm import benchmarks, loglikelihood, objectives, sharding
+import numpy as np
+
+from llm import benchmarks, loglikelihood, objectives, prompts, scoring, sharding
 from llm.errors import UserError
 from llm.sampling import Generator
 
@@ -35,7 +37,7 @@ def print_metrics(split: str, result: dict) -> None:
 
 
 def write_responses(run, data, docs, out: str, max_new_tokens: int, batch_size: int,
-                    reference=None) -> int:
+                    reference=None) -> list[dict]:
   """A run's greedy responses to the prompts of its test split (as its task formats them), as
   JSON lines beside the record's own fields; with `reference` (an opened run: DPO's starting
   model), its responses too."""
@@ -44,7 +46,7 @@ def write_responses(run, data, docs, out: str, max_new_tokens: int, batch_size: 
     generators["reference_response"] = Generator(reference)
   if not len(data.splits.get("test", ())):
     raise UserError("this run has no test split (data.test_fraction=0)")
-  records = [dict(docs[int(i)]) for i in data.splits["test"]]
+  records = [{"input": "", **dict(docs[int(i)])} for i in data.splits["test"]]
   gen = generators["response"]
   with open(out, "w") as f:
     for b in range(0, len(records), batch_size):
@@ -57,17 +59,37 @@ def write_responses(run, data, docs, out: str, max_new_tokens: int, batch_size: 
         for r, [response] in zip(chunk, responses):
           r[key] = response.strip()
       for r in chunk:
-        f.write(json.dumps({"input": "", **r}) + "\n")
-  return len(records)
+        f.write(json.dumps(r) + "\n")
+  return records
 
 
-def write_test_responses(run, data, docs, options, reference=None) -> None:
-  """`write_responses` where llm.evaluate's options say (default DIR/test_responses.jsonl)."""
+def write_test_responses(run, data, docs, options, reference=None, open_run=None) -> dict:
+  """`write_responses` where llm.evaluate's options say (default DIR/test_responses.jsonl),
+  then judged (`judge`; options.judge: a reward model run, opened by `open_run`)."""
   out = options.output or os.path.join(run.workdir, "test_responses.jsonl")
-  n = write_responses(run, data, docs, out, options.max_new_tokens, options.batch_size,
-                      reference)
+  rows = write_responses(run, data, docs, out, options.max_new_tokens, options.batch_size,
+                         reference)
   also = " and the reference model's" if reference is not None else ""
-  print(f"wrote {n} test responses{also} to {out}")
+  print(f"wrote {len(rows)} test responses{also} to {out}")
+  result = judge(rows, scoring.Scorer(open_run(options.judge)) if options.judge else None)
+  print_metrics("test responses", result)
+  return result
+
+
+def judge(rows: list[dict], scorer=None) -> dict:
+  """Written responses (`response`, DPO's `reference_response` too) against the records'
+  answers (`output`, or a preference record's `chosen`): the share that are the answer exactly;
+  and with a reward model's `scorer` as the judge, the mean score of each, and of the answers
+  themselves for scale."""
+  answer = "output" if "output" in rows[0] else "chosen"
+  columns = [c for c in ("response", "reference_response") if c in rows[0]]
+  result = {f"{c}_exact_match": float(np.mean([r[c].strip() == str(r[answer]).strip()
+                                                for r in rows])) for c in columns}
+  if scorer is not None:
+    prompt_texts = [prompts.record_prompt(r) for r in rows]
+    for c in columns + [answer]:
+      result[f"judge_{c}"] = float(np.mean(scorer.score(prompt_texts, [str(r[c]) for r in rows])))
+  return result
 
 
 def score_benchmarks(run, specs: list[str], data_dir: str, limit: int, num_fewshot: int,

@@ -218,10 +218,11 @@ def test_instruction_lora_freezes_the_base_and_merges(tmp_path, base_run, test_d
   out = tmp_path / "responses.jsonl"
   run = runs.load(workdir)
   data, docs = run.task.data_for(run.model, startup.run_context(run))
-  assert evaluation.write_responses(run, data, docs, str(out), max_new_tokens=3,
-                                    batch_size=8) == 20
+  written = evaluation.write_responses(run, data, docs, str(out), max_new_tokens=3,
+                                      batch_size=8)
   rows = [json.loads(line) for line in out.read_text().splitlines()]
-  assert len(rows) == 20 and set(rows[0]) == {"instruction", "input", "output", "response"}
+  assert rows == written and len(rows) == 20
+  assert set(rows[0]) == {"instruction", "input", "output", "response"}
   with open(test_data + "/instructions/instruction-examples.json") as f:
     references = {(r["instruction"], r["output"]) for r in json.load(f)}
   assert all((r["instruction"], r["output"]) in references for r in rows)

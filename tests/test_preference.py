@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, config_file, preference_config, read_metrics
-from llm import objectives, preemption, rundir, runs
+from llm import evaluation, objectives, preemption, rundir, runs
+from llm.scoring import Scorer
 from llm.prompts import alpaca_prompt
 from llm.train import Trainer, train
 
@@ -136,7 +137,7 @@ def test_lora_dpo_starts_where_full_dpo_does_with_one_copy_of_the_weights(tmp_pa
 
 
 def test_dpo_evaluation_writes_policy_and_reference_responses(dpo_runs):
-  from llm import evaluation, startup
+  from llm import startup
   straight = dpo_runs[0]
   run = runs.load(straight)
   context = startup.run_context(run)
@@ -145,10 +146,23 @@ def test_dpo_evaluation_writes_policy_and_reference_responses(dpo_runs):
   assert set(results) == {"eval", "test"} and 0 <= results["test"]["reward_accuracy"] <= 1
   out = os.path.join(straight, "test_responses.jsonl")
   reference = dataclasses.replace(run, params=context.start.params(run.model))
-  n = evaluation.write_responses(run, data, docs, out, 8, 8, reference)
+  n = len(evaluation.write_responses(run, data, docs, out, 8, 8, reference))
   rows = [json.loads(line) for line in open(out)]
   assert n == len(rows) == len(data.splits["test"]) > 0
   assert {"instruction", "chosen", "rejected", "response", "reference_response"} <= set(rows[0])
+
+
+def test_generated_answers_are_judged_by_exact_match_and_a_reward_model(reward_run):
+  rows = [{"instruction": "Say hi.", "input": "", "output": "hi", "response": " hi "},
+          {"instruction": "Say yes.", "input": "", "output": "yes", "response": "no"}]
+  assert evaluation.judge(rows) == {"response_exact_match": 0.5}
+  scorer = Scorer(runs.load(reward_run))
+  judged = evaluation.judge(rows, scorer)
+  prompts = [alpaca_prompt("Say hi."), alpaca_prompt("Say yes.")]
+  assert judged["judge_response"] == pytest.approx(
+      np.mean(scorer.score(prompts, [" hi ", "no"])), abs=1e-6)
+  assert judged["judge_output"] == pytest.approx(np.mean(scorer.score(prompts, ["hi", "yes"])),
+                                                 abs=1e-6)
 
 
 @pytest.fixture(scope="module")

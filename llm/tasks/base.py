@@ -120,6 +120,7 @@ class EvalOptions:
   batch_size: int = 8
   output: str = ""  # where generated answers go
   max_new_tokens: int = 256
+  judge: str = ""  # a reward model run that scores generated answers
 
 
 class Task:

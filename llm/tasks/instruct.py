@@ -56,7 +56,8 @@ class InstructionTuning(RecordTask):
 
   def evaluate(self, run, context: Context, options: EvalOptions) -> dict:
     """The splits' metrics, then greedy responses to the test split written beside the
-    records (DIR/test_responses.jsonl), ready for judging."""
+    records (DIR/test_responses.jsonl) and judged (evaluation.judge)."""
     results, data, docs = self.evaluate_splits(run, context, options)
-    evaluation.write_test_responses(run, data, docs, options)
+    results["test_responses"] = evaluation.write_test_responses(run, data, docs, options,
+                                                                open_run=context.open_run)
     return results

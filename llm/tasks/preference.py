@@ -149,5 +149,6 @@ class DirectPreference(PreferencePairs):
     reference model it started from."""
     results, data, docs = self.evaluate_splits(run, context, options)
     reference = dataclasses.replace(run, params=context.start.params(run.model))
-    evaluation.write_test_responses(run, data, docs, options, reference)
+    results["test_responses"] = evaluation.write_test_responses(run, data, docs, options,
+                                                                reference, context.open_run)
     return results
