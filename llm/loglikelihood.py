@@ -35,10 +35,9 @@ class LogLikelihood:
         mesh, jax.sharding.PartitionSpec()))
 
   def tok_encode(self, text: str) -> list[int]:
-    """A text's ids as the harness's Hugging Face model encodes it: with the tokenizer's
-    beginning-of-text token where it adds one (Llama's <s>; GPT-2 adds none)."""
-    return ([] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]) + \
-        self.tokenizer.encode(text)
+    """A text's ids as the harness's Hugging Face model encodes it: with the special tokens the
+    tokenizer's own rules add (Llama 3's beginning-of-text; GPT-2 adds none)."""
+    return self.tokenizer.encode_with_specials(text)
 
   def encode(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as the harness makes them: a context's trailing spaces

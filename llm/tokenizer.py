@@ -37,6 +37,12 @@ class Tokenizer:
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [self.encode(t) for t in texts]
 
+  def encode_with_specials(self, text: str) -> list[int]:
+    """A text as the tokenizer itself encodes it, with the special tokens its own rules add
+    (transformers' `tokenizer(text)`): what lm-evaluation-harness scores. Only a
+    tokenizer.json has such rules; the others add none."""
+    return self.encode(text)
+
   def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
     """`encode_batch` as one integer array per text: what preparing a corpus writes."""
     return [np.asarray(ids, np.int64) for ids in self.encode_batch(texts)]
@@ -330,6 +336,9 @@ class HFTokenizer(_TokenizersLibrary):
   kind = "hf"
   FILE = "tokenizer.json"
   SPECIALS_FILE = "special_tokens.json"
+
+  def encode_with_specials(self, text):
+    return self._tok.encode(text).ids  # the file's post-processor (Llama 3's <|begin_of_text|>)
 
   def __init__(self, path: str, eot_id: int, bos_id: int | None = None):
     from tokenizers import Tokenizer as Loaded
