@@ -3,8 +3,9 @@
     python -m llm.compare runs/gpt runs/llama [--out=compare.png]
 
 Prints a table (the config keys in which the runs differ, parameters, the last train and
-validation loss, median tokens/s, the last score of each benchmark of train.evals) and draws the training (solid) and validation (dashed) loss
-of every run against steps and against tokens seen.
+validation loss, median tokens/s, the last score of each benchmark of train.evals) and draws
+the training (solid) and validation (dashed) loss of every run against steps and against tokens
+seen.
 """
 
 import os
