@@ -27,6 +27,7 @@ model shape) to its first step.
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -41,7 +42,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from llm import cli, config as config_lib, sharding
+from llm import cli, config as config_lib, metrics, sharding
 from llm.data import batches as data_batches
 from llm.data import shards, sources
 from llm import model as model_lib
@@ -59,6 +60,9 @@ def define_flags():
   flags.DEFINE_integer("prompt_len", 16, "generate: prompt tokens.")
   flags.DEFINE_integer("new_tokens", 256, "generate: tokens to decode.")
   flags.DEFINE_integer("repeats", 3, "generate: timed repeats (the best counts).")
+  flags.DEFINE_string("topology", None, "train: compile for this TPU topology ahead of time "
+                      "(e.g. v5e:2x4, v5p:2x2x1, v6e:2x2; needs libtpu) and report XLA's "
+                      "memory and cost estimates per chip instead of timing.")
   flags.DEFINE_integer("examples", 64, "evaluate: multiple-choice examples (4 choices each).")
   flags.DEFINE_integer("context_len", 48, "evaluate: context tokens of each example.")
   flags.DEFINE_integer("choice_len", 24, "evaluate: tokens of each choice.")
@@ -122,6 +126,102 @@ def bench_train(cfg, steps: int) -> dict:
       fed.close()
   return {"compile_s": compile_s, **memory, "step_ms": 1e3 * seconds / steps,
           "step_ms_with_data": 1e3 * fed_seconds / steps, **trainer.throughput()(steps, seconds)}
+
+
+def topology_devices(name: str) -> list:
+  """The devices of a TPU topology named like v5e:2x4 or v4:2x2x1, described without a TPU
+  (libtpu compiles for them on any machine)."""
+  jax.config.update("jax_platforms", "cpu")  # this process runs on its CPU, compiles for TPU
+  from jax.experimental import topologies
+  try:
+    return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+  except Exception as e:  # libtpu missing, or a name it does not know
+    if "Unknown backend" in str(e) or "tpu" in str(e).lower() and "plugin" in str(e).lower():
+      raise UserError("--topology needs libtpu: pip install libtpu==0.0.51 (the version that "
+                      f"pairs with jax {jax.__version__})") from None
+    raise UserError(f"--topology={name}: {str(e).splitlines()[0][:200]}") from None
+
+
+def bench_compile_for(cfg, topology: str) -> dict:
+  """The config's real train step (the Trainer's model, shardings and mesh rules) compiled
+  ahead of time for a TPU topology, its state abstract (shapes and shardings; nothing is
+  made): per device, the state's and XLA's temporary bytes against the chip's memory, and the
+  step's FLOPs and bytes by XLA's cost model, and the time, MFU and tokens/s a roofline of them
+  gives. Estimates, not measurements."""
+  compiled, trainer, state, compile_s = compile_for(cfg, topology)
+  report = aot_report(compiled, trainer, state)
+  accum = cfg.train.grad_accum
+  if accum > 1 and report.get("step_ms"):  # the micro-batch's time, train.grad_accum times
+    report.update(step_ms=report["step_ms"] * accum, micro_batches=accum)
+  return {"compile_s": compile_s, **report}
+
+
+def compile_for(cfg, topology: str):
+  """(the compiled train step, its Trainer, the abstract state, seconds to compile) for a TPU
+  topology: see bench_compile_for. The step is compiled for one micro-batch (grad_accum=1):
+  XLA's cost model counts a loop's body about once, whatever its trip count, and the memory
+  is a micro-batch's either way."""
+  from llm.model import attention
+  from llm.train import Trainer, new_health
+  tr = cfg.train
+  cfg = config_lib.replace(cfg, {"train.batch_size": tr.batch_size // tr.grad_accum,
+                                 "train.grad_accum": 1})
+  devices = topology_devices(topology)
+  with tempfile.TemporaryDirectory() as workdir:  # a run that writes nothing
+    trainer = Trainer(cfg, workdir, devices)
+  state, frozen = trainer.abstract_state()
+  shaped = lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=s)
+  batch_sharding = sharding.batch_sharding(trainer.mesh)
+  batch = {k: shaped(v, batch_sharding) for k, v in next(trainer.batches).items()}
+  replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
+  health = jax.tree.map(lambda x: shaped(x, replicated), new_health())
+  with attention.compiling_for("tpu"), sharding.activate(trainer.mesh, trainer.cfg.mesh):
+    started = time.perf_counter()
+    compiled = trainer.jit_train_step().lower(state, frozen, batch, health).compile()
+  return compiled, trainer, state, time.perf_counter() - started
+
+
+def aot_report(compiled, trainer, state) -> dict:
+  """What a compiled step for a TPU topology costs per device, by XLA's own accounting."""
+  devices = trainer.mesh.devices.flatten()
+  kind = devices[0].device_kind
+  shard_gb = lambda tree: sum(
+      math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+      for x in jax.tree.leaves(tree)) / 1e9
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  temp_gb = memory.temp_size_in_bytes / 1e9
+  total_gb = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+              - memory.alias_size_in_bytes + memory.temp_size_in_bytes) / 1e9
+  # The topology's chip, not the machine train.peak_flops describes.
+  hbm = metrics.hbm_bytes(kind)
+  peak = metrics.peak_flops(kind, 0) or metrics.peak_flops(kind, trainer.cfg.train.peak_flops)
+  bandwidth = metrics.hbm_bandwidth(kind)
+  flops, moved = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  throughput = trainer.throughput()
+  kernel = "tpu_custom_call" in compiled.as_text()
+  if kernel:  # XLA counts nothing inside the splash kernel: its attention FLOPs, by formula
+    m = model_lib.shape_of(trainer.model)
+    flops += metrics.flops_per_token(0, m.num_layers, m.num_heads, m.head_dim,
+                                     trainer.schema.length) * throughput.tokens_per_step / len(
+                                         devices)
+  out = {"device": f"{len(devices)} x {kind}", "params_gb": shard_gb(state["params"]),
+         "opt_state_gb": shard_gb(state["opt_state"]), "temp_gb": temp_gb,
+         "total_gb": total_gb, "hbm_gb": hbm / 1e9 if hbm else None,
+         "fits": (total_gb * 1e9 <= hbm) if hbm else None, "splash_kernel": kernel,
+         "xla_flops": flops,
+         "xla_gb_accessed": moved / 1e9,
+         "model_flops_over_xla": throughput.flops_per_step / (len(devices) * flops)}
+  if peak and bandwidth:
+    # A roofline: the step takes at least its FLOPs at the chip's peak and its bytes at the
+    # memory's bandwidth (libtpu's cost model gives no time of its own: optimal_seconds < 0).
+    compute_s, memory_s = flops / peak, moved / bandwidth
+    seconds = max(compute_s, memory_s)
+    out.update({"step_ms": 1e3 * seconds, "bound_by_memory": memory_s > compute_s,
+                "tokens_per_sec": throughput.tokens_per_step / seconds,
+                "mfu": throughput.flops_per_step / (len(devices) * peak * seconds)})
+  return out
 
 
 def bench_rl(cfg, steps: int) -> dict:
@@ -452,7 +552,10 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in kinds or FLAGS.config is None:
     raise UserError(f"usage: python -m llm.bench {'|'.join(kinds)} --config=configs/FILE.py")
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-  if argv[1] == "train":
+  if argv[1] == "train" and FLAGS.topology:
+    result = bench_compile_for(FLAGS.config, FLAGS.topology)
+    device = result.pop("device") + f" ({FLAGS.topology}, compiled ahead of time; estimates)"
+  elif argv[1] == "train":
     result = bench_train(FLAGS.config, FLAGS.steps)
     if FLAGS.compare_torch:
       torch_result = _torch_gpt2_train(FLAGS.config, max(FLAGS.steps, 1))
@@ -471,7 +574,7 @@ def main(argv):
                             FLAGS.repeats, FLAGS.compare_hf)
   print(f"{argv[1]} on {device}:")
   for key, value in result.items():
-    print(f"  {key}: {'n/a' if value is None else f'{value:,.4g}'}")
+    print(f"  {key}: {'n/a' if value is None else value if isinstance(value, bool) else f'{value:,.4g}'}")
 
 
 if __name__ == "__main__":

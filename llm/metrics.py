@@ -21,14 +21,43 @@ PEAK_FLOPS = {
 }
 
 
+# Memory per device (bytes): a TPU v5e or v6e chip is one device; a v5p chip is one device of
+# two cores (megacore); ahead-of-time topologies of v4 list each of a chip's two cores.
+HBM_BYTES = {
+    "TPU v4": 16 * 2**30,
+    "TPU v5 lite": 16 * 2**30,
+    "TPU v5": 95 * 2**30,
+    "TPU v6 lite": 32 * 2**30,
+}
+
+
+# Memory bandwidth per device (bytes/s), for the same devices.
+HBM_BANDWIDTH = {
+    "TPU v4": 1228e9 / 2,
+    "TPU v5 lite": 819e9,
+    "TPU v5": 2765e9,
+    "TPU v6 lite": 1640e9,
+}
+
+
+def _lookup(table: dict, device_kind: str):
+  for kind, value in table.items():  # prefix match, the longer names first
+    if device_kind.startswith(kind):
+      return value
+  return None
+
+
+def hbm_bytes(device_kind: str) -> int | None:
+  return _lookup(HBM_BYTES, device_kind)
+
+
+def hbm_bandwidth(device_kind: str) -> float | None:
+  return _lookup(HBM_BANDWIDTH, device_kind)
+
+
 def peak_flops(device_kind: str, configured: float) -> float | None:
   """A configured peak wins; else the table's (prefix match); None when unknown (e.g. CPU)."""
-  if configured > 0:
-    return configured
-  for kind, flops in PEAK_FLOPS.items():
-    if device_kind.startswith(kind):
-      return flops
-  return None
+  return configured if configured > 0 else _lookup(PEAK_FLOPS, device_kind)
 
 
 def flops_per_token(num_params: int, num_layers: int, num_heads: int, head_dim: int,

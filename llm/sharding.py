@@ -37,9 +37,10 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def check_batch(mesh_cfg, batch_size: int, grad_accum: int) -> None:
-  """Each micro-batch splits evenly over the mesh's batch shards (data x fsdp), or UserError."""
-  data, fsdp, _ = mesh_shape(mesh_cfg, jax.device_count())
+def check_batch(mesh_cfg, batch_size: int, grad_accum: int, num_devices: int = 0) -> None:
+  """Each micro-batch splits evenly over the mesh's batch shards (data x fsdp) of
+  `num_devices` (default: all), or UserError."""
+  data, fsdp, _ = mesh_shape(mesh_cfg, num_devices or jax.device_count())
   micro = batch_size // grad_accum
   if micro % (data * fsdp):
     raise UserError(f"train.batch_size={batch_size} ({micro} sequences per micro-batch, "

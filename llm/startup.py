@@ -27,16 +27,17 @@ class Setup:
   source: runs.Source | None  # the init_from model
 
 
-def setup(cfg, workdir: str = "") -> Setup:
+def setup(cfg, workdir: str = "", num_devices: int = 0) -> Setup:
   """A config settled: its values checked before any data is read, then the data read once,
   and the values only the data can give (a classifier's labels) filled in. With the `workdir`
   of a run to train: the batch's fit on the devices and the run directory checked too (a
-  resumed run keeps what it is), before anything is written."""
+  resumed run keeps what it is), before anything is written. `num_devices`: the mesh's, where
+  it is not all of this process's (a TPU topology compiled for ahead of time)."""
   source = runs.Source(cfg.init_from) if cfg.init_from else None
   cfg = config_lib.resolve(cfg, source.values if source else None)
   task = tasks.build(cfg)
   if workdir:
-    sharding.check_batch(cfg.mesh, cfg.train.batch_size, cfg.train.grad_accum)
+    sharding.check_batch(cfg.mesh, cfg.train.batch_size, cfg.train.grad_accum, num_devices)
     rundir.check(workdir)
   docs = task.load()
   found = task.found_in_data(docs)

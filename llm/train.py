@@ -10,6 +10,7 @@ import contextlib
 import functools
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,12 +41,14 @@ class Trainer:
   """Everything a run is made of, built from its resolved config before anything is written to
   DIR: the mesh, tokenizer, task (model, objective, data), optimizer and compiled steps."""
 
-  def __init__(self, cfg, workdir: str):
+  def __init__(self, cfg, workdir: str, devices=None):
+    """`devices`: the mesh's (default: all); a TPU topology's to compile ahead of time."""
     self.workdir = workdir
-    setup = startup.setup(cfg, workdir)  # a wrong value stops the run before data is read
+    # A wrong value stops the run before data is read.
+    setup = startup.setup(cfg, workdir, len(devices) if devices is not None else 0)
     self.cfg = cfg = setup.cfg
     self.task, self.tokenizer = setup.task, setup.tokenizer
-    self.mesh = sharding.make_mesh(cfg.mesh)
+    self.mesh = sharding.make_mesh(cfg.mesh, devices)
     self.is_main = jax.process_index() == 0
     self.model = self.task.build_model(self.tokenizer.vocab_size)
     self.objective = self.task.objective(self.model)
@@ -94,6 +97,24 @@ class Trainer:
       state = jax.jit(new_state, out_shardings=self.state_shardings)(trainable)
     self.num_params, self.num_trainable = params_lib.count(params), params_lib.count(trainable)
     return state, frozen
+
+  def abstract_state(self):
+    """(train state, frozen parameters) as shapes and dtypes with their shardings, nothing
+    computed: what the train step compiles for ahead of time (llm.bench --topology)."""
+    shapes, shardings = params_lib.abstract(self.cfg, self.model, self.mesh, self.cfg.mesh)
+    trainable, frozen = params_lib.split(shapes, self.trainable)
+    self.frozen_shardings = params_lib.split(shardings, self.trainable)[1]
+    new_state = lambda params: {"step": jnp.zeros((), jnp.int32), "params": params,
+                                "opt_state": self.tx.init(params), "rng": jax.random.PRNGKey(0)}
+    with sharding.activate(self.mesh, self.cfg.mesh):
+      self.state_shardings = sharding.logical_shardings(
+          jax.eval_shape(new_state, trainable), self.mesh, self.cfg.mesh)
+      state = jax.eval_shape(new_state, _values(trainable))
+    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    self.num_params = params_lib.count(_values(shapes))
+    self.num_trainable = params_lib.count(_values(trainable))
+    return (jax.tree.map(with_sharding, state, self.state_shardings),
+            jax.tree.map(with_sharding, _values(frozen), self.frozen_shardings))
 
   def jit_train_step(self):
     """The train step, compiled for the state's shardings, with the old state donated."""
@@ -156,6 +177,12 @@ class Trainer:
                                     self.schema.length) * self.tokens_per_step
     peak = metrics.peak_flops(jax.devices()[0].device_kind, self.cfg.train.peak_flops)
     return metrics.Throughput(self.tokens_per_step, flops, peak, jax.device_count())
+
+
+def _values(boxed_shapes):
+  """A boxed tree of shapes without its logical axis names (unboxing would constrain them)."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree.map(lambda x: x.value if is_box(x) else x, boxed_shapes, is_leaf=is_box)
 
 
 def make_train_step(objective: objectives.Objective, tx: optax.GradientTransformation,

@@ -26,6 +26,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # or against a reference within a tolerance. Inherited by the subprocesses the tests start.
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+# The suite runs on the CPU: libtpu (installed for the ahead-of-time TPU compiles) would
+# otherwise look for a TPU at every start, and say so on stderr, here and in every subprocess.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 TEST_DATA = os.path.join(ROOT, "tests", "data")  # small public files; see tests/data/README.md
 
 

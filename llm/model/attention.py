@@ -12,6 +12,9 @@
   decoding and for lengths the fused kernels do not take.
 """
 
+import contextlib
+import contextvars
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,11 +24,29 @@ IMPLS = ("auto", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 128  # the splash kernel's block: sequence lengths must be multiples of it
 
 
+_TARGET = contextvars.ContextVar("target_platform", default="")
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+  """Traces attention for `platform` ("tpu") rather than the one this process runs on: ahead
+  of time compilation for a TPU topology from a CPU machine (llm.bench --topology)."""
+  token = _TARGET.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
+
+
+def target_platform() -> str:
+  return _TARGET.get() or jax.default_backend()
+
+
 def choose(impl: str, dtype, length: int, decode: bool) -> str:
   """The kernel `attend` uses for `impl` on this platform."""
   if impl != "auto":
     return impl
-  platform = jax.default_backend()
+  platform = target_platform()
   if decode:
     return "xla"
   if platform == "tpu" and length % SPLASH_BLOCK == 0:
@@ -74,7 +95,7 @@ def _splash(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, valid_BxL, is_causal: bool, segment
   q_BxLxNxH = q_BxLxNxH / np.sqrt(H).astype(q_BxLxNxH.dtype)  # the kernel does not scale
 
   def local(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segments_BxL):
-    kernel = _splash_kernel(q_BxLxNxH.shape[2], L, is_causal, jax.default_backend() != "tpu")
+    kernel = _splash_kernel(q_BxLxNxH.shape[2], L, is_causal, target_platform() != "tpu")
     to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # the kernel's [N, L, H] per example
     out_BxNxLxH = jax.vmap(kernel)(
         to_heads_first(q_BxLxNxH), to_heads_first(k_BxLxNxH), to_heads_first(v_BxLxNxH),

@@ -202,7 +202,9 @@ class Attention(nn.Module):
       mask_BxLxS = None if valid_BxL is None else valid_BxL[:, None, :]
       is_causal = self.causal
 
-    impl = attention.choose(cfg.attention_impl, cfg.dtype, x_BxLxD.shape[1], decode)
+    # Initialisation traces a one-token input: any kernel gives the same parameters.
+    impl = "xla" if self.is_initializing() else attention.choose(
+        cfg.attention_impl, cfg.dtype, x_BxLxD.shape[1], decode)
     # Each group of N / K query heads reads one key/value head.
     out_BxLxNxH = attention.attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, is_causal,
                                    impl, None if decode else documents_BxL)
