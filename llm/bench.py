@@ -4,7 +4,11 @@
     python -m llm.bench generate --config=configs/gpt_tiny.py --config.model.max_len=512 \\
         [--batch=1 --prompt_len=16 --new_tokens=256] [--compare_hf]
 
-`train` compiles the train step (timed; XLA's memory accounting of it: temporaries and
+    python -m llm.bench train --config=configs/gpt_small.py --topology=v5e:2x4   # needs libtpu
+
+`train --topology` (and `generate --topology`) compiles the step ahead of time for a TPU
+topology, from any machine, and reports per-chip memory and XLA's cost estimates instead of
+timing. `train` compiles the train step (timed; XLA's memory accounting of it: temporaries and
 arguments, per device) and times it after one warm-up step on batches already on the devices
 (`step_ms`), then fed as training feeds it, by a host thread that makes the next batches
 (`step_ms_with_data`).
@@ -26,6 +30,7 @@ model shape) to its first step.
         [--corpus_mb=100,1000]
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -34,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -60,9 +66,9 @@ def define_flags():
   flags.DEFINE_integer("prompt_len", 16, "generate: prompt tokens.")
   flags.DEFINE_integer("new_tokens", 256, "generate: tokens to decode.")
   flags.DEFINE_integer("repeats", 3, "generate: timed repeats (the best counts).")
-  flags.DEFINE_string("topology", None, "train: compile for this TPU topology ahead of time "
-                      "(e.g. v5e:2x4, v5p:2x2x1, v6e:2x2; needs libtpu) and report XLA's "
-                      "memory and cost estimates per chip instead of timing.")
+  flags.DEFINE_string("topology", None, "train, generate: compile for this TPU topology ahead "
+                      "of time (e.g. v5e:2x4, v5p:2x2x1, v6e:2x2; needs libtpu) and report "
+                      "XLA's memory and cost estimates per chip instead of timing.")
   flags.DEFINE_integer("examples", 64, "evaluate: multiple-choice examples (4 choices each).")
   flags.DEFINE_integer("context_len", 48, "evaluate: context tokens of each example.")
   flags.DEFINE_integer("choice_len", 24, "evaluate: tokens of each choice.")
@@ -148,17 +154,26 @@ def bench_compile_for(cfg, topology: str) -> dict:
   made): per device, the state's and XLA's temporary bytes against the chip's memory, and the
   step's FLOPs and bytes by XLA's cost model, and the time, MFU and tokens/s a roofline of them
   gives. Estimates, not measurements."""
-  compiled, trainer, state, compile_s = compile_for(cfg, topology)
-  report = aot_report(compiled, trainer, state)
+  step = compile_for(cfg, topology)
+  report = aot_report(step)
   accum = cfg.train.grad_accum
   if accum > 1 and report.get("step_ms"):  # the micro-batch's time, train.grad_accum times
     report.update(step_ms=report["step_ms"] * accum, micro_batches=accum)
-  return {"compile_s": compile_s, **report}
+  return {"compile_s": step.seconds, **report}
 
 
-def compile_for(cfg, topology: str):
-  """(the compiled train step, its Trainer, the abstract state, seconds to compile) for a TPU
-  topology: see bench_compile_for. The step is compiled for one micro-batch (grad_accum=1):
+@dataclasses.dataclass
+class CompiledStep:
+  compiled: Any  # jax.stages.Compiled
+  trainer: Any
+  state: dict  # abstract: shapes and shardings
+  seconds: float  # to compile
+  splash_kernel: bool  # whether the step holds the Mosaic splash-attention kernel
+
+
+def compile_for(cfg, topology: str) -> CompiledStep:
+  """The train step compiled for a TPU topology: see bench_compile_for. The step is compiled
+  for one micro-batch (grad_accum=1):
   XLA's cost model counts a loop's body about once, whatever its trip count, and the memory
   is a micro-batch's either way."""
   from llm.model import attention
@@ -177,12 +192,16 @@ def compile_for(cfg, topology: str):
   health = jax.tree.map(lambda x: shaped(x, replicated), new_health())
   with attention.compiling_for("tpu"), sharding.activate(trainer.mesh, trainer.cfg.mesh):
     started = time.perf_counter()
-    compiled = trainer.jit_train_step().lower(state, frozen, batch, health).compile()
-  return compiled, trainer, state, time.perf_counter() - started
+    lowered = trainer.jit_train_step().lower(state, frozen, batch, health)
+    compiled = lowered.compile()
+  # The lowered text, as the compiled HLO of some topologies cannot be read back here.
+  return CompiledStep(compiled, trainer, state, time.perf_counter() - started,
+                      "tpu_custom_call" in lowered.as_text())
 
 
-def aot_report(compiled, trainer, state) -> dict:
+def aot_report(step: CompiledStep) -> dict:
   """What a compiled step for a TPU topology costs per device, by XLA's own accounting."""
+  compiled, trainer, state = step.compiled, step.trainer, step.state
   devices = trainer.mesh.devices.flatten()
   kind = devices[0].device_kind
   shard_gb = lambda tree: sum(
@@ -200,7 +219,7 @@ def aot_report(compiled, trainer, state) -> dict:
   bandwidth = metrics.hbm_bandwidth(kind)
   flops, moved = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
   throughput = trainer.throughput()
-  kernel = "tpu_custom_call" in compiled.as_text()
+  kernel = step.splash_kernel
   if kernel:  # XLA counts nothing inside the splash kernel: its attention FLOPs, by formula
     m = model_lib.shape_of(trainer.model)
     flops += metrics.flops_per_token(0, m.num_layers, m.num_heads, m.head_dim,
@@ -221,6 +240,52 @@ def aot_report(compiled, trainer, state) -> dict:
     out.update({"step_ms": 1e3 * seconds, "bound_by_memory": memory_s > compute_s,
                 "tokens_per_sec": throughput.tokens_per_step / seconds,
                 "mfu": throughput.flops_per_step / (len(devices) * peak * seconds)})
+  return out
+
+
+def bench_generate_for(cfg, topology: str, batch: int, prompt_len: int,
+                       new_tokens: int) -> dict:
+  """Greedy KV-cache decoding of the config's model compiled ahead of time for a TPU topology
+  (parameters split by the config's mesh rules; nothing is made): per device, the parameters',
+  the KV cache's and XLA's temporary bytes against the chip's memory, and the decode rate that
+  reading the parameters and the cache once per token at the memory's bandwidth allows."""
+  from llm import params as params_lib
+  from llm.model import attention
+  from llm.train import _values
+  config_lib.validate(cfg)
+  devices = topology_devices(topology)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  model = model_lib.build(cfg.model, cfg.tokenizer.vocab_size)
+  shapes, shardings = params_lib.abstract(cfg, model, mesh, cfg.mesh)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        _values(shapes), shardings)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=replicated)
+  valid = jax.ShapeDtypeStruct((batch, prompt_len), jnp.bool_, sharding=replicated)
+  decode = jax.jit(lambda params, prompt, valid: generate_tokens(
+      model, params, prompt, valid, jax.random.PRNGKey(0), -1, max_new_tokens=new_tokens,
+      temperature=0.0, top_k=0, top_p=1.0, use_cache=True))
+  with attention.compiling_for("tpu"), sharding.activate(mesh, cfg.mesh):
+    started = time.perf_counter()
+    compiled = decode.lower(params, prompt, valid).compile()
+    compile_s = time.perf_counter() - started
+  cache = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(
+      (batch, prompt_len + new_tokens), jnp.int32), decode=True)["cache"])
+  kind = devices[0].device_kind
+  params_gb = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                  for x in jax.tree.leaves(params)) / 1e9
+  cache_gb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) / 1e9  # whole
+  memory = compiled.memory_analysis()
+  total_gb = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+              - memory.alias_size_in_bytes + memory.temp_size_in_bytes) / 1e9
+  hbm, bandwidth = metrics.hbm_bytes(kind), metrics.hbm_bandwidth(kind)
+  out = {"compile_s": compile_s, "device": f"{len(devices)} x {kind}", "params_gb": params_gb,
+         "kv_cache_gb_all_devices": cache_gb, "temp_gb": memory.temp_size_in_bytes / 1e9,
+         "total_gb": total_gb, "hbm_gb": hbm / 1e9 if hbm else None,
+         "fits": (total_gb * 1e9 <= hbm) if hbm else None}
+  if bandwidth:  # each new token reads every parameter and the cache once
+    per_token_s = (params_gb + cache_gb / len(devices)) * 1e9 / bandwidth
+    out["decode_tokens_per_sec_bound"] = batch / per_token_s
   return out
 
 
@@ -569,6 +634,10 @@ def main(argv):
                             FLAGS.requests_per_batch, FLAGS.compare_hf)
   elif argv[1] == "data":
     result = bench_data(FLAGS.config, [int(mb) for mb in FLAGS.corpus_mb], FLAGS.corpus_dir)
+  elif FLAGS.topology:
+    result = bench_generate_for(FLAGS.config, FLAGS.topology, FLAGS.batch, FLAGS.prompt_len,
+                                FLAGS.new_tokens)
+    device = result.pop("device") + f" ({FLAGS.topology}, compiled ahead of time; estimates)"
   else:
     result = bench_generate(FLAGS.config, FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens,
                             FLAGS.repeats, FLAGS.compare_hf)

@@ -18,9 +18,10 @@ def _config(tmp_path, data, fsdp, tensor):
 
 
 def test_the_train_step_with_splash_attention_compiles_for_a_v5e_slice(tmp_path):
-  compiled, trainer, state, _ = bench.compile_for(_config(tmp_path, 2, 2, 1), "v5e:2x2")
-  assert "tpu_custom_call" in compiled.as_text()  # the splash kernel, compiled by Mosaic
-  report = bench.aot_report(compiled, trainer, state)
+  step = bench.compile_for(_config(tmp_path, 2, 2, 1), "v5e:2x2")
+  assert "tpu_custom_call" in step.compiled.as_text()  # the splash kernel, compiled by Mosaic
+  assert step.splash_kernel
+  report = bench.aot_report(step)
   assert report["device"] == "4 x TPU v5 lite" and report["fits"]
   assert report["params_gb"] > 0 and report["opt_state_gb"] > 0 and report["temp_gb"] > 0
   # XLA's FLOPs per token: the model's 6N + attention, within 10%.
@@ -29,12 +30,21 @@ def test_the_train_step_with_splash_attention_compiles_for_a_v5e_slice(tmp_path)
   peak, bandwidth = metrics.peak_flops("TPU v5 lite", 0), metrics.hbm_bandwidth("TPU v5 lite")
   seconds = max(report["xla_flops"] / peak, report["xla_gb_accessed"] * 1e9 / bandwidth)
   assert report["step_ms"] == pytest.approx(1e3 * seconds)
-  throughput = trainer.throughput()
+  throughput = step.trainer.throughput()
   assert report["mfu"] == pytest.approx(throughput.flops_per_step / (4 * peak * seconds))
   assert report["tokens_per_sec"] == pytest.approx(throughput.tokens_per_step / seconds)
 
   # FSDP x tensor parallelism: each chip holds a quarter of the parameters, not a half.
-  compiled, trainer, state, _ = bench.compile_for(_config(tmp_path, 1, 2, 2), "v5e:2x2")
-  split = bench.aot_report(compiled, trainer, state)
-  assert split["params_gb"] < 0.6 * report["params_gb"]
-  assert "tpu_custom_call" in compiled.as_text()
+  step = bench.compile_for(_config(tmp_path, 1, 2, 2), "v5e:2x2")
+  split = bench.aot_report(step)
+  assert split["params_gb"] < 0.6 * report["params_gb"] and step.splash_kernel
+
+
+def test_the_kv_cache_decoding_compiles_for_the_same_slice(tmp_path):
+  report = bench.bench_generate_for(_config(tmp_path, 1, 1, 4), "v5e:2x2", batch=4,
+                                    prompt_len=16, new_tokens=32)
+  assert report["device"] == "4 x TPU v5 lite" and report["fits"]
+  assert report["kv_cache_gb_all_devices"] > 0 and report["params_gb"] > 0
+  per_token_s = ((report["params_gb"] + report["kv_cache_gb_all_devices"] / 4) * 1e9
+                 / metrics.hbm_bandwidth("TPU v5 lite"))
+  assert report["decode_tokens_per_sec_bound"] == pytest.approx(4 / per_token_s)

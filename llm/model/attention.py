@@ -43,12 +43,13 @@ def target_platform() -> str:
 
 
 def choose(impl: str, dtype, length: int, decode: bool) -> str:
-  """The kernel `attend` uses for `impl` on this platform."""
+  """The kernel `attend` uses for `impl` on this platform; KV-cache decoding always XLA's
+  (its mask is the cache's, not a padding mask the fused kernels take)."""
+  if decode:
+    return "xla"
   if impl != "auto":
     return impl
   platform = target_platform()
-  if decode:
-    return "xla"
   if platform == "tpu" and length % SPLASH_BLOCK == 0:
     return "splash"
   if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
