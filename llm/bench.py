@@ -408,19 +408,23 @@ def _torch_gpt2_train(cfg, steps: int) -> dict:
           "torch_tokens_per_sec": tr.batch_size * cfg.data.max_length / seconds}
 
 
-def _hf_gpt2_decode(cfg, prompt, new_tokens: int, repeats: int) -> dict:
-  """transformers' GPT-2 `generate` (CPU torch, KV cache) on a model of the same shape."""
+def _hf_gpt2(cfg):
+  """transformers' GPT2LMHeadModel of the model config's shape, random, for inference."""
   try:
-    import torch
     import transformers
   except ImportError:
     raise UserError("--compare_hf needs torch and transformers "
                     "(pip install torch==2.13.0 transformers)") from None
-  hf_cfg = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_len,
-                                   n_embd=cfg.d_model, n_layer=cfg.num_layers,
-                                   n_head=cfg.num_heads, n_inner=cfg.d_ff, bos_token_id=None,
-                                   eos_token_id=None)
-  model = transformers.GPT2LMHeadModel(hf_cfg).eval()
+  return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=cfg.vocab_size, n_positions=cfg.max_len, n_embd=cfg.d_model,
+      n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.d_ff, bos_token_id=None,
+      eos_token_id=None)).eval()
+
+
+def _hf_gpt2_decode(cfg, prompt, new_tokens: int, repeats: int) -> dict:
+  """transformers' GPT-2 `generate` (CPU torch, KV cache) on a model of the same shape."""
+  model = _hf_gpt2(cfg)
+  import torch
   ids = torch.tensor(np.asarray(prompt), dtype=torch.long)
 
   def run(n):
@@ -487,15 +491,11 @@ def _harness_hf_seconds(cfg, requests, batch_size: int) -> float:
   except ImportError:
     raise UserError("--compare_hf needs torch, transformers and lm_eval "
                     "(pip install torch==2.13.0 transformers lm_eval[hf]==0.4.13)") from None
-  hf_cfg = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_len,
-                                   n_embd=cfg.d_model, n_layer=cfg.num_layers,
-                                   n_head=cfg.num_heads, n_inner=cfg.d_ff, bos_token_id=None,
-                                   eos_token_id=None)
   # The tokenizer is never used (the requests are ids); HFLM reads its special tokens.
   tokenizer = transformers.GPT2TokenizerFast(vocab={"<|endoftext|>": 0}, merges=[],
                                              eos_token="<|endoftext|>",
                                              unk_token="<|endoftext|>")
-  lm = HFLM(pretrained=transformers.GPT2LMHeadModel(hf_cfg).eval(), tokenizer=tokenizer,
+  lm = HFLM(pretrained=_hf_gpt2(cfg), tokenizer=tokenizer,
             batch_size=batch_size, device="cpu")
   tagged = [(("", ""), context, choice) for context, choice in requests]
   lm._loglikelihood_tokens(tagged, disable_tqdm=True)
