@@ -251,14 +251,13 @@ def bench_generate_for(cfg, topology: str, batch: int, prompt_len: int,
   reading the parameters and the cache once per token at the memory's bandwidth allows."""
   from llm import params as params_lib
   from llm.model import attention
-  from llm.train import _values
   config_lib.validate(cfg)
   devices = topology_devices(topology)
   mesh = sharding.make_mesh(cfg.mesh, devices)
   model = model_lib.build(cfg.model, cfg.tokenizer.vocab_size)
   shapes, shardings = params_lib.abstract(cfg, model, mesh, cfg.mesh)
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        _values(shapes), shardings)
+                        params_lib.values(shapes), shardings)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=replicated)
   valid = jax.ShapeDtypeStruct((batch, prompt_len), jnp.bool_, sharding=replicated)

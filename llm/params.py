@@ -45,6 +45,13 @@ def abstract(cfg, model, mesh, mesh_cfg):
   return shapes, sharding.logical_shardings(shapes, mesh, mesh_cfg)
 
 
+def values(boxed_shapes):
+  """A boxed tree (of shapes) without its logical axis names; unlike nn.meta.unbox, it adds no
+  sharding constraint (which abstract shapes cannot take)."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree.map(lambda x: x.value if is_box(x) else x, boxed_shapes, is_leaf=is_box)
+
+
 def init(cfg, model, mesh, mesh_cfg, source_params=None, source_name: str = ""):
   """A run's starting parameters, created already sharded (eval_shape -> shardings -> jit),
   with the source's weights put in. Returns (params, shardings, boxed abstract tree)."""

@@ -10,7 +10,6 @@ import contextlib
 import functools
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,12 +108,12 @@ class Trainer:
     with sharding.activate(self.mesh, self.cfg.mesh):
       self.state_shardings = sharding.logical_shardings(
           jax.eval_shape(new_state, trainable), self.mesh, self.cfg.mesh)
-      state = jax.eval_shape(new_state, _values(trainable))
+      state = jax.eval_shape(new_state, params_lib.values(trainable))
     with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    self.num_params = params_lib.count(_values(shapes))
-    self.num_trainable = params_lib.count(_values(trainable))
+    self.num_params = params_lib.count(params_lib.values(shapes))
+    self.num_trainable = params_lib.count(params_lib.values(trainable))
     return (jax.tree.map(with_sharding, state, self.state_shardings),
-            jax.tree.map(with_sharding, _values(frozen), self.frozen_shardings))
+            jax.tree.map(with_sharding, params_lib.values(frozen), self.frozen_shardings))
 
   def jit_train_step(self):
     """The train step, compiled for the state's shardings, with the old state donated."""
@@ -154,6 +153,8 @@ class Trainer:
   def benchmark_evaluators(self) -> dict:
     """benchmark -> (params, frozen) -> its metrics, for train.evals: the requests encoded
     once; the scoring programs compiled at the first evaluation, reused by the others."""
+    if not self.benchmarks:
+      return {}
     scorer = loglikelihood.LogLikelihood(self.model, self.tokenizer, self.mesh, self.cfg.mesh)
     assemble = jax.jit(self.assemble)
 
@@ -177,12 +178,6 @@ class Trainer:
                                     self.schema.length) * self.tokens_per_step
     peak = metrics.peak_flops(jax.devices()[0].device_kind, self.cfg.train.peak_flops)
     return metrics.Throughput(self.tokens_per_step, flops, peak, jax.device_count())
-
-
-def _values(boxed_shapes):
-  """A boxed tree of shapes without its logical axis names (unboxing would constrain them)."""
-  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-  return jax.tree.map(lambda x: x.value if is_box(x) else x, boxed_shapes, is_leaf=is_box)
 
 
 def make_train_step(objective: objectives.Objective, tx: optax.GradientTransformation,
