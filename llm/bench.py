@@ -232,7 +232,8 @@ def aot_report(step: CompiledStep) -> dict:
          "xla_flops": flops,
          "xla_gb_accessed": moved / 1e9,
          "model_flops_over_xla": throughput.flops_per_step / (len(devices) * flops)}
-  if peak and bandwidth:
+  if peak and bandwidth and not trainer.cfg.model.scan_layers:
+    # (Scanned layers are a loop, whose body XLA's cost analysis counts once: no estimate.)
     # A roofline: the step takes at least its FLOPs at the chip's peak and its bytes at the
     # memory's bandwidth (libtpu's cost model gives no time of its own: optimal_seconds < 0).
     compute_s, memory_s = flops / peak, moved / bandwidth
