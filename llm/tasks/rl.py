@@ -227,8 +227,10 @@ class Rollouts:
     self.rewards = Rewards(cfg, context.open_run)
     self.group, self.n = t.num_generations, t.max_new_tokens
     self.assemble = lambda trainable, frozen: params_lib.assemble(cfg, trainable, frozen)
-    self.start = context.start
-    self.reference = None  # the init_from weights, read at the first rollout (without LoRA)
+    # The init_from weights (without LoRA: its reference is the base, adapters off), read
+    # before the loop: on several hosts, moving them onto the mesh once the preemption service
+    # is watching the loop hangs in the collective (jax 0.10.2, gloo).
+    self.reference = None if cfg.lora.rank else context.start.params(model)
     self.held_out = held_out  # record rows
     self._sample, self._assemble = jax.jit(self._sample_fn), jax.jit(self.assemble)
     self._greedy = jax.jit(lambda params, prompt, valid: self._complete(
@@ -277,8 +279,6 @@ class Rollouts:
     A, m = batch["prompt"].shape[:2]
     flat = lambda x: jnp.repeat(x.reshape(A * m, *x.shape[2:]), self.group, axis=0)
     rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), step)
-    if self.reference is None and not self.cfg.lora.rank:
-      self.reference = self.start.params(self.model)
     with sharding.activate(self.mesh, self.cfg.mesh):
       new, tokens, positions, valid, mask, old, ref = self._sample(
           trainable, frozen, self.reference, flat(batch["prompt"]), flat(batch["prompt_valid"]),
