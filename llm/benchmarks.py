@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from llm.errors import UserError
+from llm.errors import UserError, closest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,12 +117,6 @@ BENCHMARKS = {
 # -- reading -------------------------------------------------------------------------------------
 
 
-def _closest(name: str, names) -> str:
-  import difflib
-  close = difflib.get_close_matches(name, names, n=1)
-  return f"; did you mean {close[0]!r}?" if close else f"; use one of {', '.join(names)}"
-
-
 def read_records(path: str) -> list[dict]:
   """A JSON-lines file's records; a line that is not a JSON object is named."""
   try:
@@ -151,7 +145,9 @@ def load(spec: str, data_dir: str = "data", limit: int = 0,
   line."""
   name, _, path = spec.partition(":")
   if name not in BENCHMARKS:
-    raise UserError(f"no benchmark {name!r}{_closest(name, BENCHMARKS)}")
+    close = closest(name, BENCHMARKS)
+    raise UserError(f"no benchmark {name!r}; " + (f"did you mean {close!r}?" if close else
+                                                  f"use one of {', '.join(BENCHMARKS)}"))
   bench = BENCHMARKS[name]
   path = path or os.path.join(data_dir, bench.file)
   if not os.path.exists(path):

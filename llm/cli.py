@@ -9,7 +9,6 @@ before anything is written.
 """
 
 import atexit
-import difflib
 import functools
 import gc
 import glob
@@ -23,7 +22,7 @@ import jax
 from absl import app, flags, logging
 
 from llm import preemption
-from llm.errors import UserError
+from llm.errors import UserError, closest
 
 EXIT_USER_ERROR = 2
 
@@ -179,8 +178,8 @@ def _one_line(e: Exception) -> str:
 
 
 def _suggest(name: str, candidates) -> str:
-  close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-  return f" (did you mean {close[0]}?)" if close else ""
+  close = closest(name, candidates)
+  return f" (did you mean {close}?)" if close else ""
 
 
 def _shipped_configs(path: str) -> list[str]:

@@ -13,7 +13,6 @@ nothing outside llm/tasks/ compares `task.kind`. A new task is one class in one 
 """
 
 import dataclasses
-import difflib
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -23,7 +22,7 @@ from llm import config as config_lib, evaluation
 from llm import model as model_lib
 from llm import objectives
 from llm.data import batches, sources
-from llm.errors import UserError
+from llm.errors import UserError, closest
 
 _REGISTRY: dict[str, type["Task"]] = {}
 
@@ -43,8 +42,8 @@ def kinds() -> tuple[str, ...]:
 def get(kind: str) -> type["Task"]:
   """The class of `task.kind`; an unknown kind stops with the closest known one."""
   if kind not in _REGISTRY:
-    close = difflib.get_close_matches(kind, _REGISTRY, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
+    close = closest(kind, _REGISTRY)
+    hint = f"did you mean {close!r}? " if close else ""
     raise UserError(f"config: task.kind={kind!r} is not allowed; {hint}use one of {kinds()}")
   return _REGISTRY[kind]
 
