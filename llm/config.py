@@ -50,7 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
   ta.mlm_weight = 1.0  # mlm: loss = mlm_weight * MLM + nsp_weight * NSP
   ta.nsp_weight = 1.0  # mlm: see task.mlm_weight
   ta.labels = ""  # classify: class names in order, comma-separated; empty: sorted from the data
-  ta.mask_prompt = True  # instruct: only the response (and its end-of-text) is a target
+  ta.train_on = "assistant"  # instruct: what the loss sees: "assistant" (every assistant turn,
+  #                            a completion, an Alpaca response; with its end of turn),
+  #                            "completion" (a conversation's last assistant turn) or "all"
   ta.beta = 0.1  # dpo: how far the policy may move from the reference (the rewards' scale)
   ta.dpo_average = False  # dpo: average the answer's token log-probabilities instead of summing
   # grpo, rloo (online RL from init_from; llm/tasks/rl.py):
@@ -111,6 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.vocab_size = 4096  # size of a trained tokenizer
   t.train_chars = 20_000_000  # text read to train a tokenizer
   t.lowercase = True  # wordpiece: lower-case and strip accents (an "uncased" vocabulary)
+  t.chat_template = ""  # how conversations are rendered: "" the tokenizer's own (its folder's
+  #                       chat_template), "chatml", or the path of a Jinja template file
 
   c.data = d = ml_collections.ConfigDict()
   d.path = ""  # local file, glob or folder; empty (and no hf_name): the embedded corpus
@@ -121,10 +125,13 @@ def base_config() -> ml_collections.ConfigDict:
   d.columns = ""  # column names of a CSV/TSV file without a header row, comma-separated
   d.text_field = "text"  # the column holding the text
   d.label_field = "label"  # classify: the column holding the label
-  d.chosen_field = "chosen"  # reward, dpo: the preferred answer (prompt: instruction, input)
+  d.chosen_field = "chosen"  # reward, dpo: the preferred answer of an Alpaca-style record
   d.rejected_field = "rejected"  # reward, dpo: the other answer
   d.balance = False  # classify: undersample every class to the smallest one's size
-  d.skip_bad_rows = False  # classify, instruct: leave out records that lack a field (else stop)
+  d.skip_bad_rows = False  # classify, instruct, reward, dpo: leave out records that lack a
+  #                           field or cannot be used (else stop, naming the first)
+  d.packing = False  # instruct, reward, dpo: records packed into rows (best-fit decreasing),
+  #                    kept apart by document masks, instead of one padded record per row
   d.max_length = 256  # tokens per training window (inputs) or longest record; 0: the context
   d.stride = 256  # tokens between the starts of consecutive windows
   d.val_fraction = 0.1  # held out for validation (the end of the token stream, or records)

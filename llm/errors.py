@@ -7,6 +7,11 @@ class UserError(Exception):
   """Something the user can fix: the message says what is wrong and what to do."""
 
 
+class BadRecord(ValueError):
+  """A record that cannot be used (an empty conversation, an unknown role, ...): the reason,
+  which the caller names with the record (see prompts.encode_records)."""
+
+
 def closest(name: str, candidates) -> str | None:
   """The candidate a misspelled `name` most likely meant, or None: for "did you mean"."""
   close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)

@@ -51,7 +51,7 @@ def write_responses(run, data, docs, out: str, max_new_tokens: int, batch_size: 
   with open(out, "w") as f:
     for b in range(0, len(records), batch_size):
       chunk = records[b:b + batch_size]
-      prompts = [run.task.prompt(r) for r in chunk]
+      prompts = [run.task.prompt(r, run.tokenizer) for r in chunk]
       room = gen.model.cfg.max_len - max(len(gen.tokenizer.encode(p)) for p in prompts)
       for key, generator in generators.items():
         responses = generator.generate(prompts, max_new_tokens=max(min(max_new_tokens, room), 1),
@@ -81,14 +81,17 @@ def judge(rows: list[dict], scorer=None) -> dict:
   answers (`output`, or a preference record's `chosen`): the share that are the answer exactly;
   and with a reward model's `scorer` as the judge, the mean score of each, and of the answers
   themselves for scale."""
-  answer = "output" if "output" in rows[0] else "chosen"
+  field = "output" if "output" in rows[0] or "chosen" not in rows[0] else "chosen"
+  answers = [prompts.answer_text(r, field) for r in rows]
   columns = [c for c in ("response", "reference_response") if c in rows[0]]
-  result = {f"{c}_exact_match": float(np.mean([r[c].strip() == str(r[answer]).strip()
-                                                for r in rows])) for c in columns}
+  result = {f"{c}_exact_match": float(np.mean([r[c].strip() == a.strip()
+                                                for r, a in zip(rows, answers)]))
+            for c in columns}
   if scorer is not None:
-    prompt_texts = [prompts.record_prompt(r) for r in rows]
-    for c in columns + [answer]:
+    prompt_texts = [prompts.prompt_text(r, scorer.tokenizer) for r in rows]
+    for c in columns:
       result[f"judge_{c}"] = float(np.mean(scorer.score(prompt_texts, [str(r[c]) for r in rows])))
+    result[f"judge_{field}"] = float(np.mean(scorer.score(prompt_texts, answers)))
   return result
 
 

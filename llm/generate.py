@@ -4,6 +4,11 @@
         --max_new_tokens=100 --temperature=0.8 --top_k=50 --top_p=0.95 --num_samples=2
     python -m llm.generate --workdir=runs/dpo --instruction="..." --reward_model=runs/reward \\
         --best_of=8 --temperature=0.8 [--verbose: every sample's reward]
+    python -m llm.generate --workdir=runs/chat --chat [--system="You are terse."]
+    python -m llm.generate --workdir=runs/chat --messages=conversation.json
+
+--chat talks with the model in the terminal, the conversation kept and rendered by the run's chat
+template; --messages answers a JSON conversation (or JSON lines of them) with JSON lines.
 """
 
 import json
@@ -12,9 +17,9 @@ import sys
 
 from absl import flags
 
-from llm import cli, runs
+from llm import chat, cli, runs
+from llm.errors import BadRecord, UserError
 from llm.prompts import alpaca_prompt
-from llm.errors import UserError
 from llm.sampling import Generator
 
 FLAGS = flags.FLAGS
@@ -38,6 +43,10 @@ def define_flags():
   flags.DEFINE_string("reward_model", None, "A reward run: of --best_of samples per prompt, the "
                       "one it scores highest is returned.")
   flags.DEFINE_integer("best_of", 1, "Samples per prompt for --reward_model to choose from.")
+  flags.DEFINE_bool("chat", False, "Talk with the model: each line you type is a user message.")
+  flags.DEFINE_string("system", "", "--chat: a system message to start the conversation with.")
+  flags.DEFINE_string("messages", None, "A JSON file: a conversation ([{\"role\", \"content\"}, "
+                      "...]) or JSON lines of them; each gets the assistant's next message.")
 
 
 def main(argv):
@@ -47,6 +56,9 @@ def main(argv):
   if FLAGS.prompt_file and not os.path.isfile(FLAGS.prompt_file):
     raise UserError(f"--prompt_file: no such file {FLAGS.prompt_file}")
   gen = Generator(runs.load(FLAGS.workdir))
+  if FLAGS.chat or FLAGS.messages:
+    _conversations(gen)
+    return
   if FLAGS.reward_model:
     _best_of(gen)
     return
@@ -78,6 +90,61 @@ def main(argv):
       else:
         print(("" if i == 0 else "\n" + "-" * 40 + "\n") + prompt + text)
   sys.stdout.flush()
+
+
+def _read_conversations(path: str) -> list[list[dict]]:
+  if not os.path.isfile(path):
+    raise UserError(f"--messages: no such file {path}")
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  try:
+    whole = json.loads(text)
+    return [whole] if whole and isinstance(whole[0], dict) else whole
+  except json.JSONDecodeError:
+    pass
+  conversations = []
+  for n, line in enumerate(text.splitlines(), 1):
+    if line.strip():
+      try:
+        value = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise UserError(f"--messages: line {n} of {path} is not JSON ({e.msg})") from None
+      conversations.append(value["messages"] if isinstance(value, dict) else value)
+  return conversations
+
+
+def _conversations(gen) -> None:
+  """--messages: the assistant's next message to each conversation, as JSON lines; --chat: a
+  conversation in the terminal, kept turn after turn."""
+  template = chat.Template.of(gen.tokenizer)
+  stop = template.end_of_turn or None  # also where it is several tokens (text after it is cut)
+  answer = lambda conversations: [samples[0].strip() for samples in gen.generate(
+      [template.render(c, add_generation_prompt=True) for c in conversations],
+      FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, seed=FLAGS.seed,
+      stop=stop, use_cache=FLAGS.kv_cache)]
+  if FLAGS.messages:
+    conversations = _read_conversations(FLAGS.messages)
+    for n, conversation in enumerate(conversations):
+      try:
+        chat.check(conversation)
+      except BadRecord as e:
+        raise UserError(f"--messages: conversation {n + 1} of {FLAGS.messages}: {e}") from None
+    for conversation, text in zip(conversations, answer(conversations)):
+      print(json.dumps({"messages": conversation + [{"role": "assistant", "content": text}]}))
+    return
+  messages = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
+  print("(an empty line or Ctrl-D ends the conversation)", file=sys.stderr)
+  while True:
+    try:
+      line = input("you> ")
+    except EOFError:
+      break
+    if not line.strip():
+      break
+    messages.append({"role": "user", "content": line})
+    [text] = answer([messages])
+    messages.append({"role": "assistant", "content": text})
+    print(f"assistant> {text}", flush=True)
 
 
 def _best_of(gen) -> None:

@@ -495,6 +495,11 @@ def model_values(hf: dict) -> dict:
 
 
 def load_tokenizer(directory: str, hf: dict) -> tokenizer_lib.Tokenizer:
+  """A Hugging Face folder's tokenizer, with the chat template it ships."""
+  return tokenizer_lib.with_chat_template(_load_tokenizer(directory, hf), directory)
+
+
+def _load_tokenizer(directory: str, hf: dict) -> tokenizer_lib.Tokenizer:
   if hf["model_type"] == "bert":  # vocab.txt, or the vocabulary inside tokenizer.json
     settings = os.path.join(directory, "tokenizer_config.json")
     lowercase = json.load(open(settings)).get("do_lower_case", True) if os.path.isfile(

@@ -177,9 +177,12 @@ def _pairs_apply(fn, batch, *arrays):
 
 
 def sequence_logps(model, params, batch, average: bool, dropout_rng=None, train=False):
-  """log π(answer | prompt) of both answers of each pair, [B, 2]: the answer tokens' (and the
-  end-of-text's) log-probabilities summed, or averaged with `average`."""
+  """log π(answer | prompt) of both answers of each pair, [B, 2] ([R, P, 2] for pairs packed
+  into rows, data.packing): the answer tokens' (and their end's) log-probabilities summed, or
+  averaged with `average`."""
   kwargs = dict(deterministic=not train, rngs={"dropout": dropout_rng} if train else {})
+  if "documents" in batch:
+    return _packed_logps(model, params, batch, average, kwargs)
 
   def logps(tokens_MxT, response_MxT):
     logits_MxLxV = model.apply({"params": params}, tokens_MxT[:, :-1], **kwargs)
@@ -192,6 +195,28 @@ def sequence_logps(model, params, batch, average: bool, dropout_rng=None, train=
   return _pairs_apply(logps, batch, batch["tokens"], batch["response"])
 
 
+def _packed_logps(model, params, batch, average, kwargs):
+  """sequence_logps of rows that hold whole pairs end to end (packing.pack_pairs): each
+  token's log-probability added to its sequence's slot."""
+  R, P = batch["weights"].shape
+  logits_RxLxV = model.apply({"params": params}, batch["tokens"][:, :-1],
+                             batch["positions"][:, :-1], None,
+                             documents_BxL=batch["documents"][:, :-1], **kwargs)
+  token_logps_RxL = -optax.softmax_cross_entropy_with_integer_labels(logits_RxLxV,
+                                                                     batch["tokens"][:, 1:])
+  mask_RxL = batch["response"][:, 1:]  # a sequence's first token is never an answer's
+  slots_RxLxS = jax.nn.one_hot(batch["sequence"][:, 1:], 2 * P, dtype=jnp.float32)
+  total_RxS = jnp.einsum("rl,rls->rs", token_logps_RxL * mask_RxL, slots_RxLxS)
+  if average:
+    total_RxS = total_RxS / jnp.maximum(jnp.einsum("rl,rls->rs", mask_RxL, slots_RxLxS), 1.0)
+  return total_RxS.reshape(R, P, 2)
+
+
+def _flat_pairs(batch, rewards):
+  """(rewards [pairs, 2], weights [pairs]) of a batch, packed into rows or not."""
+  return rewards.reshape(-1, 2), batch["weights"].reshape(-1)
+
+
 def dpo(model, beta: float, average: bool) -> Objective:
   """Direct preference optimisation (Rafailov et al. 2023): -log σ(β · ((log π(chosen) -
   log π_ref(chosen)) - (log π(rejected) - log π_ref(rejected)))), the reference's
@@ -199,9 +224,9 @@ def dpo(model, beta: float, average: bool) -> Objective:
   model). A pair's rewards are the β-scaled log-ratios."""
 
   def loss(params, batch, dropout_rng, train):
-    logps_Bx2 = sequence_logps(model, params, batch, average, dropout_rng, train)
-    rewards_Bx2 = beta * (logps_Bx2 - batch["reference"])
-    return _pair_sums(rewards_Bx2[:, 0] - rewards_Bx2[:, 1], batch["weights"], rewards_Bx2)
+    logps = sequence_logps(model, params, batch, average, dropout_rng, train)
+    rewards_Bx2, w_B = _flat_pairs(batch, beta * (logps - batch["reference"]))
+    return _pair_sums(rewards_Bx2[:, 0] - rewards_Bx2[:, 1], w_B, rewards_Bx2)
 
   return Objective(loss, _summarize_pairs("reward_accuracy"))
 
@@ -211,11 +236,18 @@ def reward(model) -> Objective:
   scalar head on each whole sequence."""
 
   def loss(params, batch, dropout_rng, train):
-    def score(tokens_MxT, valid_MxT):
-      return model.apply({"params": params}, tokens_MxT, valid_MxT, deterministic=not train,
-                         rngs={"dropout": dropout_rng} if train else {})[:, 0]
-    rewards_Bx2 = _pairs_apply(score, batch, batch["tokens"], batch["valid"])
-    return _pair_sums(rewards_Bx2[:, 0] - rewards_Bx2[:, 1], batch["weights"], rewards_Bx2)
+    kwargs = dict(deterministic=not train, rngs={"dropout": dropout_rng} if train else {})
+    if "documents" in batch:  # pairs packed into rows: the score at each sequence's end
+      R, P = batch["weights"].shape
+      rewards = model.apply({"params": params}, batch["tokens"], None, documents_BxL=batch[
+          "documents"], positions_BxL=batch["positions"], ends_BxS=batch["ends"].reshape(R, -1),
+                            **kwargs)[..., 0]
+    else:
+      def score(tokens_MxT, valid_MxT):
+        return model.apply({"params": params}, tokens_MxT, valid_MxT, **kwargs)[:, 0]
+      rewards = _pairs_apply(score, batch, batch["tokens"], batch["valid"])
+    rewards_Bx2, w_B = _flat_pairs(batch, rewards)
+    return _pair_sums(rewards_Bx2[:, 0] - rewards_Bx2[:, 1], w_B, rewards_Bx2)
 
   return Objective(loss, _summarize_pairs("accuracy"))
 

@@ -44,9 +44,11 @@ def sample_logits(logits_BxV, rng, temperature: float, top_k: int, top_p: float)
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k",
                                              "top_p", "use_cache", "on_token",
                                              "num_tokens"))
-def generate_tokens(model, params, prompt_BxP, valid_BxP, rng, eot_id, *, max_new_tokens,
+def generate_tokens(model, params, prompt_BxP, valid_BxP, rng, stop_ids, *, max_new_tokens,
                     temperature, top_k, top_p, use_cache, on_token=None, num_tokens=None):
-  """Left-padded prompts -> new tokens [B, max_new_tokens] (eot_id after a row's end-of-text).
+  """Left-padded prompts -> new tokens [B, max_new_tokens]. A row ends at its first token of
+  `stop_ids` (an id or a list: end-of-text, a chat template's end of turn); after it come
+  copies of the first stop id.
 
   `num_tokens`: the tokenizer's vocabulary, when the model's is padded past it (padding rows
   are never sampled). `on_token(token_B)`, if given, is called on the host with each step's
@@ -54,6 +56,8 @@ def generate_tokens(model, params, prompt_BxP, valid_BxP, rng, eot_id, *, max_ne
   """
   B, P = prompt_BxP.shape
   T = P + max_new_tokens
+  stop_S = jnp.atleast_1d(jnp.asarray(stop_ids, jnp.int32))
+  eot_id = stop_S[0]
   lengths_B = jnp.sum(valid_BxP, axis=1)
   positions_BxP = jnp.maximum(jnp.cumsum(valid_BxP, axis=1) - 1, 0)
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -78,7 +82,7 @@ def generate_tokens(model, params, prompt_BxP, valid_BxP, rng, eot_id, *, max_ne
     out_BxN = out_BxN.at[:, i].set(token_B)
     if on_token is not None:
       jax.debug.callback(on_token, token_B, ordered=True)
-    done_B = done_B | (token_B == eot_id)
+    done_B = done_B | jnp.isin(token_B, stop_S)
     if use_cache:
       logits_Bx1xV, mutated = model.apply(
           {"params": params, "cache": cache}, token_B[:, None], (lengths_B + i)[:, None],
@@ -115,6 +119,7 @@ class Generator:
     self.cfg, self.tokenizer = run.cfg, run.tokenizer
     self.model, self.params = run.model, run.params
     self.mesh, self.mesh_cfg = run.mesh, run.mesh_cfg
+    self.stop_ids = prompts_lib.stop_ids(self.tokenizer)
 
   def generate(self, prompts: list[str], max_new_tokens: int = 100, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
@@ -150,7 +155,7 @@ class Generator:
     prompt, valid = batches.pad(rows, longest, 0, left=True)
     with sharding.activate(self.mesh, self.mesh_cfg):
       new = generate_tokens(self.model, self.params, prompt, valid, jax.random.PRNGKey(seed),
-                      self.tokenizer.eot_id, max_new_tokens=max_new_tokens,
+                      self.stop_ids, max_new_tokens=max_new_tokens,
                       temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                       use_cache=use_cache, num_tokens=self.tokenizer.vocab_size,
                       on_token=None if stream is None else self._streamer(stream, stop))
@@ -173,8 +178,8 @@ class Generator:
 
   def _text(self, ids, stop):
     ids = list(ids)
-    if self.tokenizer.eot_id in ids:
-      ids = ids[:ids.index(self.tokenizer.eot_id)]
+    ends = [ids.index(i) for i in self.stop_ids if i in ids]
+    ids = ids[:min(ends)] if ends else ids
     text = self.tokenizer.decode(ids)
     return text.split(stop, 1)[0] if stop else text
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from llm import config as config_lib, rundir, runs, sharding, tasks
+from llm import chat, config as config_lib, rundir, runs, sharding, tasks
 from llm import tokenizer as tokenizer_lib
 from llm.data import shards
 from llm.errors import UserError
@@ -55,7 +55,7 @@ def choose_tokenizer(task: tasks.Task, docs, workdir: str = "",
                      source: runs.Source | None = None) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer, from the first of: the run directory's own (a resumed run keeps it),
   the init_from model's, the prepared shards', or the config's (trained on the task's text when
-  it names no files)."""
+  it names no files); with tokenizer.chat_template's template."""
   cfg = task.cfg
   if workdir and rundir.has_tokenizer(workdir):
     tokenizer = rundir.read_tokenizer(workdir)
@@ -67,6 +67,8 @@ def choose_tokenizer(task: tasks.Task, docs, workdir: str = "",
     trains = not cfg.tokenizer.path and cfg.tokenizer.kind in ("sentencepiece", "wordpiece")
     with tempfile.TemporaryDirectory() as tmp:
       tokenizer = tokenizer_lib.build(cfg, task.tokenizer_texts(docs) if trains else None, tmp)
+  if cfg.tokenizer.chat_template:  # the config's template over the one the files ship
+    tokenizer.chat_template = chat.choose(cfg.tokenizer.chat_template, tokenizer.chat_template)
   if cfg.model.vocab_size and cfg.model.vocab_size < tokenizer.vocab_size:
     raise UserError(f"config: model.vocab_size={cfg.model.vocab_size} is smaller than the "
                     f"tokenizer's {tokenizer.vocab_size}; use 0 or a larger size")

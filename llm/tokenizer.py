@@ -1,4 +1,5 @@
-"""Tokenizers behind one interface: encode, decode, vocab_size, eot_id, pad_id, save.
+"""Tokenizers behind one interface: encode, decode, vocab_size, eot_id, pad_id, save, and the
+special tokens and chat template they come with.
 
 - sentencepiece: BPE with byte fallback, trained on the run's text or loaded from a .model file.
 - gpt2: OpenAI's GPT-2 BPE through tiktoken, built offline from encoder.json + vocab.bpe.
@@ -12,6 +13,7 @@ import concurrent.futures
 import functools
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -29,7 +31,10 @@ class Tokenizer:
   vocab_size: int
   eot_id: int  # ends a document; also what generation stops at
   pad_id: int
-  bos_id: int | None = None  # put before a prompt, where the model was trained with one
+  bos_id: int | None = None  # the model's beginning-of-text token, where it has one
+  chat_template: str | None = None  # the Jinja template conversations are rendered with
+  # The names a chat template knows the special tokens by (transformers' special_tokens_map).
+  template_tokens: dict = {}
 
   def encode(self, text: str) -> list[int]:
     raise NotImplementedError
@@ -37,11 +42,21 @@ class Tokenizer:
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [self.encode(t) for t in texts]
 
+  def specials(self) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer's own rules put before and after a text (transformers'
+    `tokenizer(text)`: Llama 3's <|begin_of_text|> before). The one place that decides it:
+    only a tokenizer.json has such rules (its post-processor); the others add none."""
+    return [], []
+
   def encode_with_specials(self, text: str) -> list[int]:
-    """A text as the tokenizer itself encodes it, with the special tokens its own rules add
-    (transformers' `tokenizer(text)`): what lm-evaluation-harness scores. Only a
-    tokenizer.json has such rules; the others add none."""
-    return self.encode(text)
+    """A text as the tokenizer itself encodes it, with its special tokens: what
+    lm-evaluation-harness scores and what transformers' `generate` is given."""
+    before, after = self.specials()
+    return before + self.encode(text) + after
+
+  def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """`encode(text)` and the (start, end) character span each token covers."""
+    raise NotImplementedError
 
   def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
     """`encode_batch` as one integer array per text: what preparing a corpus writes."""
@@ -50,8 +65,12 @@ class Tokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     raise NotImplementedError
 
-  def save(self, directory: str) -> None:
-    """Writes the files `load(directory)` reads back."""
+  def save(self, directory: str, **kwargs) -> None:
+    """Writes the files `load(directory)` reads back, the chat template among them."""
+    self._save_files(directory, **kwargs)
+    save_chat_template(self, directory)
+
+  def _save_files(self, directory: str) -> None:
     raise NotImplementedError
 
   def fingerprint(self) -> str:
@@ -116,10 +135,15 @@ class SentencePieceTokenizer(Tokenizer):
   def encode_batch(self, texts):
     return self._sp.encode(list(texts))
 
+  def encode_offsets(self, text):
+    pieces = self._sp.encode(text, out_type="immutable_proto").pieces
+    char_at = _char_index(text)  # sentencepiece counts in UTF-8 bytes
+    return [p.id for p in pieces], [(char_at[p.begin], char_at[p.end]) for p in pieces]
+
   def decode(self, ids):
     return self._sp.decode([int(i) for i in ids])
 
-  def save(self, directory):
+  def _save_files(self, directory):
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, self.MODEL_FILE), "wb") as f:
       f.write(self._proto)
@@ -127,6 +151,12 @@ class SentencePieceTokenizer(Tokenizer):
   def fingerprint(self):
     import hashlib
     return "sp-" + hashlib.sha256(self._proto).hexdigest()[:16]
+
+
+def _char_index(text: str) -> list[int]:
+  """UTF-8 byte offset -> the index of the character it falls in (and len(text) at the end)."""
+  index = [i for i, c in enumerate(text) for _ in c.encode("utf-8")]
+  return index + [len(text)]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -227,10 +257,15 @@ class GPT2Tokenizer(Tokenizer):
     return list(self._pool.map(functools.partial(self._enc.encode_to_numpy,
                                                  allowed_special="all"), texts))
 
+  def encode_offsets(self, text):
+    ids = self.encode(text)
+    _, starts = self._enc.decode_with_offsets(ids)
+    return ids, list(zip(starts, starts[1:] + [len(text)]))
+
   def decode(self, ids):
     return self._enc.decode([int(i) for i in ids])
 
-  def save(self, directory, names=FILES):
+  def _save_files(self, directory, names=FILES):
     """OpenAI's file names by default; `HF_FILES` for a Hugging Face folder."""
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, names[0]), "w", encoding="utf-8") as f:
@@ -253,6 +288,10 @@ class _TokenizersLibrary(Tokenizer):
 
   def encode_batch(self, texts):
     return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def encode_offsets(self, text):
+    encoding = self._tok.encode(text, add_special_tokens=False)
+    return encoding.ids, encoding.offsets
 
   def decode(self, ids):
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -313,7 +352,7 @@ class WordPieceTokenizer(_TokenizersLibrary):
         show_progress=False))
     return cls(tok.get_vocab(), lowercase)
 
-  def save(self, directory):
+  def _save_files(self, directory):
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, self.VOCAB_FILE), "w", encoding="utf-8") as f:
       f.writelines(t + "\n" for t, _ in sorted(self.vocab.items(), key=lambda kv: kv[1]))
@@ -331,16 +370,15 @@ class HFTokenizer(_TokenizersLibrary):
   SmolLM ship theirs (byte-level or sentencepiece-style BPE), with the model's end-of-text and
   beginning-of-text tokens.
 
-  `encode` gives the text's tokens alone; `bos_id` is what a prompt starts with.
+  `encode` gives the text's tokens alone; the file's post-processor says which special tokens
+  a text gets (`specials`).
   """
   kind = "hf"
   FILE = "tokenizer.json"
   SPECIALS_FILE = "special_tokens.json"
 
-  def encode_with_specials(self, text):
-    return self._tok.encode(text).ids  # the file's post-processor (Llama 3's <|begin_of_text|>)
-
-  def __init__(self, path: str, eot_id: int, bos_id: int | None = None):
+  def __init__(self, path: str, eot_id: int, bos_id: int | None = None,
+               template_tokens: dict | None = None):
     from tokenizers import Tokenizer as Loaded
     try:
       self._tok = Loaded.from_file(path)
@@ -351,6 +389,20 @@ class HFTokenizer(_TokenizersLibrary):
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self.eot_id, self.bos_id = eot_id, bos_id
     self.pad_id = eot_id
+    names = {"eos_token": self._tok.id_to_token(eot_id)}
+    if bos_id is not None:
+      names["bos_token"] = self._tok.id_to_token(bos_id)
+    self.template_tokens = {**names, **(template_tokens or {})}
+
+  def specials(self):
+    # What the post-processor adds around a text, read off one encoding with and without it.
+    bare = self._tok.encode("a", add_special_tokens=False).ids
+    full = self._tok.encode("a").ids
+    start = next(i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare)
+    return full[:start], full[start + len(bare):]
+
+  def encode_with_specials(self, text):
+    return self._tok.encode(text).ids
 
   @classmethod
   def from_folder(cls, directory: str, hf_config: dict | None = None) -> "HFTokenizer":
@@ -359,14 +411,15 @@ class HFTokenizer(_TokenizersLibrary):
     path = os.path.join(directory, cls.FILE)
     if not os.path.isfile(path):
       raise UserError(f"tokenizer.path: no {cls.FILE} in {directory}")
+    settings = read_tokenizer_config(directory)
+    names = {k: v["content"] if isinstance(v, dict) else v for k, v in settings.items()
+             if k in ("bos_token", "eos_token", "unk_token", "pad_token") and v}
     ours = os.path.join(directory, cls.SPECIALS_FILE)
     if os.path.isfile(ours):
       with open(ours) as f:
         ids = json.load(f)
-      return cls(path, ids["eot_id"], ids.get("bos_id"))
+      return cls(path, ids["eot_id"], ids.get("bos_id"), ids.get("template_tokens"))
     hf_config = dict(hf_config or {})
-    settings = os.path.join(directory, "tokenizer_config.json")
-    names = json.load(open(settings)) if os.path.isfile(settings) else {}
     tok = cls(path, 0)
     ids = {}
     for role in ("eos", "bos"):
@@ -374,27 +427,24 @@ class HFTokenizer(_TokenizersLibrary):
       if isinstance(value, list):  # several end tokens (Llama 3 instruct): the first
         value = value[0]
       if value is None and names.get(f"{role}_token"):
-        name = names[f"{role}_token"]
-        value = tok._tok.token_to_id(name["content"] if isinstance(name, dict) else name)
+        value = tok._tok.token_to_id(names[f"{role}_token"])
       ids[role] = value
     if ids["eos"] is None:
       raise UserError(f"{directory}: neither config.json nor tokenizer_config.json names the "
                       "end-of-text token (eos_token_id / eos_token)")
-    return cls(path, ids["eos"], ids["bos"])
+    return cls(path, ids["eos"], ids["bos"], names)
 
   def special_tokens(self) -> dict:
     """transformers' names for the end- and beginning-of-text tokens."""
-    names = {"eos_token": self._tok.id_to_token(self.eot_id)}
-    if self.bos_id is not None:
-      names["bos_token"] = self._tok.id_to_token(self.bos_id)
-    return names
+    return {k: v for k, v in self.template_tokens.items() if k in ("eos_token", "bos_token")}
 
-  def save(self, directory):
+  def _save_files(self, directory):
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, self.FILE), "wb") as f:
       f.write(self._json)
     with open(os.path.join(directory, self.SPECIALS_FILE), "w") as f:
-      json.dump({"eot_id": self.eot_id, "bos_id": self.bos_id}, f)
+      json.dump({"eot_id": self.eot_id, "bos_id": self.bos_id,
+                 "template_tokens": self.template_tokens}, f)
 
   def fingerprint(self):
     import hashlib
@@ -402,29 +452,77 @@ class HFTokenizer(_TokenizersLibrary):
     return "hf-" + digest.hexdigest()[:16]
 
 
+# ---------------------------------------------------------------------------------------------
+# Chat templates: kept beside a tokenizer's files, as transformers keeps them
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def read_tokenizer_config(directory: str) -> dict:
+  path = os.path.join(directory, "tokenizer_config.json")
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def read_chat_template(directory: str) -> str | None:
+  """The chat template a tokenizer folder ships: chat_template.jinja (what transformers writes
+  today), else tokenizer_config.json's `chat_template` (a string, or named templates: the
+  "default" one)."""
+  path = os.path.join(directory, CHAT_TEMPLATE_FILE)
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  template = read_tokenizer_config(directory).get("chat_template")
+  if isinstance(template, list):
+    template = {t["name"]: t["template"] for t in template}.get("default")
+  return template or None
+
+
+def save_chat_template(tokenizer: Tokenizer, directory: str) -> None:
+  if tokenizer.chat_template:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, CHAT_TEMPLATE_FILE), "w", encoding="utf-8") as f:
+      f.write(tokenizer.chat_template)
+
+
+def with_chat_template(tokenizer: Tokenizer, directory: str) -> Tokenizer:
+  """`tokenizer` with the chat template that `directory` (its files) ships, if any."""
+  tokenizer.chat_template = read_chat_template(directory) or tokenizer.chat_template
+  return tokenizer
+
+
 def build(cfg, texts: Iterable[str] | None, directory: str) -> Tokenizer:
-  """The tokenizer `cfg.tokenizer` asks for, saved into `directory` (a run's DIR/tokenizer).
+  """The tokenizer `cfg.tokenizer` asks for (with the chat template its folder ships), saved
+  into `directory` (a run's DIR/tokenizer).
 
   `texts` trains a sentencepiece model when `cfg.tokenizer.path` is empty.
   """
+  tok = _build(cfg, texts)
+  if cfg.tokenizer.path:
+    path = cfg.tokenizer.path
+    with_chat_template(tok, path if os.path.isdir(path) else os.path.dirname(path))
+  tok.save(directory)
+  return tok
+
+
+def _build(cfg, texts):
   t = cfg.tokenizer
   if t.kind == "sentencepiece":
     if t.path:
       path = os.path.join(t.path, SentencePieceTokenizer.MODEL_FILE) if os.path.isdir(
           t.path) else t.path
-      tok = SentencePieceTokenizer(path)
-      tok.save(directory)
-      return tok
+      return SentencePieceTokenizer(path)
     if texts is None:
       raise UserError("tokenizer.path is empty and there is no text to train a tokenizer on")
-    return SentencePieceTokenizer.train(texts, t.vocab_size, directory)
+    with tempfile.TemporaryDirectory() as tmp:
+      return SentencePieceTokenizer.train(texts, t.vocab_size, tmp)
   if t.kind == "gpt2":
     if t.path and not os.path.isdir(t.path):
       raise UserError(f"tokenizer.path={t.path!r}: GPT-2 BPE wants a folder holding "
                       "encoder.json + vocab.bpe or vocab.json + merges.txt")
-    tok = GPT2Tokenizer(t.path or None)
-    tok.save(directory)
-    return tok
+    return GPT2Tokenizer(t.path or None)
   if t.kind == "wordpiece":
     if t.path:
       path = (os.path.join(t.path, WordPieceTokenizer.VOCAB_FILE) if os.path.isdir(t.path)
@@ -434,20 +532,21 @@ def build(cfg, texts: Iterable[str] | None, directory: str) -> Tokenizer:
       raise UserError("tokenizer.path is empty and there is no text to train a tokenizer on")
     else:
       tok = WordPieceTokenizer.train(texts, t.vocab_size, t.lowercase)
-    tok.save(directory)
     return tok
   if t.kind == "hf":
     if not t.path:
       raise UserError("tokenizer.kind=hf reads an existing tokenizer.json: set tokenizer.path to "
                       "its folder")
-    tok = HFTokenizer.from_folder(t.path if os.path.isdir(t.path) else os.path.dirname(t.path))
-    tok.save(directory)
-    return tok
+    return HFTokenizer.from_folder(t.path if os.path.isdir(t.path) else os.path.dirname(t.path))
   raise UserError(f"tokenizer.kind={t.kind!r} is unknown")
 
 
 def load(directory: str) -> Tokenizer:
-  """The tokenizer a run saved in DIR/tokenizer/."""
+  """The tokenizer a run saved in DIR/tokenizer/, with its chat template."""
+  return with_chat_template(_load(directory), directory)
+
+
+def _load(directory: str) -> Tokenizer:
   if os.path.isfile(os.path.join(directory, HFTokenizer.SPECIALS_FILE)):
     return HFTokenizer.from_folder(directory)
   if os.path.isfile(os.path.join(directory, SentencePieceTokenizer.MODEL_FILE)):

@@ -50,19 +50,20 @@ def test_instruction_targets_are_the_response_and_one_end_of_text():
   tok = CharTokenizer()
   records = [{"instruction": "a", "input": "", "output": "xy"},
              {"instruction": "bb", "input": "c", "output": "z"}]
-  ex = instruct.instruction_examples(records, tok, max_length=1000, mask_prompt=True)
+  ex, _ = instruct.instruction_examples(records, tok, max_length=1000)
   p0 = len(alpaca_prompt("a"))
   p1 = len(alpaca_prompt("bb", "c"))
   length = max(p0 + 3, p1 + 2) - 1
   assert ex["inputs"].shape == ex["targets"].shape == ex["weights"].shape == (2, length)
+  assert list(ex["lengths"]) == [p0 + 2, p1 + 1]
   # Row 0: targets x, y, end-of-text; then padding (end-of-text, weight 0).
   np.testing.assert_array_equal(np.flatnonzero(ex["weights"][0]), [p0 - 1, p0, p0 + 1])
   assert list(ex["targets"][0, p0 - 1:p0 + 2]) == [ord("x"), ord("y"), 255]
   assert (ex["inputs"][0, p0 + 2:] == 255).all() and (ex["targets"][0, p0 + 2:] == 255).all()
   np.testing.assert_array_equal(np.flatnonzero(ex["weights"][1]), [p1 - 1, p1])
-  unmasked = instruct.instruction_examples(records, tok, max_length=1000, mask_prompt=False)
+  unmasked, _ = instruct.instruction_examples(records, tok, max_length=1000, train_on="all")
   assert unmasked["weights"][0].sum() == p0 + 2  # the prompt's successors too
-  cut = instruct.instruction_examples(records, tok, max_length=10, mask_prompt=False)
+  cut, _ = instruct.instruction_examples(records, tok, max_length=10, train_on="all")
   assert cut["inputs"].shape == (2, 10)
 
 
@@ -74,7 +75,8 @@ def test_masked_loss_equals_hand_computed_value():
                                 d_model=16, d_ff=32))
   records = [{"instruction": "hi", "input": "", "output": "ok"},
              {"instruction": "sum", "input": "1 2", "output": "3"}]
-  batch = instruct.instruction_examples(records, CharTokenizer(), 1000, mask_prompt=True)
+  batch, _ = instruct.instruction_examples(records, CharTokenizer(), 1000)
+  del batch["lengths"]
   params = model.init(jax.random.PRNGKey(0), batch["inputs"])["params"]
   sums = objectives.causal_lm(model).loss(params, batch, None, False)
   logp = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, batch["inputs"])))
@@ -239,7 +241,8 @@ def test_last_block_finetuning_changes_only_the_top(tmp_path, base_run, test_dat
   from llm.train import train
   cfg = finetune_config(tmp_path, base_run, "finetune_instruct.py", **{
       "data.path": os.path.join(test_data, "instructions", "instruction-examples.json"),
-      "data.max_length": 64, "train.steps": 2, "train.batch_size": 4, "train.lr": 1e-2,
+      "data.max_length": 64, "data.skip_bad_rows": True, "train.steps": 2,
+      "train.batch_size": 4, "train.lr": 1e-2,
       "train.min_lr": 1e-2, "train.trainable": "last:1"})
   train(cfg, str(tmp_path / "top"))
   base, tuned = _params(base_run), _params(str(tmp_path / "top"))

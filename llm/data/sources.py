@@ -63,8 +63,8 @@ def local_builder(data_cfg) -> tuple[str, list[str], dict]:
 def open_documents(data_cfg, fields=None, complete: bool = False, stream: bool = False,
                    check: bool = True):
   """The documents (or records) data_cfg names, one per row: data.hf_name from the hub,
-  data.path's local files, or else the embedded corpus; `fields` (default: the text field)
-  must be among their columns.
+  data.path's local files, or else the embedded corpus; `fields` (default: the text field;
+  or a function of the columns, for records of several formats) must be among their columns.
 
   Loaded whole by default (a `datasets.Dataset`; `complete`: every record must have a value
   for every field, or is named, or dropped with data.skip_bad_rows). With `stream`, a
@@ -105,6 +105,8 @@ def open_documents(data_cfg, fields=None, complete: bool = False, stream: bool =
     columns = list(first_record or ())
   else:
     first_record, columns = (ds[0] if len(ds) else None), ds.column_names
+  if callable(fields):
+    fields = fields(columns)
   for field in fields:
     if field not in columns and (first_record is not None or not stream):
       raise UserError(f"the data has no field {field!r} (columns: {', '.join(columns)}); "
@@ -125,6 +127,8 @@ def _check_text(ds, fields, where: str, complete: bool) -> None:
   a record task's are named by _complete_records."""
   import datasets
   for field in fields:
+    if isinstance(ds.features[field], (datasets.List, datasets.LargeList)):
+      continue  # a conversation's messages: prompts.py checks them record by record
     if not (isinstance(ds.features[field], datasets.Value)
             and ds.features[field].dtype in ("string", "large_string")):
       row, value = next((row, v) for row, v in enumerate(ds[field])

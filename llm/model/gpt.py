@@ -59,6 +59,13 @@ class GPT(nn.Module):
     last_B = jnp.sum(valid_BxL, axis=1) - 1
     return x_BxLxD[jnp.arange(x_BxLxD.shape[0]), last_B]
 
+  def features_at(self, tokens_BxL, positions_BxL, documents_BxL, ends_BxS, deterministic=True):
+    """`features` of the sequences packed into each row (documents kept apart), read at their
+    last tokens `ends_BxS`: [B, S, D]."""
+    x_BxLxD = self.hidden(tokens_BxL, positions_BxL, None, deterministic,
+                          documents_BxL=documents_BxL)
+    return jnp.take_along_axis(x_BxLxD, ends_BxS[..., None], axis=1)
+
   def logits(self, x_BxLxD):
     if self.cfg.tie_embeddings:
       logits_BxLxV = self.wte.attend(x_BxLxD)

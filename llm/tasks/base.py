@@ -131,6 +131,7 @@ class Task:
   produces: ClassVar[str] = "text"
   families: ClassVar[tuple[str, ...]] = ("gpt",)  # the model.kind values it trains
   reads_token_stream: ClassVar[bool] = False  # may read data.prepared, a stream, document masks
+  packs: ClassVar[bool] = False  # implements `pack` (data.packing)
 
   def __init__(self, cfg):
     self.cfg = cfg
@@ -144,6 +145,10 @@ class Task:
       source = f" (the model of init_from={c.init_from!r})" if c.init_from else ""
       raise UserError(f"config: task.kind={self.kind!r} is not allowed; it trains model.kind="
                       f"{' or '.join(self.families)}, not {c.model.kind!r}{source}")
+    if c.data.packing and not (self.packs and c.model.kind == "gpt"):
+      raise UserError(f"config: data.packing=True is not allowed with task.kind={self.kind} and "
+                      f"model.kind={c.model.kind}; instruct, reward and dpo on a decoder pack "
+                      "their records")
     for key in ("prepared", "streaming", "document_masks"):
       if c.data[key] and not self.reads_token_stream:
         raise UserError(f"config: data.{key}={c.data[key]!r} is not allowed; only "
@@ -222,7 +227,7 @@ class Task:
 
   # -- prompts ------------------------------------------------------------------------------
 
-  def prompt(self, record: dict) -> str:
+  def prompt(self, record: dict, tokenizer) -> str:
     """A record's prompt, as sampling and scoring format it for this task's models."""
     return record[self.cfg.data.text_field]
 
@@ -238,22 +243,38 @@ class RecordTask(Task):
     what the examples are: a few words for the summary)."""
     raise NotImplementedError
 
+  def pack(self, examples: dict, pad_id: int) -> dict:
+    """Examples (with their `lengths`) packed into rows (data.packing; llm/data/packing.py)."""
+    raise NotImplementedError
+
   def data(self, docs, model, context: Context) -> TaskData:
     cfg, d, tr = self.cfg, self.cfg.data, self.cfg.train
     examples, rows, what = self.examples(docs, model, context)
     parts = batches.split_indices(len(examples["weights"]), d.val_fraction, d.test_fraction,
                                   cfg.seed, what="records")
+    lengths = examples.pop("lengths", None)
     subset = {name: {k: v[idx] for k, v in examples.items()} for name, idx in parts.items()}
+    layout = f"padded to {self.sequence_length(examples)} tokens"
+    if d.packing:  # each split packed on its own: a record stays in its split
+      subset = {name: self.pack({**s, "lengths": lengths[parts[name]]}, context.tokenizer.pad_id)
+                for name, s in subset.items() if len(parts[name])}
+      rows = sum(len(s["weights"]) for s in subset.values())
+      packed = self.sequence_length(subset["train"])
+      padded = len(lengths) * self.sequence_length(examples) * self.sequences
+      layout = (f"packed into {rows:,} rows of {packed} tokens (padding "
+                f"{1 - lengths.sum() / padded:.0%} padded, {1 - lengths.sum() / (rows * packed):.0%}"
+                " packed)")
     where = dict(process_index=context.process_index, process_count=context.process_count)
-    train = batches.Batches(len(parts["train"]), batches.take_rows(subset["train"]),
+    count = lambda name: len(subset[name]["weights"])
+    train = batches.Batches(count("train"), batches.take_rows(subset["train"]),
                             tr.batch_size, tr.grad_accum, cfg.seed, **where)
-    evals = {name: batches.fixed_batches(len(idx), batches.take_rows(subset[name]),
-                                         self.micro_batch(), len(idx), **where)
+    evals = {name: batches.fixed_batches(count(name), batches.take_rows(subset[name]),
+                                         self.micro_batch(), count(name), **where)
              for name, idx in parts.items() if name != "train" and len(idx)}
-    schema = Schema.of(train.example(), self.sequence_length(examples), self.sequences)
+    schema = Schema.of(train.example(), self.sequence_length(subset["train"]),
+                       1 if d.packing else self.sequences)  # a packed row is one sequence
     return TaskData(train, evals, schema,
-                    f"{len(examples['weights']):,} records ({what}), padded to "
-                    f"{schema.length} tokens: "
+                    f"{len(examples['weights']):,} records ({what}), {layout}: "
                     + ", ".join(f"{len(idx)} {name}" for name, idx in parts.items()),
                     splits={name: rows[idx] for name, idx in parts.items()})
 

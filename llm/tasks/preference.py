@@ -2,8 +2,9 @@
 (task.kind=reward, a scalar head trained with the Bradley-Terry loss) or the policy itself tuned
 against its starting point (task.kind=dpo, direct preference optimisation).
 
-Records hold an instruction (and optional input), formatted by the Alpaca template, and the two
-answers (data.chosen_field, data.rejected_field).
+Records are TRL's (prompt, chosen, rejected: strings or message lists rendered by the chat
+template) or Alpaca-style (instruction and optional input through the Alpaca template, and the
+two answers data.chosen_field and data.rejected_field): see prompts.py.
 """
 
 import dataclasses
@@ -14,51 +15,51 @@ import numpy as np
 
 from llm import evaluation, files, objectives, prompts
 from llm import model as model_lib
-from llm.data import batches, sources
+from llm.data import batches, packing, sources
 from llm.errors import UserError
 from llm.tasks.base import Context, EvalOptions, RecordTask, register
 
 
 def preference_examples(records, tokenizer, max_length: int, chosen_field: str = "chosen",
-                        rejected_field: str = "rejected") -> tuple[dict, dict]:
-  """Pairs of answers to one prompt (the Alpaca template of instruction and input), as
+                        rejected_field: str = "rejected", skip_bad: bool = False
+                        ) -> tuple[dict, dict]:
+  """Pairs of answers to one prompt (any format of prompts.preference_sequences), as
   (examples, report).
 
   Examples, with N pairs and the two answers (chosen, rejected) on axis 1:
-    tokens [N, 2, T]    prompt + answer + end-of-text, padded with end-of-text
+    tokens [N, 2, T]    prompt + answer + end-of-text (or the template's end of turn), padded
+                        with end-of-text
     valid [N, 2, T]     the real tokens
-    response [N, 2, T]  1 at the answer's tokens and its end-of-text: what a log-probability sums
+    response [N, 2, T]  1 at the answer's tokens and its end: what a log-probability sums
     weights [N]         1 per pair
-  A sequence longer than `max_length` is cut (its end-of-text lost); a record whose prompt
-  alone takes `max_length` tokens is dropped. The report counts both: {"kept", "cut",
-  "dropped"}, and "rows", the index of each kept record.
+    lengths [N, 2]      the real tokens of each (what packing moves)
+  A sequence longer than `max_length` is cut (its end lost); a record whose prompt alone takes
+  `max_length` tokens is dropped. The report counts both: {"kept", "cut", "dropped"}, and
+  "rows", the index of each kept record.
   """
-  eot = tokenizer.eot_id
-  prompt_ids = prompts.encode_prompts(tokenizer, [prompts.record_prompt(r) for r in records])
-  answers = [tokenizer.encode_batch([r[field] for r in records])
-             for field in (chosen_field, rejected_field)]
-  rows, kept, cut = [], [], 0
-  for i, prompt in enumerate(prompt_ids):
-    if len(prompt) >= max_length:
-      continue
-    pair = [prompt + answer[i] + [eot] for answer in answers]
-    cut += any(len(seq) > max_length for seq in pair)
-    rows.append([seq[:max_length] for seq in pair])
-    kept.append(i)
-  if not rows:
+  def encode(record):
+    pair = prompts.preference_sequences(record, tokenizer, chosen_field, rejected_field)
+    return [(ids[:max_length], answer[:max_length], len(ids) > max_length)
+            for ids, answer in pair]
+
+  encoded, rows = prompts.encode_records(records, encode, skip_bad)
+  kept = [n for n, pair in enumerate(encoded) if all(any(answer[1:]) for _, answer, _ in pair)]
+  if not kept:
     raise UserError(f"data.max_length={max_length}: every prompt fills it; no preference pair "
                     "is left")
-  length = max(len(seq) for pair in rows for seq in pair)
-  tokens, valid = (x.reshape(len(rows), 2, length)
-                   for x in batches.pad([seq for pair in rows for seq in pair], length, eot))
-  response = np.zeros((len(rows), 2, length), np.float32)
-  for n, (i, pair) in enumerate(zip(kept, rows)):
-    for a, seq in enumerate(pair):
-      response[n, a, len(prompt_ids[i]):len(seq)] = 1.0
+  pairs = [encoded[n] for n in kept]
+  length = max(len(ids) for pair in pairs for ids, _, _ in pair)
+  tokens, valid = (x.reshape(len(pairs), 2, length) for x in batches.pad(
+      [ids for pair in pairs for ids, _, _ in pair], length, tokenizer.eot_id))
+  response = np.zeros((len(pairs), 2, length), np.float32)
+  for n, pair in enumerate(pairs):
+    for a, (ids, answer, _) in enumerate(pair):
+      response[n, a, :len(ids)] = answer
   examples = {"tokens": tokens, "valid": valid, "response": response,
-              "weights": np.ones(len(rows), np.float32)}
-  return examples, {"kept": len(rows), "cut": cut, "dropped": len(records) - len(rows),
-                    "rows": np.asarray(kept)}
+              "weights": np.ones(len(pairs), np.float32), "lengths": valid.sum(-1)}
+  cut = sum(any(was_cut for _, _, was_cut in pair) for pair in pairs)
+  return examples, {"kept": len(pairs), "cut": cut, "dropped": len(records) - len(pairs),
+                    "rows": rows[np.asarray(kept)]}
 
 
 def reference_logps(cfg, model, examples, start, path: str, batch_size: int):
@@ -92,21 +93,29 @@ class PreferencePairs(RecordTask):
   """What reward models and DPO share: the records, their prompts, the pairs."""
   sequences = 2
 
+  packs = True
+
+  def answers(self) -> tuple[str, str]:
+    return self.cfg.data.chosen_field, self.cfg.data.rejected_field
+
   def fields(self):
-    return "instruction", self.cfg.data.chosen_field, self.cfg.data.rejected_field
+    return lambda columns: prompts.record_fields(columns, self.answers())
 
   def tokenizer_texts(self, docs):
-    answers = (self.cfg.data.chosen_field, self.cfg.data.rejected_field)
-    return sources.first_chars((prompts.record_text(r, answers) for r in docs),
+    return sources.first_chars((prompts.record_text(r, self.answers()) for r in docs),
                                self.cfg.tokenizer.train_chars)
 
-  def prompt(self, record: dict) -> str:
-    return prompts.record_prompt(record)
+  def prompt(self, record: dict, tokenizer) -> str:
+    return prompts.prompt_text(record, tokenizer)
+
+  def pack(self, examples: dict, pad_id: int) -> dict:
+    return packing.pack_pairs(examples, examples["lengths"])
 
   def examples(self, docs, model, context: Context):
     d = self.cfg.data
     examples, report = preference_examples([dict(r) for r in docs], context.tokenizer,
-                                           d.max_length, d.chosen_field, d.rejected_field)
+                                           d.max_length, d.chosen_field, d.rejected_field,
+                                           d.skip_bad_rows)
     what = (f"preference pairs; {report['cut']} cut to data.max_length={d.max_length}, "
             f"{report['dropped']} dropped as their prompt alone fills it")
     return examples, report["rows"], what

@@ -12,8 +12,9 @@ optimizer steps on PPO's clipped surrogate with a KL penalty to the reference
   task.scale_rewards is False (Dr. GRPO).
 - rloo: A = r - mean of the group's other completions (REINFORCE leave-one-out).
 
-Prompts are instruction records (instruction, optional input), formatted by the Alpaca template
-as in instruction tuning; at each evaluation the held-out ones are answered greedily, and
+Prompts are records of any format prompts.py reads (a conversation up to its last assistant
+turn, a prompt, an Alpaca instruction), formatted as in instruction tuning, and a completion ends
+at end-of-text or the chat template's end of turn; at each evaluation the held-out ones are answered greedily, and
 task.num_generations times by sampling (the best of those: best-of-n), scored by the same
 rewards. The reference is the starting model: with LoRA the base with its adapters
 off (no second copy), otherwise a frozen copy of the init_from weights.
@@ -27,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from llm import evaluation, objectives, prompts, sampling, scoring, sharding
+from llm import evaluation, objectives, sampling, scoring, sharding
+from llm import prompts as prompts_lib
 from llm import params as params_lib
 from llm.data import batches
 from llm.errors import UserError
@@ -40,12 +42,14 @@ from llm.tasks.base import Context, RecordTask, TaskData, register
 
 def exact_match(prompts, completions, records, field: str = "output"):
   """1 when the completion is the record's answer (spaces around it aside), else 0."""
-  return [float(c.strip() == str(r[field]).strip()) for c, r in zip(completions, records)]
+  return [float(c.strip() == prompts_lib.answer_text(r, field).strip())
+          for c, r in zip(completions, records)]
 
 
 def contains_answer(prompts, completions, records, field: str = "output"):
   """1 when the record's answer appears in the completion, else 0."""
-  return [float(str(r[field]).strip() in c) for c, r in zip(completions, records)]
+  return [float(prompts_lib.answer_text(r, field).strip() in c)
+          for c, r in zip(completions, records)]
 
 
 def brevity(prompts, completions, records):
@@ -134,7 +138,7 @@ class PolicyOptimization(RecordTask):
   families = ("gpt",)
 
   def fields(self):
-    return ("instruction",)
+    return lambda columns: prompts_lib.record_fields(columns)[:1]  # the prompt's
 
   def check(self):
     super().check()
@@ -153,8 +157,8 @@ class PolicyOptimization(RecordTask):
     if t.max_new_tokens < 1 or t.temperature <= 0 or not 0 < t.top_p <= 1:
       raise UserError("task: use max_new_tokens >= 1, temperature > 0 and 0 < top_p <= 1")
 
-  def prompt(self, record: dict) -> str:
-    return prompts.record_prompt(record)
+  def prompt(self, record: dict, tokenizer) -> str:
+    return prompts_lib.prompt_text(record, tokenizer)
 
   def tokenizer_texts(self, docs):
     return []  # the init_from model's tokenizer (check: init_from is set)
@@ -168,7 +172,8 @@ class PolicyOptimization(RecordTask):
     """Left-padded prompts (the instruction template), room left for max_new_tokens."""
     tokenizer, t = context.tokenizer, self.cfg.task
     room = model.cfg.max_len - t.max_new_tokens
-    ids = prompts.encode_prompts(tokenizer, [prompts.record_prompt(dict(r)) for r in docs])
+    ids = prompts_lib.encode_prompts(tokenizer, [prompts_lib.prompt_text(dict(r), tokenizer)
+                                                 for r in docs])
     kept = [i for i, p in enumerate(ids) if 0 < len(p) <= room]
     if not kept:
       raise UserError(f"no prompt fits the model's context of {model.cfg.max_len} tokens with "
@@ -223,6 +228,7 @@ class Rollouts:
     t = cfg.task
     self.cfg, self.algorithm, self.model, self.records = cfg, algorithm, model, records
     self.tokenizer = context.tokenizer
+    self.stop_ids = prompts_lib.stop_ids(self.tokenizer)
     self.mesh = context.start.mesh
     self.rewards = Rewards(cfg, context.open_run)
     self.group, self.n = t.num_generations, t.max_new_tokens
@@ -247,11 +253,11 @@ class Rollouts:
   def _complete(self, params, prompt_RxP, valid_RxP, rng, temperature: float):
     """(new tokens [R, N], the completion mask of the whole sequences [R, P + N])."""
     new_RxN = sampling.generate_tokens(
-        self.model, params, prompt_RxP, valid_RxP, rng, self.tokenizer.eot_id,
+        self.model, params, prompt_RxP, valid_RxP, rng, self.stop_ids,
         max_new_tokens=self.n, temperature=temperature, top_k=0,
         top_p=float(self.cfg.task.top_p), use_cache=True, num_tokens=self.tokenizer.vocab_size)
     return new_RxN, jnp.concatenate([jnp.zeros(prompt_RxP.shape, jnp.float32),
-                                     completion_mask(new_RxN, self.tokenizer.eot_id)], axis=1)
+                                     completion_mask(new_RxN, self.stop_ids)], axis=1)
 
   def _sample_fn(self, trainable, frozen, reference, prompt_RxP, valid_RxP, rng):
     params = self.assemble(trainable, frozen)
@@ -268,8 +274,7 @@ class Rollouts:
   def _texts(self, new_RxN, mask_RxT) -> list[str]:
     """The completions' text (host arrays: _gather's)."""
     lengths = mask_RxT[:, -self.n:].sum(1).astype(int)
-    eot = self.tokenizer.eot_id
-    return [self.tokenizer.decode([i for i in row[:k] if i != eot])
+    return [self.tokenizer.decode([i for i in row[:k] if i not in self.stop_ids])
             for row, k in zip(new_RxN, lengths)]
 
   def __call__(self, trainable, frozen, batch: dict, step: int) -> tuple[dict, dict]:
@@ -287,8 +292,8 @@ class Rollouts:
     records = [self.records[i] for i in rows]
     new_host, mask_host = np.asarray(_gather(new)), np.asarray(_gather(mask))  # once a step
     completions = self._texts(new_host, mask_host)
-    rewards, means = self.rewards([prompts.record_prompt(r) for r in records], completions,
-                                  records)
+    rewards, means = self.rewards([prompts_lib.prompt_text(r, self.tokenizer) for r in records],
+                                  completions, records)
     adv = advantages(rewards, self.group, self.algorithm, self.cfg.task.scale_rewards)
     no_signal = np.repeat(np.ptp(rewards.reshape(-1, self.group), axis=1) == 0, self.group)
     host = {"advantages": adv, "rewards": rewards, "no_signal": no_signal,
@@ -314,8 +319,8 @@ class Rollouts:
     if not len(self.held_out):
       return {}
     records = [self.records[i] for i in self.held_out]
-    texts = [prompts.record_prompt(r) for r in records]
-    ids = prompts.encode_prompts(self.tokenizer, texts)
+    texts = [prompts_lib.prompt_text(r, self.tokenizer) for r in records]
+    ids = prompts_lib.encode_prompts(self.tokenizer, texts)
     prompt, valid = batches.pad(ids, max(map(len, ids)), self.tokenizer.eot_id, left=True)
     with sharding.activate(self.mesh, self.cfg.mesh):
       greedy = self._greedy(params, prompt, valid)
@@ -331,9 +336,10 @@ class Rollouts:
             "completion_length": float(mask.sum() / len(records))}
 
 
-def completion_mask(new_RxN, eot_id: int):
-  """1 on a completion's tokens up to and with its first end-of-text, 0 after it."""
-  eot_RxN = (new_RxN == eot_id).astype(jnp.int32)
+def completion_mask(new_RxN, stop_ids):
+  """1 on a completion's tokens up to and with its first stop token (end-of-text, end of
+  turn: an id or a list), 0 after it."""
+  eot_RxN = jnp.isin(new_RxN, jnp.atleast_1d(jnp.asarray(stop_ids))).astype(jnp.int32)
   return (jnp.cumsum(eot_RxN, axis=1) - eot_RxN == 0).astype(jnp.float32)
 
 
