@@ -136,7 +136,7 @@ class SentencePieceTokenizer(Tokenizer):
     return self._sp.encode(list(texts))
 
   def encode_offsets(self, text):
-    pieces = self._sp.encode(text, out_type="immutable_proto").pieces
+    pieces = self._sp.encode(text, return_type="proto").pieces
     char_at = _char_index(text)  # sentencepiece counts in UTF-8 bytes
     return [p.id for p in pieces], [(char_at[p.begin], char_at[p.end]) for p in pieces]
 

@@ -242,3 +242,34 @@ def test_a_reward_model_scores_the_completions_of_online_rl(tmp_path, reward_run
   np.testing.assert_allclose(total, 2.0 * scores + np.array(rl.brevity(prompts, answers, [])),
                              rtol=1e-5)
   assert means["reward_model"] == pytest.approx(float(np.mean(scores)), rel=1e-5)
+
+
+def test_reward_and_dpo_train_from_trl_conversations_packed(tmp_path, base_run, records):
+  """TRL's conversational preference records (prompt, chosen, rejected as message lists),
+  rendered by ChatML, packed: DPO starts at ln 2 (the packed reference pass equals the
+  policy's) and both train."""
+  with open(records) as f:
+    rows = json.load(f)
+  path = tmp_path / "trl.jsonl"
+  with open(path, "w") as f:
+    for r in rows:
+      short = lambda text: text[:20 + len(text) % 60]  # pairs of many lengths: some pack
+      f.write(json.dumps({"prompt": [{"role": "user", "content": short(r["instruction"])}],
+                          "chosen": [{"role": "assistant", "content": short(r["chosen"])}],
+                          "rejected": [{"role": "assistant", "content": short(r["rejected"])}]})
+              + "\n")
+  for kind in ("reward", "dpo"):
+    cfg = preference_config(tmp_path, base_run, str(path), kind, **{
+        "train.steps": 2, "train.eval_every": 2, "data.packing": True, "data.max_length": 128,
+        "tokenizer.chat_template": "chatml", "data.skip_bad_rows": True})
+    trainer = Trainer(cfg, str(tmp_path / kind))
+    padded, packed = map(int, re.search(r"padding (\d+)% padded, (\d+)% packed",
+                                        trainer.data.summary).groups())
+    assert packed < padded
+    train(cfg, str(tmp_path / kind))
+    lines = [m for m in read_metrics(str(tmp_path / kind)) if m["split"] == "train"]
+    assert len(lines) == 2 and all(math.isfinite(m["loss"]) for m in lines)
+    if kind == "dpo":
+      assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+  # The run keeps its template: sampling renders conversations the way it trained.
+  assert runs.load(str(tmp_path / "dpo")).tokenizer.chat_template.startswith("{% for message")

@@ -50,10 +50,11 @@ def _place(segments_per_row, length: int):
   return documents, positions, starts
 
 
-def pack_lm(examples: dict, lengths: np.ndarray, pad_id: int) -> dict:
+def pack_lm(examples: dict, lengths: np.ndarray, pad_id: int, length: int = 0) -> dict:
   """Padded next-token examples (inputs, targets, weights [N, T]; record i's first
-  `lengths[i]` positions real) -> packed rows [R, T] with documents and positions."""
-  T = examples["inputs"].shape[1]
+  `lengths[i]` positions real) -> packed rows [R, max(T, length)] with documents and
+  positions."""
+  T = max(examples["inputs"].shape[1], length)
   bins = best_fit_decreasing([int(n) for n in lengths], T)
   out = {"inputs": np.full((len(bins), T), pad_id, np.int32),
          "targets": np.full((len(bins), T), pad_id, np.int32),
@@ -67,21 +68,23 @@ def pack_lm(examples: dict, lengths: np.ndarray, pad_id: int) -> dict:
   return {**out, "documents": documents, "positions": positions}
 
 
-def pack_pairs(examples: dict, lengths: np.ndarray) -> dict:
+def pack_pairs(examples: dict, lengths: np.ndarray, length: int = 0) -> dict:
   """Padded preference pairs (tokens, response [N, 2, T], weights [N], reference [N, 2] for DPO;
-  `lengths` [N, 2] the real tokens of each) -> rows [R, 2T] holding whole pairs:
+  `lengths` [N, 2] the real tokens of each) -> rows [R, L] holding whole pairs (L: `length`, or
+  the longest pair's if longer):
 
-    tokens, documents, positions [R, 2T]  the pairs' sequences end to end
-    response [R, 2T]    1 at an answer's tokens
-    sequence [R, 2T]    which of the row's sequences a token is (2 p + a for pair p, answer a)
+    tokens, documents, positions [R, L]  the pairs' sequences end to end
+    response [R, L]     1 at an answer's tokens
+    sequence [R, L]     which of the row's sequences a token is (2 p + a for pair p, answer a)
     ends [R, P, 2]      each sequence's last token (where a reward model reads it)
     weights [R, P]      1 per pair in the row (P: the most pairs any row holds)
     reference [R, P, 2] DPO's reference log-probabilities
   """
   N, _, T = examples["tokens"].shape
-  bins = best_fit_decreasing([int(a + b) for a, b in lengths], 2 * T)
+  pair_lengths = [int(a + b) for a, b in lengths]
+  L = max(max(pair_lengths), length)
+  bins = best_fit_decreasing(pair_lengths, L)
   P = max(map(len, bins))
-  L = 2 * T
   pad = int(examples["tokens"][0, 0, -1]) if lengths.min() < T else 0
   out = {"tokens": np.full((len(bins), L), pad, np.int32),
          "response": np.zeros((len(bins), L), np.float32),

@@ -243,8 +243,9 @@ class RecordTask(Task):
     what the examples are: a few words for the summary)."""
     raise NotImplementedError
 
-  def pack(self, examples: dict, pad_id: int) -> dict:
-    """Examples (with their `lengths`) packed into rows (data.packing; llm/data/packing.py)."""
+  def pack(self, examples: dict, pad_id: int, length: int) -> dict:
+    """Examples (with their `lengths`) packed into rows of `length` tokens, or of the longest
+    example if it is longer (data.packing; llm/data/packing.py)."""
     raise NotImplementedError
 
   def data(self, docs, model, context: Context) -> TaskData:
@@ -256,14 +257,14 @@ class RecordTask(Task):
     subset = {name: {k: v[idx] for k, v in examples.items()} for name, idx in parts.items()}
     layout = f"padded to {self.sequence_length(examples)} tokens"
     if d.packing:  # each split packed on its own: a record stays in its split
-      subset = {name: self.pack({**s, "lengths": lengths[parts[name]]}, context.tokenizer.pad_id)
-                for name, s in subset.items() if len(parts[name])}
-      rows = sum(len(s["weights"]) for s in subset.values())
+      subset = {name: self.pack({**s, "lengths": lengths[parts[name]]}, context.tokenizer.pad_id,
+                                d.max_length) for name, s in subset.items() if len(parts[name])}
+      num_rows = sum(len(s["weights"]) for s in subset.values())
       packed = self.sequence_length(subset["train"])
       padded = len(lengths) * self.sequence_length(examples) * self.sequences
-      layout = (f"packed into {rows:,} rows of {packed} tokens (padding "
-                f"{1 - lengths.sum() / padded:.0%} padded, {1 - lengths.sum() / (rows * packed):.0%}"
-                " packed)")
+      layout = (f"packed into {num_rows:,} rows of {packed} tokens (padding "
+                f"{1 - lengths.sum() / padded:.0%} padded, "
+                f"{1 - lengths.sum() / (num_rows * packed):.0%} packed)")
     where = dict(process_index=context.process_index, process_count=context.process_count)
     count = lambda name: len(subset[name]["weights"])
     train = batches.Batches(count("train"), batches.take_rows(subset["train"]),

@@ -69,8 +69,8 @@ class InstructionTuning(RecordTask):
                                           self.cfg.data.skip_bad_rows)
     return examples, rows, "instructions"
 
-  def pack(self, examples: dict, pad_id: int) -> dict:
-    return packing.pack_lm(examples, examples["lengths"], pad_id)
+  def pack(self, examples: dict, pad_id: int, length: int) -> dict:
+    return packing.pack_lm(examples, examples["lengths"], pad_id, length)
 
   def sequence_length(self, examples: dict) -> int:
     return examples["inputs"].shape[-1]

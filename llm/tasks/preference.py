@@ -108,8 +108,8 @@ class PreferencePairs(RecordTask):
   def prompt(self, record: dict, tokenizer) -> str:
     return prompts.prompt_text(record, tokenizer)
 
-  def pack(self, examples: dict, pad_id: int) -> dict:
-    return packing.pack_pairs(examples, examples["lengths"])
+  def pack(self, examples: dict, pad_id: int, length: int) -> dict:
+    return packing.pack_pairs(examples, examples["lengths"], length)
 
   def examples(self, docs, model, context: Context):
     d = self.cfg.data
