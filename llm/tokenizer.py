@@ -91,6 +91,8 @@ class SentencePieceTokenizer(Tokenizer):
     self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
     self.vocab_size = self._sp.get_piece_size()
     self.eot_id = self._sp.eos_id()
+    self.template_tokens = {"bos_token": self._sp.id_to_piece(self._sp.bos_id()),
+                            "eos_token": self._sp.id_to_piece(self.eot_id)}
     self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eot_id
 
   @classmethod
@@ -202,6 +204,7 @@ class GPT2Tokenizer(Tokenizer):
                                   special_tokens=specials)
     self.vocab_size = self._enc.n_vocab
     self.eot_id = specials.get(ENDOFTEXT, self.vocab_size - 1)
+    self.template_tokens = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT}  # as transformers
     self.pad_id = self.eot_id  # GPT-2 has no pad token; padding positions carry no loss
 
   @classmethod

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -88,6 +89,30 @@ def test_cli(run_dir, tmp_path):
   result = subprocess.run([sys.executable, "-m", "llm.generate", f"--workdir={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True)
   assert result.returncode == 2 and "is not a run directory" in result.stderr
+
+
+def test_messages_are_answered_through_the_runs_chat_template(run_dir, tmp_path):
+  """--messages: a run given ChatML (kept in DIR/tokenizer/) answers a JSON conversation as
+  the sampler does on the rendered prompt, cut at the end of turn."""
+  import json
+  import shutil
+  from llm import chat
+  chat_run = str(tmp_path / "chat_run")
+  shutil.copytree(run_dir, chat_run)
+  with open(os.path.join(chat_run, "tokenizer", "chat_template.jinja"), "w") as f:
+    f.write(chat.CHATML)
+  conversation = [{"role": "user", "content": "for"}]
+  (tmp_path / "conversation.json").write_text(json.dumps(conversation))
+  result = subprocess.run(
+      [sys.executable, "-m", "llm.generate", f"--workdir={chat_run}", "--max_new_tokens=4",
+       f"--messages={tmp_path / 'conversation.json'}", "--temperature=0"], cwd=ROOT,
+      capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  [line] = [json.loads(l) for l in result.stdout.strip().splitlines()]
+  gen = Generator(runs.load(chat_run))
+  prompt = chat.Template(chat.CHATML).render(conversation, add_generation_prompt=True)
+  [[expected]] = gen.generate([prompt], 4, temperature=0, stop="<|im_end|>")
+  assert line["messages"] == conversation + [{"role": "assistant", "content": expected.strip()}]
 
 
 def test_streaming_gives_the_text_piece_by_piece(gen):
