@@ -169,3 +169,52 @@ def test_chatml_is_the_default_and_bad_conversations_are_named(tokenizer_dirs):
                 [{"role": "user", "content": "hi"}])
   with pytest.raises(Exception, match="no chat template"):
     chat.Template(None)
+
+
+def save_random_model(directory, vocab_size: int, style: str):
+  """A random causal LM of the tokenizer's family beside its tokenizer files: GPT-2 for the
+  GPT-2 tokenizer, Qwen2 for Qwen2's, Llama for Llama 3's and the sentencepiece style."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  if style == "gpt2":
+    cfg = transformers.GPT2Config(vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32,
+                                  n_positions=64, initializer_range=0.3)
+  else:
+    family = transformers.Qwen2Config if style == "qwen2" else transformers.LlamaConfig
+    cfg = family(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=64, initializer_range=0.3)
+  model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+  model.save_pretrained(directory)
+  return model
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama3", "qwen2", "sentencepiece"])
+def test_greedy_continuations_equal_transformers_generate(tokenizer_dirs, tmp_path, style):
+  """A converted random model continues a plain prompt as transformers' generate does on
+  tokenizer(prompt): the same first tokens (beginning-of-text or none), the same ids after."""
+  import shutil
+  import torch
+  from llm import convert, runs
+  from llm.sampling import Generator
+  folder = tmp_path / "hf"
+  shutil.copytree(tokenizer_dirs[style], folder)
+  reference_tok = theirs(str(folder))
+  reference = save_random_model(str(folder), len(reference_tok), style)
+  convert.from_hf(str(folder), str(tmp_path / "run"))
+  gen = Generator(runs.load(str(tmp_path / "run")))
+  prompt = "Free entry in 2 a wkly comp"
+  ids = reference_tok(prompt).input_ids
+  assert prompts.encode_prompts(gen.tokenizer, [prompt])[0] == ids
+  with torch.no_grad():
+    # The mask is given: inferred from pad_token_id it would hide a beginning-of-text of id 0.
+    out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
+                             do_sample=False, max_new_tokens=12, eos_token_id=None,
+                             pad_token_id=0)
+  new_ids = out[0, len(ids):].tolist()
+  stops = [new_ids.index(i) for i in gen.stop_ids if i in new_ids]
+  new_ids = new_ids[:min(stops)] if stops else new_ids
+  assert len(new_ids) >= 4, new_ids
+  [[text]] = gen.generate([prompt], max_new_tokens=12, temperature=0.0)
+  assert text == gen.tokenizer.decode(new_ids)
