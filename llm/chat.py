@@ -120,12 +120,24 @@ class Template:
     return text, spans
 
   @functools.cached_property
-  def end_of_turn(self) -> str:
-    """What the template writes after an assistant message (ChatML's "<|im_end|>"): where a
-    sampled answer stops."""
+  def after_answer(self) -> str:
+    """What the template writes after an assistant message, whitespace included (ChatML's
+    "<|im_end|>\n")."""
     probe = "\x00answer\x00"
     text = self.render([{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}])
-    return text[text.index(probe) + len(probe):].strip()
+    return text[text.index(probe) + len(probe):]
+
+  @property
+  def end_of_turn(self) -> str:
+    """The end of an assistant's turn (ChatML's "<|im_end|>"): where a sampled answer stops."""
+    return self.after_answer.strip()
+
+  @functools.cached_property
+  def generation_prompt(self) -> str:
+    """What add_generation_prompt appends (ChatML's "<|im_start|>assistant\n")."""
+    question = [{"role": "user", "content": "q"}]
+    plain, prompted = self.render(question), self.render(question, add_generation_prompt=True)
+    return prompted[len(plain):] if prompted.startswith(plain) else ""
 
 
 def check(messages) -> None:

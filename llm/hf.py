@@ -518,7 +518,11 @@ def _load_tokenizer(directory: str, hf: dict) -> tokenizer_lib.Tokenizer:
     if os.path.isfile(os.path.join(directory, tokenizer_lib.HFTokenizer.FILE)):
       return tokenizer_lib.HFTokenizer.from_folder(directory, hf)
     if os.path.isfile(os.path.join(directory, "tokenizer.model")):  # Llama 2's sentencepiece
-      return tokenizer_lib.SentencePieceTokenizer(os.path.join(directory, "tokenizer.model"))
+      settings = tokenizer_lib.read_tokenizer_config(directory)
+      return tokenizer_lib.SentencePieceTokenizer(
+          os.path.join(directory, "tokenizer.model"),
+          add_bos=settings.get("add_bos_token", True),  # transformers' LlamaTokenizer defaults
+          add_eos=settings.get("add_eos_token", False))
   return tokenizer_lib.GPT2Tokenizer(directory)
 
 

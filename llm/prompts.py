@@ -172,6 +172,17 @@ def preference_sequences(record: dict, tokenizer, chosen_field: str = "chosen",
   return [_joined(tokenizer, prompt, str(answer), False) for answer in (chosen, rejected)]
 
 
+def scored_sequence(tokenizer, prompt: str, answer: str) -> list[int]:
+  """A prompt (`prompt_text`'s) and a sampled answer as a reward model trained on such records
+  read them: a chat prompt (it ends with the template's generation prompt) gets the answer and
+  the template's end of turn, rendered as one text; any other prompt the answer and
+  end-of-text."""
+  template = chat.Template.of(tokenizer) if tokenizer.chat_template else None
+  if template and template.generation_prompt and prompt.endswith(template.generation_prompt):
+    return tokenizer.encode(prompt + answer + template.after_answer)
+  return _joined(tokenizer, prompt, answer, False)[0]
+
+
 def encode_records(records, encode, skip_bad: bool):
   """([encode(record) for each usable record], their indices). A record that raises BadRecord
   stops the run with one line naming it, or with `skip_bad` (data.skip_bad_rows) is counted

@@ -4,8 +4,8 @@
     rewards = scorer.score([alpaca_prompt("Fix the spelling", "freind")], ["friend"])
     best = best_of(Generator(runs.load("runs/instruct")), scorer, prompts, n=8, temperature=0.8)
 
-A prompt and its answer are tokenized as the reward model was trained on them (prompt, answer,
-end-of-text; see tasks/preference.py).
+A prompt and its answer are tokenized as the reward model was trained on them
+(prompts.scored_sequence: answer and end-of-text, or a chat template's end of turn).
 """
 
 import dataclasses
@@ -34,8 +34,8 @@ class Scorer:
   def score(self, prompts: list[str], answers: list[str], batch_size: int = 16) -> np.ndarray:
     """The reward of each answer to its prompt."""
     tok = self.tokenizer
-    rows = [(p + a + [tok.eot_id])[:self.max_len] for p, a in
-            zip(prompts_lib.encode_prompts(tok, prompts), tok.encode_batch(answers))]
+    rows = [prompts_lib.scored_sequence(tok, p, a)[:self.max_len]
+            for p, a in zip(prompts, answers)]
     if not rows:
       return np.zeros(0, np.float32)
     # Batches of one shape for all calls with rows of similar length: one compilation (the

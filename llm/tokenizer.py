@@ -81,11 +81,15 @@ class Tokenizer:
 class SentencePieceTokenizer(Tokenizer):
   kind = "sentencepiece"
   MODEL_FILE = "sentencepiece.model"
+  SETTINGS_FILE = "sentencepiece.json"  # which special tokens it adds
 
-  def __init__(self, model_file: str):
+  def __init__(self, model_file: str, add_bos: bool = False, add_eos: bool = False):
+    """`add_bos`/`add_eos`: the tokenizer puts <s> before / </s> after a text, as Llama 2's
+    does (its tokenizer_config.json's add_bos_token); one trained here adds neither."""
     import sentencepiece as spm
     if not os.path.isfile(model_file):
       raise UserError(f"tokenizer.path: no sentencepiece model at {model_file}")
+    self.add_bos, self.add_eos = add_bos, add_eos
     with open(model_file, "rb") as f:
       self._proto = f.read()
     self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
@@ -131,6 +135,17 @@ class SentencePieceTokenizer(Tokenizer):
     os.remove(os.path.join(directory, "sentencepiece.vocab"))
     return cls(os.path.join(directory, cls.MODEL_FILE))
 
+  @classmethod
+  def from_folder(cls, directory: str, model_file: str) -> "SentencePieceTokenizer":
+    settings = {}
+    if os.path.isfile(os.path.join(directory, cls.SETTINGS_FILE)):
+      with open(os.path.join(directory, cls.SETTINGS_FILE)) as f:
+        settings = json.load(f)
+    return cls(os.path.join(directory, model_file), **settings)
+
+  def specials(self):
+    return ([self._sp.bos_id()] if self.add_bos else []), ([self.eot_id] if self.add_eos else [])
+
   def encode(self, text):
     return self._sp.encode(text)
 
@@ -149,6 +164,9 @@ class SentencePieceTokenizer(Tokenizer):
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, self.MODEL_FILE), "wb") as f:
       f.write(self._proto)
+    if self.add_bos or self.add_eos:
+      with open(os.path.join(directory, self.SETTINGS_FILE), "w") as f:
+        json.dump({"add_bos": self.add_bos, "add_eos": self.add_eos}, f)
 
   def fingerprint(self):
     import hashlib
@@ -553,7 +571,7 @@ def _load(directory: str) -> Tokenizer:
   if os.path.isfile(os.path.join(directory, HFTokenizer.SPECIALS_FILE)):
     return HFTokenizer.from_folder(directory)
   if os.path.isfile(os.path.join(directory, SentencePieceTokenizer.MODEL_FILE)):
-    return SentencePieceTokenizer(os.path.join(directory, SentencePieceTokenizer.MODEL_FILE))
+    return SentencePieceTokenizer.from_folder(directory, SentencePieceTokenizer.MODEL_FILE)
   if os.path.isfile(os.path.join(directory, WordPieceTokenizer.VOCAB_FILE)):
     settings = os.path.join(directory, WordPieceTokenizer.SETTINGS_FILE)
     lowercase = json.load(open(settings))["lowercase"] if os.path.isfile(settings) else True

@@ -80,7 +80,19 @@ def tokenizer_dirs(tmp_path_factory):
   (gpt2 / "tokenizer_config.json").write_text(json.dumps(
       {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>",
        "eos_token": "<|endoftext|>", "add_prefix_space": False}))
-  return {**dirs, "gpt2": str(gpt2)}
+  # Llama 2 as first released: a sentencepiece tokenizer.model, <s> added by add_bos_token.
+  import sentencepiece as spm
+  llama2 = root / "llama2"
+  llama2.mkdir()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(sms_texts()), model_prefix=str(llama2 / "tokenizer"),
+      model_type="bpe", vocab_size=400, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
+      pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
+      minloglevel=2)
+  (llama2 / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+       "unk_token": "<unk>", "add_bos_token": True}))
+  return {**dirs, "gpt2": str(gpt2), "llama2": str(llama2)}
 
 
 def ours(directory):
@@ -106,11 +118,13 @@ CONVERSATIONS = {
 }
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama3", "qwen2", "sentencepiece"])
+@pytest.mark.parametrize("style", ["gpt2", "llama3", "qwen2", "sentencepiece", "llama2"])
 def test_prompt_ids_equal_transformers_tokenizer(tokenizer_dirs, style):
   tok, reference = ours(tokenizer_dirs[style]), theirs(tokenizer_dirs[style])
-  for text in ["Hello world", " leading space", "Ok lar... Joking wif u oni\n\nNext  line",
-               "ünïcode ☃ <s> text"]:
+  texts = ["Hello world", "Ok lar... Joking wif u oni\n\nNext  line", "ünïcode ☃ text"]
+  if style != "llama2":  # transformers' reading of a tokenizer.model drops a leading space
+    texts += [" leading space", "a <s> in the text"]  # and reads "<s>" in a text as <s>
+  for text in texts:
     assert prompts.encode_prompts(tok, [text])[0] == reference(text).input_ids, text
     assert tok.encode_with_specials(text) == reference(text).input_ids
   # Saved into a run directory and read back: the same ids, the same template.
@@ -190,7 +204,7 @@ def save_random_model(directory, vocab_size: int, style: str):
   return model
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama3", "qwen2", "sentencepiece"])
+@pytest.mark.parametrize("style", ["gpt2", "llama3", "qwen2", "sentencepiece", "llama2"])
 def test_greedy_continuations_equal_transformers_generate(tokenizer_dirs, tmp_path, style):
   """A converted random model continues a plain prompt as transformers' generate does on
   tokenizer(prompt): the same first tokens (beginning-of-text or none), the same ids after."""
@@ -218,3 +232,18 @@ def test_greedy_continuations_equal_transformers_generate(tokenizer_dirs, tmp_pa
   assert len(new_ids) >= 4, new_ids
   [[text]] = gen.generate([prompt], max_new_tokens=12, temperature=0.0)
   assert text == gen.tokenizer.decode(new_ids)
+
+
+@pytest.mark.parametrize("style", ["llama3", "qwen2"])
+def test_reward_scoring_reads_an_answer_as_training_did(tokenizer_dirs, style):
+  """Scorer's ids for (prompt_text, sampled answer) are the chosen sequence a reward model
+  trained on: the template's end of turn after a chat answer, end-of-text after a string."""
+  tok = ours(tokenizer_dirs[style])
+  question = CONVERSATIONS["system"][:2]
+  for record in [{"prompt": question, "chosen": [{"role": "assistant", "content": "Home."}],
+                  "rejected": [{"role": "assistant", "content": "?"}]},
+                 {"prompt": "Where are you?", "chosen": " Home.", "rejected": "?"},
+                 {"instruction": "Say where you are.", "chosen": "Home.", "rejected": "?"}]:
+    (chosen, _), _ = prompts.preference_sequences(record, tok)
+    answer = prompts.answer_text(record, "chosen")
+    assert prompts.scored_sequence(tok, prompts.prompt_text(record, tok), answer) == chosen
