@@ -1,6 +1,7 @@
 """Speed, measured side by side in one process (never in a timed test).
 
     python -m llm.bench train --config=configs/gpt_tiny.py [--steps=20] [--compare_torch]
+    python -m llm.bench train --config=configs/finetune_instruct.py --compare_packing
     python -m llm.bench generate --config=configs/gpt_tiny.py --config.model.max_len=512 \\
         [--batch=1 --prompt_len=16 --new_tokens=256] [--compare_hf]
 
@@ -79,6 +80,9 @@ def define_flags():
   flags.DEFINE_list("corpus_mb", ["100", "1000"], "data: corpus sizes in megabytes.")
   flags.DEFINE_string("corpus_dir", os.path.join(tempfile.gettempdir(), "llm-bench-data"),
                       "data: where the corpora and their shards are made (kept for reruns).")
+  flags.DEFINE_bool("compare_packing", False,
+                    "train: time a fine-tuning config's records padded and packed "
+                    "(data.packing) side by side, in real (non-padding) tokens/s.")
   flags.DEFINE_bool("compare_torch", False,
                     "train: also time a torch.compile'd transformers GPT-2 train step (AdamW, "
                     "same shape and batch), and print the ratio.")
@@ -130,8 +134,29 @@ def bench_train(cfg, steps: int) -> dict:
       fed_seconds = time.perf_counter() - start
     finally:
       fed.close()
-  return {"compile_s": compile_s, **memory, "step_ms": 1e3 * seconds / steps,
-          "step_ms_with_data": 1e3 * fed_seconds / steps, **trainer.throughput()(steps, seconds)}
+  result = {"compile_s": compile_s, **memory, "step_ms": 1e3 * seconds / steps,
+            "step_ms_with_data": 1e3 * fed_seconds / steps,
+            **trainer.throughput()(steps, seconds)}
+  if trainer.data.real_share < 1:  # records padded or packed into rows: what is real
+    result["padding_share"] = 1 - trainer.data.real_share
+    result["real_tokens_per_sec"] = result["tokens_per_sec"] * trainer.data.real_share
+  return result
+
+
+def bench_packing(cfg, steps: int) -> dict:
+  """A fine-tuning config's train step on its records padded and packed (data.packing), side
+  by side: the padding share and real (non-padding) tokens/s of each."""
+  result = {}
+  for layout, packing in (("padded", False), ("packed", True)):
+    timed = bench_train(config_lib.replace(cfg, {"data.packing": packing}), steps)
+    if "padding_share" not in timed:
+      raise UserError("--compare_packing times fine-tuning on records (task.kind=instruct, "
+                      "reward, dpo)")
+    for key in ("step_ms", "tokens_per_sec", "padding_share", "real_tokens_per_sec"):
+      result[f"{layout}_{key}"] = timed[key]
+  result["packed_over_padded"] = (result["packed_real_tokens_per_sec"]
+                                  / result["padded_real_tokens_per_sec"])
+  return result
 
 
 def topology_devices(name: str) -> list:
@@ -620,6 +645,8 @@ def main(argv):
   if argv[1] == "train" and FLAGS.topology:
     result = bench_compile_for(FLAGS.config, FLAGS.topology)
     device = result.pop("device") + f" ({FLAGS.topology}, compiled ahead of time; estimates)"
+  elif argv[1] == "train" and FLAGS.compare_packing:
+    result = bench_packing(FLAGS.config, max(FLAGS.steps, 1))
   elif argv[1] == "train":
     result = bench_train(FLAGS.config, FLAGS.steps)
     if FLAGS.compare_torch:

@@ -265,7 +265,8 @@ def test_reward_and_dpo_train_from_trl_conversations_packed(tmp_path, base_run, 
     trainer = Trainer(cfg, str(tmp_path / kind))
     padded, packed = map(int, re.search(r"padding (\d+)% padded, (\d+)% packed",
                                         trainer.data.summary).groups())
-    assert packed < padded
+    assert packed < padded and trainer.data.real_share == pytest.approx(1 - packed / 100,
+                                                                        abs=0.006)
     train(cfg, str(tmp_path / kind))
     lines = [m for m in read_metrics(str(tmp_path / kind)) if m["split"] == "train"]
     assert len(lines) == 2 and all(math.isfinite(m["loss"]) for m in lines)

@@ -97,6 +97,7 @@ class TaskData:
   # ... and is evaluated by sampling: (trainable, frozen) -> the "eval" split's metrics.
   evaluate: Any = None
   updates_per_batch: int = 1  # optimizer passes over each batch (an RL rollout is reused)
+  real_share: float = 1.0  # of the training rows' tokens, the share that is not padding
 
 
 @dataclasses.dataclass
@@ -256,15 +257,17 @@ class RecordTask(Task):
     lengths = examples.pop("lengths", None)
     subset = {name: {k: v[idx] for k, v in examples.items()} for name, idx in parts.items()}
     layout = f"padded to {self.sequence_length(examples)} tokens"
+    padded = len(examples["weights"]) * self.sequence_length(examples) * self.sequences
+    real_share = 1.0 if lengths is None else lengths.sum() / padded
     if d.packing:  # each split packed on its own: a record stays in its split
       subset = {name: self.pack({**s, "lengths": lengths[parts[name]]}, context.tokenizer.pad_id,
                                 d.max_length) for name, s in subset.items() if len(parts[name])}
       num_rows = sum(len(s["weights"]) for s in subset.values())
       packed = self.sequence_length(subset["train"])
-      padded = len(lengths) * self.sequence_length(examples) * self.sequences
       layout = (f"packed into {num_rows:,} rows of {packed} tokens (padding "
-                f"{1 - lengths.sum() / padded:.0%} padded, "
-                f"{1 - lengths.sum() / (num_rows * packed):.0%} packed)")
+                f"{1 - real_share:.0%} padded, ")
+      real_share = lengths.sum() / (num_rows * packed)
+      layout += f"{1 - real_share:.0%} packed)"
     where = dict(process_index=context.process_index, process_count=context.process_count)
     count = lambda name: len(subset[name]["weights"])
     train = batches.Batches(count("train"), batches.take_rows(subset["train"]),
@@ -277,7 +280,8 @@ class RecordTask(Task):
     return TaskData(train, evals, schema,
                     f"{len(examples['weights']):,} records ({what}), {layout}: "
                     + ", ".join(f"{len(idx)} {name}" for name, idx in parts.items()),
-                    splits={name: rows[idx] for name, idx in parts.items()})
+                    splits={name: rows[idx] for name, idx in parts.items()},
+                    real_share=float(real_share))
 
   def sequence_length(self, examples: dict) -> int:
     """The length of the examples' sequences (their last axis)."""
