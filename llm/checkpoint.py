@@ -53,16 +53,21 @@ class Checkpointer:
     step, (state, data) = self._newest_that_loads(restore, "this config")
     return step, state, data
 
-  def restore_params(self, abstract_params) -> dict:
-    """The newest loadable checkpoint's parameters alone, without the optimizer state: for
-    sampling and evaluation."""
+  def restore_params(self, abstract_params, key: str = "params") -> dict:
+    """The newest loadable checkpoint's parameters alone (`key`: "params", or "ema" for their
+    moving average), without the optimizer state: for sampling and evaluation."""
+    return self.restore_parts({key: abstract_params})[key]
+
+  def restore_parts(self, abstract_parts: dict) -> dict:
+    """Some of the newest loadable checkpoint's state: {key: its abstract tree}, e.g. the
+    parameters and the optimizer state that schedule-free's evaluation point needs."""
     def restore(step):
-      saved = {"params": self._as_saved(step, abstract_params)}
-      params = self.manager.restore(step, args=ocp.args.Composite(
+      saved = {k: self._as_saved(step, v) for k, v in abstract_parts.items()}
+      parts = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(
               saved, restore_args=ocp.checkpoint_utils.construct_restore_args(saved),
-              partial_restore=True))).state["params"]
-      return _relayout(params, abstract_params)
+              partial_restore=True))).state
+      return {k: _relayout(parts[k], v) for k, v in abstract_parts.items()}
     return self._newest_that_loads(restore, "the run's config")[1]
 
   def _as_saved(self, step: int, abstract):

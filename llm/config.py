@@ -9,6 +9,7 @@ import re
 
 import ml_collections
 
+from llm import optim
 from llm.errors import UserError
 from llm.model import attention
 from llm.model.layers import ACTIVATIONS, MLPS, NORMS, POSITIONS, REMAT_POLICIES
@@ -149,13 +150,25 @@ def base_config() -> ml_collections.ConfigDict:
   tr.steps = 1000  # optimizer steps
   tr.batch_size = 32  # global, in sequences, per optimizer step
   tr.grad_accum = 1  # micro-batches per step; batch_size must divide by it
-  tr.lr = 3e-4  # peak learning rate
-  tr.min_lr = 3e-5  # end of the cosine decay
+  tr.optimizer = "adamw"  # adamw, muon, lion, adafactor, sgd or schedule_free (llm/optim.py)
+  tr.lr = 3e-4  # peak learning rate (Muon's hidden matrices: train.muon_lr)
+  tr.schedule = "cosine"  # after the warmup: cosine, linear (to min_lr), wsd, constant
+  tr.min_lr = 3e-5  # where the schedule's decay ends
   tr.warmup_steps = 100  # linear warmup from 0 to train.lr
-  tr.weight_decay = 0.1  # AdamW's, on matrices only
-  tr.b1 = 0.9  # AdamW's first-moment decay
-  tr.b2 = 0.95  # AdamW's second-moment decay
+  tr.decay_fraction = 0.2  # wsd: the last share of the steps, decayed to min_lr
+  tr.decay_shape = "linear"  # wsd: the decay's shape, "linear" or "1-sqrt"
+  tr.weight_decay = 0.1  # decoupled (times the learning rate), on matrices only
+  tr.b1 = 0.9  # first-moment decay (AdamW, schedule-free's interpolation, Lion's update)
+  tr.b2 = 0.95  # second-moment decay (AdamW, schedule-free; Lion's momentum)
+  tr.eps = 1e-8  # AdamW's and schedule-free's denominator term
+  tr.muon_lr = 0.02  # muon: the hidden matrices' peak learning rate (the rest: train.lr)
+  tr.muon_beta = 0.95  # muon: momentum (Nesterov)
+  tr.momentum = 0.9  # sgd: momentum (0: plain SGD)
+  tr.nesterov = False  # sgd: Nesterov momentum
+  tr.opt_state_dtype = "float32"  # the optimizer state's dtype: float32 or bfloat16
   tr.grad_clip = 1.0  # global gradient norm clipped to this; 0: off
+  tr.ema = 0.0  # > 0: keep this decay's moving average of the parameters (evaluate, sample and
+  #               export it with --use_ema); e.g. 0.999
   tr.log_every = 10  # steps between train lines in metrics.jsonl
   tr.eval_every = 200  # steps between evaluations on the validation split
   tr.eval_at_start = False  # evaluate before the first step too (step 0: the starting model)
@@ -368,6 +381,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(0 <= tr.min_lr <= tr.lr, "train.min_lr", f"use a value in [0, train.lr={tr.lr}]",
          tr.min_lr)
   _check(0 <= tr.warmup_steps, "train.warmup_steps", "use 0 or more", tr.warmup_steps)
+  for key, allowed in (("optimizer", optim.OPTIMIZERS), ("schedule", optim.SCHEDULES),
+                       ("decay_shape", optim.DECAY_SHAPES),
+                       ("opt_state_dtype", optim.STATE_DTYPES)):
+    _check(tr[key] in allowed, f"train.{key}", f"use one of {allowed}", tr[key])
+  _check(0 < tr.decay_fraction <= 1, "train.decay_fraction", "use a share in (0, 1]",
+         tr.decay_fraction)
+  _check(tr.optimizer != "schedule_free" or tr.schedule == "constant", "train.schedule",
+         "schedule_free averages instead of decaying: use train.schedule=constant", tr.schedule)
+  _check(0 <= tr.ema < 1, "train.ema", "use 0 (off) or a decay in (0, 1)", tr.ema)
+  _check(tr.muon_lr > 0, "train.muon_lr", "use a positive learning rate", tr.muon_lr)
   for key in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
     _check(tr[key] >= 1, f"train.{key}", "use a positive integer", tr[key])
   _check(tr.eval_examples >= 0, "train.eval_examples", "use 0 (all) or more", tr.eval_examples)

@@ -39,7 +39,7 @@ def from_hf(name_or_path: str, workdir: str, allow_torch_bin: bool = False) -> N
 EXPORT_MARK = ".llm-export"  # in a folder --to_hf wrote: it may be replaced by the next export
 
 
-def to_hf(workdir: str, out: str, overwrite: bool = False) -> None:
+def to_hf(workdir: str, out: str, overwrite: bool = False, use_ema: bool = False) -> None:
   """DIR -> a folder that transformers reads: AutoModelForCausalLM for GPT-2,
   BertForPreTraining (or AutoModel) for BERT. A folder that holds anything but an earlier
   export is replaced only with `overwrite`; the new folder is written beside it first."""
@@ -50,7 +50,7 @@ def to_hf(workdir: str, out: str, overwrite: bool = False) -> None:
     raise UserError(f"--to_hf={out} holds other files ({', '.join(sorted(os.listdir(out))[:3])}"
                     f"{' ...' if len(os.listdir(out)) > 3 else ''}); choose an empty folder, or "
                     "add --overwrite to replace it whole")
-  run = runs.load(workdir, jax.devices()[:1])
+  run = runs.load(workdir, jax.devices()[:1], use_ema)
   if run.task.produces == "classes":
     raise UserError(f"--to_hf writes language models; {workdir} is a classifier")
   with files.written(out) as tmp:
@@ -62,11 +62,13 @@ def to_hf(workdir: str, out: str, overwrite: bool = False) -> None:
   print(f"wrote {out}: config.json, {hf.HF_WEIGHTS} ({num_tensors} tensors) and tokenizer files")
 
 
-def merge_lora(workdir: str, out: str) -> None:
+def merge_lora(workdir: str, out: str, use_ema: bool = False) -> None:
   """A fine-tuned run (LoRA adapters, or frozen weights kept in its init_from) -> a run
   directory holding the whole merged model, needing nothing else."""
-  run = runs.load(workdir, jax.devices()[:1])
-  cfg = config_lib.replace(run.cfg, {"lora.rank": 0, "init_from": "", "train.trainable": "all"})
+  run = runs.load(workdir, jax.devices()[:1], use_ema)
+  # The new directory holds parameters alone: no optimizer state, no moving average.
+  cfg = config_lib.replace(run.cfg, {"lora.rank": 0, "init_from": "", "train.trainable": "all",
+                                     "train.optimizer": "adamw", "train.ema": 0.0})
   rundir.write(out, cfg, run.tokenizer, run.params)
   print(f"wrote {out}: {params_lib.count(run.params):,} parameters, adapters merged")
 
@@ -83,6 +85,7 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "Run directory: written by --from_hf, read by --to_hf.")
   flags.DEFINE_bool("merge_lora", False, "Write --workdir's model, adapters merged, to --out.")
   flags.DEFINE_string("out", None, "Run directory written by --merge_lora.")
+  flags.DEFINE_bool("use_ema", False, "--to_hf, --merge_lora: " + runs.USE_EMA_HELP)
   flags.DEFINE_bool("overwrite", False, "Let --to_hf replace a folder that holds other files.")
   flags.DEFINE_bool("allow_torch_bin", False,
                     "Read pytorch_model.bin (a pickle) when there is no safetensors file.")
@@ -95,11 +98,11 @@ def main(argv):
     raise UserError("usage: python -m llm.convert --from_hf=PATH_OR_NAME --workdir=DIR, "
                     "--workdir=DIR --to_hf=OUT, or --workdir=DIR --merge_lora --out=DIR2")
   if FLAGS.merge_lora:
-    merge_lora(FLAGS.workdir, FLAGS.out)
+    merge_lora(FLAGS.workdir, FLAGS.out, FLAGS.use_ema)
   elif FLAGS.from_hf:
     from_hf(FLAGS.from_hf, FLAGS.workdir, FLAGS.allow_torch_bin)
   else:
-    to_hf(FLAGS.workdir, FLAGS.to_hf, FLAGS.overwrite)
+    to_hf(FLAGS.workdir, FLAGS.to_hf, FLAGS.overwrite, FLAGS.use_ema)
 
 
 if __name__ == "__main__":

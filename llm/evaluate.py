@@ -30,6 +30,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   flags.DEFINE_string("workdir", None, "Run directory to evaluate.")
+  flags.DEFINE_bool("use_ema", False, runs.USE_EMA_HELP)
   flags.DEFINE_string("data.path", None, "Text to evaluate on: a file, glob or folder (default: "
                       "the run's own validation data).")
   flags.DEFINE_string("data.text_field", "text", "Column holding the text (JSON/CSV data).")
@@ -54,7 +55,7 @@ def main(argv):
   del argv
   if not FLAGS.workdir:
     raise UserError("usage: python -m llm.evaluate --workdir=DIR [--data.path=FILE]")
-  run = runs.load(FLAGS.workdir)
+  run = runs.load(FLAGS.workdir, use_ema=FLAGS.use_ema)
   if FLAGS.benchmark:
     evaluation.score_benchmarks(run, FLAGS.benchmark, FLAGS.benchmark_dir, FLAGS.limit,
                                 FLAGS.num_fewshot, FLAGS.batch_size)

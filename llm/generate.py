@@ -27,6 +27,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   flags.DEFINE_string("workdir", None, "Run directory to sample from.")
+  flags.DEFINE_bool("use_ema", False, runs.USE_EMA_HELP)
   flags.DEFINE_string("prompt", "", "Text to continue.")
   flags.DEFINE_string("prompt_file", None, "One prompt per line; JSON lines out, one per sample.")
   flags.DEFINE_string("instruction", None, "An instruction, put in the Alpaca template; prints "
@@ -55,7 +56,7 @@ def main(argv):
     raise UserError("usage: python -m llm.generate --workdir=DIR --prompt=TEXT")
   if FLAGS.prompt_file and not os.path.isfile(FLAGS.prompt_file):
     raise UserError(f"--prompt_file: no such file {FLAGS.prompt_file}")
-  gen = Generator(runs.load(FLAGS.workdir))
+  gen = Generator(runs.load(FLAGS.workdir, use_ema=FLAGS.use_ema))
   if FLAGS.chat or FLAGS.messages:
     _conversations(gen)
     return

@@ -1,18 +1,115 @@
-"""AdamW with linear warmup, cosine decay and global-norm clipping."""
+"""The optimizer and learning-rate schedule a run trains with: `train.optimizer`, `train.schedule`.
+
+    optimizer      what it updates                                           its keys (train.*)
+    adamw          every parameter                                           lr, b1, b2, eps
+    muon           hidden matrices (attention, MLP) by orthogonalised        muon_lr, muon_beta
+                   momentum; embeddings, head, norms, biases, adapters by    (+ adamw's)
+                   AdamW
+    lion           sign of interpolated momentum                             lr, b1, b2
+    adafactor      factored second moments (no first moment), update clipping  lr
+    sgd            momentum, optionally Nesterov                             lr, momentum, nesterov
+    schedule_free  schedule-free AdamW: evaluated at its averaged point      lr, b1, b2, eps
+
+Every optimizer decays matrices only (`decay_mask`) by train.weight_decay, clips the global
+gradient norm at train.grad_clip, and keeps its state in train.opt_state_dtype. Schedules
+(`lr_schedule`) all warm up linearly over train.warmup_steps; counted in optimizer updates.
+Muon routes each parameter by its logical axis names (`muon_dimensions`), so the same rule holds
+for GPT, BERT and Llama blocks, scanned or not, with LoRA adapters and task heads.
+"""
 
 import jax
+import jax.numpy as jnp
 import optax
+from optax import contrib
+from optax.transforms import MaskedNode
 
 from llm.model import layers
 
+OPTIMIZERS = ("adamw", "muon", "lion", "adafactor", "sgd", "schedule_free")
+SCHEDULES = ("cosine", "wsd", "linear", "constant")
+DECAY_SHAPES = ("linear", "1-sqrt")
+STATE_DTYPES = ("float32", "bfloat16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedules
+
 
 def lr_schedule(train_cfg, updates_per_step: int = 1) -> optax.Schedule:
-  """Linear warmup from 0 to `lr`, then cosine decay to `min_lr` at the last step; counted in
-  optimizer updates, `updates_per_step` of them per step (several passes over a batch)."""
-  warmup, steps = train_cfg.warmup_steps * updates_per_step, train_cfg.steps * updates_per_step
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=train_cfg.lr, end_value=train_cfg.min_lr,
-      warmup_steps=warmup, decay_steps=max(steps, warmup + 1))
+  """Linear warmup from 0 to train.lr, then:
+
+      cosine    cosine decay to train.min_lr at the last step
+      linear    linear decay to train.min_lr at the last step
+      constant  train.lr to the end (schedule-free's)
+      wsd       warmup-stable-decay: train.lr until the last train.decay_fraction of the
+                steps, then to train.min_lr, linearly or as 1 - sqrt (train.decay_shape).
+                Raising train.steps moves the decay later, so an extended run that resumes
+                from a checkpoint of the stable phase stays stable until its new decay.
+
+  Counted in optimizer updates, `updates_per_step` of them per step."""
+  tr = train_cfg
+  warmup, steps = tr.warmup_steps * updates_per_step, tr.steps * updates_per_step
+  peak, end = tr.lr, tr.min_lr
+  if tr.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, end_value=end, warmup_steps=warmup,
+        decay_steps=max(steps, warmup + 1))
+  ramp = optax.linear_schedule(0.0, peak, max(warmup, 1))
+  if tr.schedule == "constant":
+    return optax.join_schedules([ramp, optax.constant_schedule(peak)], [warmup])
+  if tr.schedule == "linear":
+    return optax.join_schedules(
+        [ramp, optax.linear_schedule(peak, end, max(steps - warmup, 1))], [warmup])
+  decay_steps = max(round(tr.decay_fraction * steps), 1)
+  stable_until = max(steps - decay_steps, warmup)
+
+  def decay(count):
+    done = jnp.clip(count / decay_steps, 0.0, 1.0)
+    shape = done if tr.decay_shape == "linear" else jnp.sqrt(done)
+    return peak + (end - peak) * shape
+
+  return optax.join_schedules([ramp, optax.constant_schedule(peak), decay],
+                              [warmup, stable_until])
+
+
+# ---------------------------------------------------------------------------------------------
+# Which parameters are which
+
+
+def _names_of(boxed_tree):
+  """The logical axis names of each parameter (a tuple per leaf, as a leaf)."""
+  is_box = lambda x: hasattr(x, "names")
+  return jax.tree.map(lambda x: _Names(x.names), boxed_tree, is_leaf=is_box)
+
+
+class _Names(tuple):
+  """A tuple of axis names that pytrees treat as one leaf."""
+
+
+jax.tree_util.register_pytree_node(_Names, lambda n: ((), tuple(n)),
+                                   lambda names, _: _Names(names))
+
+HIDDEN = ("heads", "kv", "kv_heads", "mlp")  # the axes a block's matrices map embed to or from
+
+
+def muon_dimensions(names: tuple):
+  """For a parameter with these logical axis names: how Muon sees it as a matrix (the input
+  axes it orthogonalises over, the output axes; a scanned stack's `layers` axis is a batch of
+  matrices), or None when AdamW updates it. Muon takes the blocks' matrices: an `embed` axis on
+  one side and only hidden axes on the other. Embeddings and the LM head (`vocab`), norms and
+  biases (one side only), task heads and LoRA adapters (an unnamed axis) go to AdamW."""
+  named = [i for i, n in enumerate(names) if n != "layers"]
+  axes = [names[i] for i in named]
+  if "embed" not in axes or None in axes or len(axes) < 2:
+    return None
+  if not all(n in HIDDEN for n in axes if n != "embed") or axes.count("embed") != 1:
+    return None
+  if axes[0] == "embed":
+    return contrib.MuonDimensionNumbers(reduction_axis=(named[0],), output_axis=tuple(named[1:]))
+  if axes[-1] == "embed":
+    return contrib.MuonDimensionNumbers(reduction_axis=tuple(named[:-1]),
+                                        output_axis=(named[-1],))
+  return None
 
 
 def decay_mask(params):
@@ -24,10 +121,100 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
-def build(train_cfg, updates_per_step: int = 1) -> optax.GradientTransformation:
-  return optax.chain(
-      optax.clip_by_global_norm(train_cfg.grad_clip) if train_cfg.grad_clip > 0 else
-      optax.identity(),
-      optax.adamw(lr_schedule(train_cfg, updates_per_step), b1=train_cfg.b1, b2=train_cfg.b2,
-                  weight_decay=train_cfg.weight_decay, mask=decay_mask),
-  )
+# ---------------------------------------------------------------------------------------------
+# Optimizers
+
+
+def build(train_cfg, boxed_params=None, updates_per_step: int = 1) -> optax.GradientTransformation:
+  """train.optimizer for parameters shaped and named like `boxed_params` (their logical axis
+  names route Muon; any other optimizer needs none)."""
+  tr = train_cfg
+  schedule = lr_schedule(tr, updates_per_step)
+  clip = optax.clip_by_global_norm(tr.grad_clip) if tr.grad_clip > 0 else optax.identity()
+  decay = optax.add_decayed_weights(tr.weight_decay, mask=decay_mask)
+  if tr.optimizer == "adamw":
+    inner = _adamw(tr, schedule)
+  elif tr.optimizer == "muon":
+    dimensions = jax.tree.map(muon_dimensions, _names_of(boxed_params),
+                              is_leaf=lambda x: isinstance(x, _Names))
+    is_leaf = lambda x: x is None or isinstance(x, contrib.MuonDimensionNumbers)
+    labels = jax.tree.map(lambda d: "adamw" if d is None else "muon", dimensions,
+                          is_leaf=is_leaf)
+    # Muon sees AdamW's parameters as masked (optax.partition): so do its dimension numbers.
+    masked = jax.tree.map(lambda d: MaskedNode() if d is None else d, dimensions,
+                          is_leaf=is_leaf)
+    muon_lr = lambda count: schedule(count) * (tr.muon_lr / tr.lr)
+    muon = optax.chain(
+        contrib.scale_by_muon(beta=tr.muon_beta, weight_dimension_numbers=masked),
+        _scale_by_width(masked), decay, optax.scale_by_learning_rate(muon_lr))
+    inner = optax.partition({"muon": muon, "adamw": _adamw(tr, schedule)}, labels)
+  elif tr.optimizer == "lion":
+    inner = optax.chain(optax.scale_by_lion(b1=tr.b1, b2=tr.b2), decay,
+                        optax.scale_by_learning_rate(schedule))
+  elif tr.optimizer == "adafactor":
+    # Factored second moments with Adafactor's own update clipping; an absolute learning rate
+    # (not scaled by each parameter's size), so the schedules mean what they mean elsewhere.
+    inner = optax.chain(
+        optax.scale_by_factored_rms(decay_rate=0.8), optax.clip_by_block_rms(1.0), decay,
+        optax.scale_by_learning_rate(schedule))
+  elif tr.optimizer == "sgd":
+    inner = optax.chain(decay, optax.trace(decay=tr.momentum, nesterov=tr.nesterov),
+                        optax.scale_by_learning_rate(schedule))
+  else:  # schedule_free: optax's schedule_free_adamw with decay on matrices only
+    inner = contrib.schedule_free(
+        optax.chain(optax.scale_by_rms(decay=tr.b2, eps=tr.eps, eps_in_sqrt=False,
+                                       bias_correction=True),
+                    decay, optax.scale_by_learning_rate(schedule)),
+        learning_rate=schedule, b1=tr.b1)
+  tx = optax.chain(clip, inner)
+  return tx if tr.opt_state_dtype == "float32" else in_dtype(tx, jnp.dtype(tr.opt_state_dtype))
+
+
+def _scale_by_width(dimensions) -> optax.GradientTransformation:
+  """Muon's orthogonalised update times sqrt(max(1, fan_out / fan_in)), as modded-nanogpt and
+  optax's muon scale it."""
+  def scale(update, d):
+    if isinstance(d, MaskedNode):  # AdamW's
+      return update
+    fan_in = jnp.prod(jnp.array([update.shape[i] for i in d.reduction_axis]))
+    fan_out = jnp.prod(jnp.array([update.shape[i] for i in d.output_axis]))
+    return update * jnp.sqrt(jnp.maximum(1.0, fan_out / fan_in))
+
+  def update(updates, state, params=None):
+    del params
+    is_leaf = lambda x: isinstance(x, (contrib.MuonDimensionNumbers, MaskedNode))
+    return jax.tree.map(scale, updates, dimensions, is_leaf=is_leaf), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def _adamw(tr, schedule):
+  return optax.adamw(schedule, b1=tr.b1, b2=tr.b2, eps=tr.eps, weight_decay=tr.weight_decay,
+                     mask=decay_mask)
+
+
+def in_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+  """`tx` with its floating-point state stored in `dtype` (bfloat16 halves AdamW's state);
+  each update computes in float32."""
+  def cast(tree, to):
+    return jax.tree.map(lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        tree)
+
+  def init(params):
+    return cast(tx.init(params), dtype)
+
+  def update(updates, state, params=None):
+    updates, state = tx.update(updates, cast(state, jnp.float32), params)
+    return updates, cast(state, dtype)
+
+  return optax.GradientTransformation(init, update)
+
+
+def evaluation_params(train_cfg, params, opt_state):
+  """The parameters a run is evaluated, sampled and exported at: schedule-free's averaged
+  point (its gradients are taken elsewhere), else the parameters themselves."""
+  if train_cfg.optimizer != "schedule_free":
+    return params
+  is_state = lambda x: isinstance(x, contrib.ScheduleFreeState)
+  state = next(s for s in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(s))
+  return contrib.schedule_free_eval_params(state, params)

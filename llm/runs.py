@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from llm import checkpoint, hf, params as params_lib, rundir, sharding, tasks
+from llm import checkpoint, hf, optim, params as params_lib, rundir, sharding, tasks
+from llm.errors import UserError
 from llm import model as model_lib
 from llm import tokenizer as tokenizer_lib
 
@@ -75,16 +76,36 @@ class Start:
     return params_lib.assemble(self.cfg, self.init(model)[0], {})
 
 
-def load_params(cfg, model, workdir: str, mesh, mesh_cfg):
-  """The model parameters of a trained run: its checkpoint's trainable part, the rest from
-  its init_from source, adapters merged."""
+USE_EMA_HELP = ("Use the run's moving average of its parameters (a run trained with "
+                "train.ema) instead of the parameters themselves.")
+
+
+def load_params(cfg, model, workdir: str, mesh, mesh_cfg, use_ema: bool = False):
+  """The model parameters of a trained run: its checkpoint's trainable part (with `use_ema`
+  their moving average; schedule-free's averaged point), the rest from its init_from source,
+  adapters merged."""
   shapes, shardings = params_lib.abstract(cfg, model, mesh, mesh_cfg)
   abstract = checkpoint.abstract_like(nn.meta.unbox(shapes), shardings)
   trainable_filter = params_lib.is_trainable(cfg, model_lib.shape_of(model).num_layers)
   trainable_abstract, frozen_abstract = params_lib.split(abstract, trainable_filter)
+  if use_ema and not cfg.train.get("ema"):
+    raise UserError(f"--use_ema: {workdir} was trained without a moving average "
+                    "(train.ema=0)")
   ckpt = rundir.checkpointer(workdir)
   try:
-    trainable = ckpt.restore_params(trainable_abstract)
+    if use_ema:
+      trainable = ckpt.restore_params(trainable_abstract, "ema")
+    elif cfg.train.get("optimizer") == "schedule_free":
+      boxed = params_lib.split(shapes, trainable_filter)[0]
+      tx = optim.build(cfg.train, boxed)
+      with sharding.activate(mesh, mesh_cfg):
+        opt_boxed = jax.eval_shape(tx.init, boxed)
+        opt_state = checkpoint.abstract_like(
+            params_lib.values(opt_boxed), sharding.logical_shardings(opt_boxed, mesh, mesh_cfg))
+      parts = ckpt.restore_parts({"params": trainable_abstract, "opt_state": opt_state})
+      trainable = optim.evaluation_params(cfg.train, parts["params"], parts["opt_state"])
+    else:
+      trainable = ckpt.restore_params(trainable_abstract)
   finally:
     ckpt.close()
   frozen = {}
@@ -107,7 +128,9 @@ class Run:
   task: tasks.Task | None = None  # what it was trained for: what its model produces
 
 
-def load(workdir: str, devices=None) -> Run:
+def load(workdir: str, devices=None, use_ema: bool = False) -> Run:
+  """The run in `workdir` opened for inference (`use_ema`: at its parameters' moving
+  average)."""
   cfg = rundir.read_config(workdir)
   tokenizer = rundir.read_tokenizer(workdir)
   task = tasks.build(cfg)
@@ -119,5 +142,5 @@ def load(workdir: str, devices=None) -> Run:
   mesh_cfg = ml_collections.ConfigDict(
       {"data": 1, "fsdp": 1, "tensor": len(devices), "rules": cfg.mesh.rules})
   mesh = sharding.make_mesh(mesh_cfg, devices)
-  params = load_params(cfg, model, workdir, mesh, mesh_cfg)
+  params = load_params(cfg, model, workdir, mesh, mesh_cfg, use_ema)
   return Run(cfg, tokenizer, model, params, mesh, mesh_cfg, workdir, task)

@@ -70,8 +70,13 @@ def activate(mesh: Mesh, mesh_cfg):
 def logical_shardings(boxed_tree, mesh: Mesh, mesh_cfg):
   """NamedShardings for a tree whose leaves carry logical axis names (nn.LogicallyPartitioned).
 
-  Leaves without names (step counters, RNG keys) are replicated.
+  Leaves without names (step counters, RNG keys) are replicated, as are optimizer statistics
+  of another rank than the parameter whose names they carry (Adafactor's factored rows and
+  columns).
   """
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  fits = lambda x: not is_box(x) or len(x.names) == len(getattr(x.value, "shape", ()))
+  boxed_tree = jax.tree.map(lambda x: x if fits(x) else x.value, boxed_tree, is_leaf=is_box)
   specs = nn.get_partition_spec(boxed_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, rules(mesh_cfg))
 

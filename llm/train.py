@@ -56,7 +56,9 @@ class Trainer:
     self.batches, self.schema = self.data.batches, self.data.schema
     self.trainable = params_lib.is_trainable(cfg, model_lib.shape_of(self.model).num_layers)
     self.assemble = functools.partial(params_lib.assemble, cfg)
-    self.tx = optim.build(cfg.train, self.data.updates_per_batch)
+    boxed_shapes = params_lib.abstract(cfg, self.model, self.mesh, cfg.mesh)[0]
+    self.tx = optim.build(cfg.train, params_lib.split(boxed_shapes, self.trainable)[0],
+                          self.data.updates_per_batch)
     self.benchmarks = self.load_benchmarks()
     if self.is_main:
       print(f"{self.data.summary}; {jax.device_count()} devices as mesh {dict(self.mesh.shape)}")
@@ -84,18 +86,27 @@ class Trainer:
       raise UserError(f"train.trainable={cfg.train.trainable!r} leaves nothing to train in this "
                       "model")
     self.frozen_shardings = params_lib.split(param_shardings, self.trainable)[1]
-    dropout_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
-
-    def new_state(params):
-      return {"step": jnp.zeros((), jnp.int32), "params": params,
-              "opt_state": self.tx.init(params), "rng": dropout_key}
-
     with sharding.activate(self.mesh, cfg.mesh):
       self.state_shardings = sharding.logical_shardings(
-          jax.eval_shape(new_state, boxed_trainable), self.mesh, cfg.mesh)
-      state = jax.jit(new_state, out_shardings=self.state_shardings)(trainable)
+          jax.eval_shape(self.new_state, boxed_trainable), self.mesh, cfg.mesh)
+      state = jax.jit(self.new_state, out_shardings=self.state_shardings)(trainable)
     self.num_params, self.num_trainable = params_lib.count(params), params_lib.count(trainable)
     return state, frozen
+
+  def new_state(self, params) -> dict:
+    """The train state of a run starting at `params`: the step, the parameters, their optimizer
+    state, the dropout key, and with train.ema their moving average (sharded like them)."""
+    dropout_key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), 1)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": self.tx.init(params), "rng": dropout_key}
+    if self.cfg.train.ema:
+      state["ema"] = params
+    return state
+
+  def evaluation_params(self, state) -> dict:
+    """What a run is evaluated at while it trains: the parameters (schedule-free: its averaged
+    point)."""
+    return optim.evaluation_params(self.cfg.train, state["params"], state["opt_state"])
 
   def abstract_state(self):
     """(train state, frozen parameters) as shapes and dtypes with their shardings, nothing
@@ -103,12 +114,10 @@ class Trainer:
     shapes, shardings = params_lib.abstract(self.cfg, self.model, self.mesh, self.cfg.mesh)
     trainable, frozen = params_lib.split(shapes, self.trainable)
     self.frozen_shardings = params_lib.split(shardings, self.trainable)[1]
-    new_state = lambda params: {"step": jnp.zeros((), jnp.int32), "params": params,
-                                "opt_state": self.tx.init(params), "rng": jax.random.PRNGKey(0)}
     with sharding.activate(self.mesh, self.cfg.mesh):
       self.state_shardings = sharding.logical_shardings(
-          jax.eval_shape(new_state, trainable), self.mesh, self.cfg.mesh)
-      state = jax.eval_shape(new_state, params_lib.values(trainable))
+          jax.eval_shape(self.new_state, trainable), self.mesh, self.cfg.mesh)
+      state = jax.eval_shape(self.new_state, params_lib.values(trainable))
     with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
     self.num_params = params_lib.count(params_lib.values(shapes))
     self.num_trainable = params_lib.count(params_lib.values(trainable))
@@ -120,7 +129,8 @@ class Trainer:
     tr = self.cfg.train
     schedule = optim.lr_schedule(tr, self.data.updates_per_batch)
     step = make_train_step(self.objective, self.tx, schedule, self.assemble,
-                           max_nonfinite=tr.max_nonfinite if tr.on_nonfinite == "skip" else 1)
+                           max_nonfinite=tr.max_nonfinite if tr.on_nonfinite == "skip" else 1,
+                           ema=tr.ema)
     return jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings,
                                        sharding.batch_sharding(self.mesh), None),
                    out_shardings=(self.state_shardings, None, None), donate_argnums=0)
@@ -182,8 +192,11 @@ class Trainer:
 
 def make_train_step(objective: objectives.Objective, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, assemble=lambda trainable, frozen: trainable,
-                    max_nonfinite: int = 1):
+                    max_nonfinite: int = 1, ema: float = 0.0):
   """One optimizer step over a batch of [grad_accum, micro_batch, ...] arrays.
+
+  With `ema` (train.ema, a decay in (0, 1)) the state's "ema" follows the parameters:
+  ema <- ema * decay + params * (1 - decay) after each applied step.
 
   Gradients flow to the state's (trainable) parameters only; `assemble(trainable, frozen)`
   makes the model's parameters from both.
@@ -227,6 +240,9 @@ def make_train_step(objective: objectives.Objective, tx: optax.GradientTransform
     keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
     new_state = {"step": state["step"] + 1, "params": keep_if_bad(params, state["params"]),
                  "opt_state": keep_if_bad(opt_state, state["opt_state"]), "rng": state["rng"]}
+    if ema:
+      new_state["ema"] = jax.tree.map(lambda e, p: e * ema + p.astype(e.dtype) * (1 - ema),
+                                      state["ema"], new_state["params"])
     in_a_row = jnp.where(finite, 0, health["in_a_row"] + 1)
     health = {"skipped": health["skipped"] + (going & ~finite),
               "in_a_row": in_a_row,
@@ -286,7 +302,7 @@ def _train(trainer: Trainer, ckpt) -> dict:
   batches = data_batches.Prefetch(trainer.batches, trainer.place)
   if start == 0 and tr.eval_at_start:
     with sharding.activate(mesh, cfg.mesh):
-      evaluated(0, periodic, state["params"])
+      evaluated(0, periodic, trainer.evaluation_params(state))
   try:
     with preemption.Watcher(ckpt, start) as watcher:  # a signal from here on: save the step, stop
       for step in range(start + 1, tr.steps + 1):
@@ -298,9 +314,9 @@ def _train(trainer: Trainer, ckpt) -> dict:
             state, stats, health = train_step(state, frozen, batch, health)
           log.trained(step, stats, health, sampled)
           if step % tr.eval_every == 0 or step == tr.steps:
-            last_eval = evaluated(step, periodic, state["params"])
+            last_eval = evaluated(step, periodic, trainer.evaluation_params(state))
           if step == tr.steps and "test" in evaluate:
-            evaluated(step, ["test"], state["params"])
+            evaluated(step, ["test"], trainer.evaluation_params(state))
         preempted = watcher.requested(step)
         if step % tr.checkpoint_every == 0 or step == tr.steps or preempted:
           log.phase("saving")
