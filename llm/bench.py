@@ -2,6 +2,8 @@
 
     python -m llm.bench train --config=configs/gpt_tiny.py [--steps=20] [--compare_torch]
     python -m llm.bench train --config=configs/finetune_instruct.py --compare_packing
+    python -m llm.bench train --config=configs/gpt_tiny.py --optimizers=adamw,muon,lion
+    python -m llm.bench train --config=configs/gpt_tiny.py --profile=/tmp/profile
     python -m llm.bench generate --config=configs/gpt_tiny.py --config.model.max_len=512 \\
         [--batch=1 --prompt_len=16 --new_tokens=256] [--compare_hf]
 
@@ -80,6 +82,10 @@ def define_flags():
   flags.DEFINE_list("corpus_mb", ["100", "1000"], "data: corpus sizes in megabytes.")
   flags.DEFINE_string("corpus_dir", os.path.join(tempfile.gettempdir(), "llm-bench-data"),
                       "data: where the corpora and their shards are made (kept for reruns).")
+  flags.DEFINE_list("optimizers", [], "train: time the config with each of these "
+                    "optimizers (train.optimizer) side by side, e.g. adamw,muon,lion.")
+  flags.DEFINE_string("profile", "", "train: write a jax.profiler trace of the timed steps to "
+                      "this folder (tensorboard --logdir=FOLDER, or ui.perfetto.dev).")
   flags.DEFINE_bool("compare_packing", False,
                     "train: time a fine-tuning config's records padded and packed "
                     "(data.packing) side by side, in real (non-padding) tokens/s.")
@@ -98,9 +104,17 @@ def _best_time(fn, repeats):
   return min(times)
 
 
-def bench_train(cfg, steps: int) -> dict:
-  """Compile time, the step's memory (XLA's own accounting, per device), step time, tokens/s
-  and MFU of the config's train step, on its own data."""
+def state_bytes(state, num_params: int) -> dict:
+  """The train state's bytes per trainable parameter: all of it, and the optimizer's part."""
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  return {"state_bytes_per_param": nbytes(state) / num_params,
+          "opt_state_bytes_per_param": nbytes(state["opt_state"]) / num_params}
+
+
+def bench_train(cfg, steps: int, profile: str = "") -> dict:
+  """Compile time, the step's memory (XLA's own accounting, per device), step time, tokens/s,
+  MFU and the state's bytes per parameter of the config's train step, on its own data; with
+  `profile` (a folder) a jax.profiler trace of the timed steps."""
   import tempfile
   from llm.train import Trainer, new_health
   with tempfile.TemporaryDirectory() as workdir:  # a run that writes nothing
@@ -119,9 +133,12 @@ def bench_train(cfg, steps: int) -> dict:
       return {"compile_s": compile_s, **memory}
     state, stats, health = step_fn(state, frozen, batches[0], health)  # warm-up
     jax.block_until_ready(stats)
+    profiler = metrics.StepProfiler(f"1:{steps}" if profile else "", profile)
     start = time.perf_counter()
-    for batch in batches[1:]:
+    for i, batch in enumerate(batches[1:], 1):
+      profiler.before(i)
       state, stats, health = step_fn(state, frozen, batch, health)
+      profiler.after(i, stats)
     jax.block_until_ready(stats)
     seconds = time.perf_counter() - start
     # The same steps fed as training feeds them: batches made and placed on a host thread.
@@ -136,10 +153,27 @@ def bench_train(cfg, steps: int) -> dict:
       fed.close()
   result = {"compile_s": compile_s, **memory, "step_ms": 1e3 * seconds / steps,
             "step_ms_with_data": 1e3 * fed_seconds / steps,
-            **trainer.throughput()(steps, seconds)}
+            **trainer.throughput()(steps, seconds), **state_bytes(state, trainer.num_trainable)}
   if trainer.data.real_share < 1:  # records padded or packed into rows: what is real
     result["padding_share"] = 1 - trainer.data.real_share
     result["real_tokens_per_sec"] = result["tokens_per_sec"] * trainer.data.real_share
+  return result
+
+
+def bench_optimizers(cfg, steps: int, names: list[str]) -> dict:
+  """The config's train step with each optimizer (train.optimizer), side by side: step time,
+  tokens/s and the optimizer state's bytes per parameter."""
+  result = {}
+  for name in names:
+    changes = {"train.optimizer": name}
+    if name == "schedule_free":
+      changes["train.schedule"] = "constant"
+    timed = bench_train(config_lib.replace(cfg, changes), steps)
+    for key in ("step_ms", "tokens_per_sec", "opt_state_bytes_per_param"):
+      result[f"{name}_{key}"] = timed[key]
+  for name in names[1:]:
+    result[f"{name}_over_{names[0]}"] = (result[f"{name}_tokens_per_sec"]
+                                         / result[f"{names[0]}_tokens_per_sec"])
   return result
 
 
@@ -647,8 +681,10 @@ def main(argv):
     device = result.pop("device") + f" ({FLAGS.topology}, compiled ahead of time; estimates)"
   elif argv[1] == "train" and FLAGS.compare_packing:
     result = bench_packing(FLAGS.config, max(FLAGS.steps, 1))
+  elif argv[1] == "train" and FLAGS.optimizers:
+    result = bench_optimizers(FLAGS.config, max(FLAGS.steps, 1), FLAGS.optimizers)
   elif argv[1] == "train":
-    result = bench_train(FLAGS.config, FLAGS.steps)
+    result = bench_train(FLAGS.config, FLAGS.steps, FLAGS.profile)
     if FLAGS.compare_torch:
       torch_result = _torch_gpt2_train(FLAGS.config, max(FLAGS.steps, 1))
       result.update(torch_result)

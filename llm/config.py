@@ -9,7 +9,7 @@ import re
 
 import ml_collections
 
-from llm import optim
+from llm import metrics, optim
 from llm.errors import UserError
 from llm.model import attention
 from llm.model.layers import ACTIVATIONS, MLPS, NORMS, POSITIONS, REMAT_POLICIES
@@ -82,7 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.max_len = 256  # context: the most positions the model reads
   m.vocab_size = 0  # 0: the tokenizer's size; larger pads the embedding (e.g. 50304)
   m.dropout = 0.0  # on embeddings, attention and MLP outputs during training
-  m.dtype = "float32"  # compute dtype ("bfloat16" on GPU/TPU); parameters stay float32
+  m.dtype = "float32"  # compute dtype ("bfloat16" on GPU/TPU); logits and loss stay float32
+  m.param_dtype = "float32"  # the parameters' dtype: float32, or bfloat16 (half the memory; the
+  #                            optimizer state keeps train.opt_state_dtype)
   m.tie_embeddings = True  # the LM head is the token embedding transposed
   m.use_bias = True  # biases in the attention and MLP projections
   m.ln_eps = 1e-5  # LayerNorm epsilon
@@ -167,6 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
   tr.nesterov = False  # sgd: Nesterov momentum
   tr.opt_state_dtype = "float32"  # the optimizer state's dtype: float32 or bfloat16
   tr.grad_clip = 1.0  # global gradient norm clipped to this; 0: off
+  tr.z_loss = 0.0  # lm, instruct: z_loss x log(Z)^2 added per target (PaLM: 1e-4); 0: off
   tr.ema = 0.0  # > 0: keep this decay's moving average of the parameters (evaluate, sample and
   #               export it with --use_ema); e.g. 0.999
   tr.log_every = 10  # steps between train lines in metrics.jsonl
@@ -182,6 +185,11 @@ def base_config() -> ml_collections.ConfigDict:
   tr.trainable = "all"  # "all", "head" (the output head) or "last:K" (K blocks, the final norm
   #                       or pooler, and the head)
   tr.peak_flops = 0.0  # per device, for MFU; 0: look the device up in a table
+  tr.wandb_project = ""  # also log to this Weights & Biases project (pip install wandb;
+  #                        WANDB_MODE=offline needs no account); "": TensorBoard and
+  #                        metrics.jsonl only
+  tr.profile_steps = ""  # "START:STOP": a jax.profiler trace of steps START..STOP (from 1)
+  #                        in DIR/profile/, for TensorBoard's profile tab or Perfetto
   tr.on_nonfinite = "stop"  # a step with a non-finite loss or gradient is never applied; "stop":
   #                           the run stops there (nothing after it saved); "skip": go on
   tr.max_nonfinite = 10  # on_nonfinite=skip: stop after this many such steps in a row
@@ -316,6 +324,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(m.vocab_size >= 0, "model.vocab_size", "use 0 (the tokenizer's) or a size", m.vocab_size)
   _check(0.0 <= m.dropout < 1.0, "model.dropout", "use a value in [0, 1)", m.dropout)
   _check(m.dtype in DTYPES, "model.dtype", f"use one of {DTYPES}", m.dtype)
+  _check(m.param_dtype in optim.STATE_DTYPES, "model.param_dtype",
+         f"use one of {optim.STATE_DTYPES}", m.param_dtype)
   _check(m.activation in ACTIVATIONS, "model.activation", f"use one of {tuple(ACTIVATIONS)}",
          m.activation)
   _check(m.attention_impl in attention.IMPLS, "model.attention_impl",
@@ -389,6 +399,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
          tr.decay_fraction)
   _check(tr.optimizer != "schedule_free" or tr.schedule == "constant", "train.schedule",
          "schedule_free averages instead of decaying: use train.schedule=constant", tr.schedule)
+  try:
+    metrics.profile_range(tr.profile_steps)
+  except ValueError:
+    _check(False, "train.profile_steps", 'use "START:STOP" with 1 <= START <= STOP, or "" '
+           "(off)", tr.profile_steps)
+  _check(tr.z_loss >= 0, "train.z_loss", "use 0 (off) or a positive coefficient", tr.z_loss)
   _check(0 <= tr.ema < 1, "train.ema", "use 0 (off) or a decay in (0, 1)", tr.ema)
   _check(tr.muon_lr > 0, "train.muon_lr", "use a positive learning rate", tr.muon_lr)
   for key in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):

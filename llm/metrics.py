@@ -94,32 +94,94 @@ def read(path: str) -> list[dict]:
   return records
 
 
+def check_wandb(project: str) -> None:
+  """train.wandb_project needs the wandb package: one line if it is missing."""
+  import importlib.util
+  if project and importlib.util.find_spec("wandb") is None:
+    from llm.errors import UserError
+    raise UserError(f"train.wandb_project={project!r} logs to Weights & Biases, which is not "
+                    "installed: pip install wandb (WANDB_MODE=offline needs no account)")
+
+
 class MetricsWriter:
   """Appends one JSON object per line to a metrics.jsonl file, flushed at once, plus
-  TensorBoard events in the same folder.
+  TensorBoard events in the same folder, and with `wandb_project` a Weights & Biases run (its
+  files in the same folder; resumed with the run; WANDB_MODE=offline works without an account)
+  that gets the resolved `config` once.
 
   Only process 0 writes; the others get a writer that does nothing.
   """
 
-  def __init__(self, path: str, enabled: bool = True):
+  def __init__(self, path: str, enabled: bool = True, wandb_project: str = "",
+               config: dict | None = None):
     self.enabled = enabled
+    self._wandb = None
     if not enabled:
       return
     from tensorboardX import SummaryWriter
+    folder = os.path.dirname(path) or "."
     self._file = open(path, "a")
-    self._tb = SummaryWriter(logdir=os.path.dirname(path) or ".")
+    self._tb = SummaryWriter(logdir=folder)
+    if wandb_project:
+      import hashlib
+      import wandb
+      run_id = hashlib.sha256(os.path.abspath(folder).encode()).hexdigest()[:16]
+      self._wandb = wandb.init(project=wandb_project, dir=folder, id=run_id, resume="allow",
+                               name=os.path.basename(os.path.abspath(folder)), config=config)
 
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
-    for key, value in record.items():
-      if key not in ("step", "split") and isinstance(value, (int, float)):
-        self._tb.add_scalar(f"{record['split']}/{key}", value, record["step"])
+    scalars = {f"{record['split']}/{key}": value for key, value in record.items()
+               if key not in ("step", "split") and isinstance(value, (int, float))}
+    for key, value in scalars.items():
+      self._tb.add_scalar(key, value, record["step"])
     self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log(scalars, step=record["step"])
 
   def close(self) -> None:
     if self.enabled:
       self._file.close()
       self._tb.close()
+      if self._wandb is not None:
+        self._wandb.finish()
+
+
+def profile_range(setting: str) -> tuple[int, int] | None:
+  """train.profile_steps: "START:STOP" -> (START, STOP), "" -> None; ValueError otherwise."""
+  if not setting:
+    return None
+  start, stop = (int(part) for part in setting.split(":"))
+  if not 1 <= start <= stop:
+    raise ValueError(setting)
+  return start, stop
+
+
+class StepProfiler:
+  """A jax.profiler trace of steps START..STOP (train.profile_steps) in `directory`: TensorBoard's
+  profile tab or Perfetto (ui.perfetto.dev) opens it."""
+
+  def __init__(self, setting: str, directory: str):
+    self.steps, self.directory, self.tracing = profile_range(setting), directory, False
+
+  def before(self, step: int) -> None:
+    if self.steps and step == self.steps[0]:
+      import jax
+      jax.profiler.start_trace(self.directory)
+      self.tracing = True
+
+  def after(self, step: int, outputs) -> None:
+    if self.tracing and step == self.steps[1]:
+      self.stop(outputs)
+      print(f"wrote a profile of steps {self.steps[0]}-{self.steps[1]} to {self.directory} "
+            f"(tensorboard --logdir={self.directory}, or ui.perfetto.dev)")
+
+  def stop(self, outputs=None) -> None:
+    if self.tracing:
+      import jax
+      jax.block_until_ready(outputs)  # the traced steps' work, finished
+      jax.profiler.stop_trace()
+      self.tracing = False

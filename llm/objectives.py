@@ -33,12 +33,16 @@ class Objective:
     return {weights: jnp.maximum(jnp.sum(batch[weights]), 1.0) for _, weights, _ in self.terms}
 
 
-def causal_lm(model, logits_chunk: int = 0) -> Objective:
+def causal_lm(model, logits_chunk: int = 0, z_loss: float = 0.0) -> Objective:
   """Next-token cross-entropy, weighted per target (weight 0: padding or a masked prompt).
 
   `logits_chunk` > 0: the logits are made and consumed `logits_chunk` positions at a time, and
   made again in the backward pass, so a [B, L, V] float32 array never exists at once (at GPT-2
   small's shape it is 3.3 GB per micro-batch of 16). Same loss and gradients.
+
+  `z_loss` > 0 (train.z_loss, PaLM's 1e-4): the loss minimised also has z_loss x log(Z)^2 per
+  target, Z the softmax normaliser, which keeps the logits from drifting; the metrics' "loss"
+  and perplexity stay the cross-entropy, "z_loss" is that term.
   """
 
   def loss(params, batch, dropout_rng, train):
@@ -47,23 +51,37 @@ def causal_lm(model, logits_chunk: int = 0) -> Objective:
       kwargs.update(documents_BxL=batch["documents"], positions_BxL=batch["positions"])
     if not logits_chunk:
       logits_BxLxV = model.apply({"params": params}, batch["inputs"], **kwargs)
-      ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
-      return {"loss": jnp.sum(ce_BxL * batch["weights"]), "weight": jnp.sum(batch["weights"])}
-    x_BxLxD = model.apply({"params": params}, batch["inputs"], method="hidden", **kwargs)
-    return {"loss": _chunked_cross_entropy(model, params, x_BxLxD, batch["targets"],
-                                           batch["weights"], logits_chunk),
-            "weight": jnp.sum(batch["weights"])}
+      sums = _cross_entropy_sums(logits_BxLxV, batch["targets"], batch["weights"], z_loss)
+    else:
+      x_BxLxD = model.apply({"params": params}, batch["inputs"], method="hidden", **kwargs)
+      sums = _chunked_cross_entropy(model, params, x_BxLxD, batch["targets"], batch["weights"],
+                                    logits_chunk, z_loss)
+    return {**sums, "weight": jnp.sum(batch["weights"])}
 
   def summarize(sums):
-    mean = float(sums["loss"]) / max(float(sums["weight"]), 1.0)
+    weight = max(float(sums["weight"]), 1.0)
+    mean = float(sums["loss"]) / weight
+    z_term = {"z_loss": z_loss * float(sums["z_loss"]) / weight} if z_loss else {}
     return {"loss": mean, "perplexity": math.exp(min(mean, 80.0)),
-            "tokens": int(np.nan_to_num(sums["weight"]))}
+            "tokens": int(np.nan_to_num(sums["weight"])), **z_term}
 
-  return Objective(loss, summarize)
+  terms = (("loss", "weights", 1.0),) + ((("z_loss", "weights", z_loss),) if z_loss else ())
+  return Objective(loss, summarize, terms)
 
 
-def _chunked_cross_entropy(model, params, x_BxLxD, targets_BxL, weights_BxL, chunk: int):
-  """sum(cross-entropy x weight) over the positions, `chunk` positions of logits at a time."""
+def _cross_entropy_sums(logits_BxLxV, targets_BxL, weights_BxL, z_loss: float) -> dict:
+  """{"loss": sum of cross-entropy x weight} (and "z_loss": of log(Z)^2 x weight)."""
+  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+  sums = {"loss": jnp.sum(ce_BxL * weights_BxL)}
+  if z_loss:
+    log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    sums["z_loss"] = jnp.sum(jnp.square(log_z_BxL) * weights_BxL)
+  return sums
+
+
+def _chunked_cross_entropy(model, params, x_BxLxD, targets_BxL, weights_BxL, chunk: int,
+                           z_loss: float) -> dict:
+  """`_cross_entropy_sums` over the positions, `chunk` positions of logits at a time."""
   B, L, D = x_BxLxD.shape
   pad = -L % chunk  # positions added with weight 0 so that the chunks divide L
   x_BxLxD, targets_BxL, weights_BxL = (
@@ -73,17 +91,17 @@ def _chunked_cross_entropy(model, params, x_BxLxD, targets_BxL, weights_BxL, chu
   to_chunks = lambda a: jnp.moveaxis(a.reshape(B, num, chunk, *a.shape[2:]), 1, 0)
 
   @jax.checkpoint  # the backward pass makes each chunk's logits again instead of keeping them
-  def chunk_sum(x_BxCxD, targets_BxC, weights_BxC):
+  def chunk_sums(x_BxCxD, targets_BxC, weights_BxC):
     logits_BxCxV = model.apply({"params": params}, x_BxCxD, method="logits")
-    ce_BxC = optax.softmax_cross_entropy_with_integer_labels(logits_BxCxV, targets_BxC)
-    return jnp.sum(ce_BxC * weights_BxC)
+    return _cross_entropy_sums(logits_BxCxV, targets_BxC, weights_BxC, z_loss)
 
-  def add_chunk(total, xs):
-    return total + chunk_sum(*xs), None
+  def add_chunk(totals, xs):
+    return jax.tree.map(jnp.add, totals, chunk_sums(*xs)), None
 
-  total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32),
-                          (to_chunks(x_BxLxD), to_chunks(targets_BxL), to_chunks(weights_BxL)))
-  return total
+  zeros = {key: jnp.zeros((), jnp.float32) for key in ("loss", "z_loss")[:1 + bool(z_loss)]}
+  totals, _ = jax.lax.scan(add_chunk, zeros,
+                           (to_chunks(x_BxLxD), to_chunks(targets_BxL), to_chunks(weights_BxL)))
+  return totals
 
 
 def classification(model, labels: list[str]) -> Objective:

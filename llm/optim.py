@@ -28,7 +28,7 @@ from llm.model import layers
 OPTIMIZERS = ("adamw", "muon", "lion", "adafactor", "sgd", "schedule_free")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
 DECAY_SHAPES = ("linear", "1-sqrt")
-STATE_DTYPES = ("float32", "bfloat16")
+STATE_DTYPES = ("float32", "bfloat16")  # of the optimizer state, and of parameters
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,8 +166,7 @@ def build(train_cfg, boxed_params=None, updates_per_step: int = 1) -> optax.Grad
                                        bias_correction=True),
                     decay, optax.scale_by_learning_rate(schedule)),
         learning_rate=schedule, b1=tr.b1)
-  tx = optax.chain(clip, inner)
-  return tx if tr.opt_state_dtype == "float32" else in_dtype(tx, jnp.dtype(tr.opt_state_dtype))
+  return in_dtype(optax.chain(clip, inner), jnp.dtype(tr.opt_state_dtype))
 
 
 def _scale_by_width(dimensions) -> optax.GradientTransformation:
@@ -194,8 +193,8 @@ def _adamw(tr, schedule):
 
 
 def in_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
-  """`tx` with its floating-point state stored in `dtype` (bfloat16 halves AdamW's state);
-  each update computes in float32."""
+  """`tx` with its floating-point state stored in `dtype` (bfloat16 halves AdamW's state),
+  whatever the parameters' dtype; each update computes in float32."""
   def cast(tree, to):
     return jax.tree.map(lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                         tree)

@@ -25,9 +25,12 @@ def boxed(cfg, model, rng):
   """Fresh parameters with logical axis names, LoRA adapters added where configured.
 
   They are drawn for the unrolled blocks and then stacked when the model scans its layers, so a
-  seed gives the same model either way.
+  seed gives the same model either way; drawn in float32, then stored in model.param_dtype.
   """
   params = model_lib.unrolled(model).init({"params": rng}, jnp.zeros((1, 1), jnp.int32))["params"]
+  dtype = jnp.dtype(cfg.model.param_dtype)
+  if dtype != jnp.float32:
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
   if cfg.lora.rank:
     params, num_adapted = lora.add(params, cfg.lora.rank, cfg.lora.targets,
                                    jax.random.fold_in(rng, 1))

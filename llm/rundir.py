@@ -8,6 +8,7 @@
     DIR/.lock           while a run trains in DIR: its host and process id
     DIR/task_data.npz   what the task computed once from the starting model (DPO: the
                         reference log-probabilities), read back on resume
+    DIR/profile/        a jax.profiler trace of train.profile_steps (TensorBoard, Perfetto)
 
 `python -m llm.train` creates DIR (`start`); `python -m llm.convert` writes a complete one from
 a Hugging Face folder (`write`). Opening a run's model, for inference or as `init_from`, is
@@ -25,12 +26,13 @@ from llm import checkpoint, config as config_lib, files
 from llm import tokenizer as tokenizer_lib
 from llm.errors import UserError
 
-CONFIG, TOKENIZER, CHECKPOINTS, METRICS, LOCK, TASK_DATA = (
-    "config.json", "tokenizer", "checkpoints", "metrics.jsonl", ".lock", "task_data.npz")
+CONFIG, TOKENIZER, CHECKPOINTS, METRICS, LOCK, TASK_DATA, PROFILE = (
+    "config.json", "tokenizer", "checkpoints", "metrics.jsonl", ".lock", "task_data.npz",
+    "profile")
 
 
 def path(workdir: str, name: str) -> str:
-  """DIR/name for one of CONFIG, TOKENIZER, CHECKPOINTS, METRICS, LOCK, TASK_DATA."""
+  """DIR/name for one of CONFIG, TOKENIZER, CHECKPOINTS, METRICS, LOCK, TASK_DATA, PROFILE."""
   return os.path.join(workdir, name)
 
 

@@ -71,14 +71,25 @@ def logical_shardings(boxed_tree, mesh: Mesh, mesh_cfg):
   """NamedShardings for a tree whose leaves carry logical axis names (nn.LogicallyPartitioned).
 
   Leaves without names (step counters, RNG keys) are replicated, as are optimizer statistics
-  of another rank than the parameter whose names they carry (Adafactor's factored rows and
-  columns).
+  that carry their parameter's names but not its shape (Adafactor's factored rows and columns,
+  its [1] placeholders) where that shape does not split over the mesh.
   """
   is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-  fits = lambda x: not is_box(x) or len(x.names) == len(getattr(x.value, "shape", ()))
-  boxed_tree = jax.tree.map(lambda x: x if fits(x) else x.value, boxed_tree, is_leaf=is_box)
-  specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules(mesh_cfg))
+
+  def sharding(x):
+    if not is_box(x):
+      return NamedSharding(mesh, P())
+    shape = getattr(x.value, "shape", ())
+    spec = nn.logical_to_mesh_axes(x.names, rules(mesh_cfg)) if len(x.names) == len(shape) \
+        else P()
+    named = NamedSharding(mesh, spec)
+    try:
+      named.shard_shape(shape)
+    except ValueError:
+      return NamedSharding(mesh, P())
+    return named
+
+  return jax.tree.map(sharding, boxed_tree, is_leaf=is_box)
 
 
 def batch_sharding(mesh: Mesh, batch_dim: int = 1) -> NamedSharding:

@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from llm import chat, config as config_lib, rundir, runs, sharding, tasks
+from llm import chat, config as config_lib, metrics, rundir, runs, sharding, tasks
 from llm import tokenizer as tokenizer_lib
 from llm.data import shards
 from llm.errors import UserError
@@ -39,6 +39,7 @@ def setup(cfg, workdir: str = "", num_devices: int = 0) -> Setup:
   if workdir:
     sharding.check_batch(cfg.mesh, cfg.train.batch_size, cfg.train.grad_accum, num_devices)
     rundir.check(workdir)
+    metrics.check_wandb(cfg.train.wandb_project)
   docs = task.load()
   found = task.found_in_data(docs)
   if found:

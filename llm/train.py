@@ -99,8 +99,8 @@ class Trainer:
     dropout_key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), 1)
     state = {"step": jnp.zeros((), jnp.int32), "params": params,
              "opt_state": self.tx.init(params), "rng": dropout_key}
-    if self.cfg.train.ema:
-      state["ema"] = params
+    if self.cfg.train.ema:  # in float32 whatever the parameters' dtype: small steps add up
+      state["ema"] = jax.tree.map(lambda p: p.astype(jnp.float32), params)
     return state
 
   def evaluation_params(self, state) -> dict:
@@ -300,6 +300,7 @@ def _train(trainer: Trainer, ckpt) -> dict:
     return results.get("eval", last_eval)
 
   batches = data_batches.Prefetch(trainer.batches, trainer.place)
+  profiler = metrics.StepProfiler(tr.profile_steps, rundir.path(workdir, rundir.PROFILE))
   if start == 0 and tr.eval_at_start:
     with sharding.activate(mesh, cfg.mesh):
       evaluated(0, periodic, trainer.evaluation_params(state))
@@ -309,9 +310,11 @@ def _train(trainer: Trainer, ckpt) -> dict:
         batch = next(batches)
         if trainer.data.rollout is not None:  # sampled from the policy being trained
           batch, sampled = trainer.data.rollout(state["params"], frozen, batch, step)
+        profiler.before(step)
         with sharding.activate(mesh, cfg.mesh):
           for _ in range(trainer.data.updates_per_batch):  # the last pass's stats are logged
             state, stats, health = train_step(state, frozen, batch, health)
+          profiler.after(step, stats)
           log.trained(step, stats, health, sampled)
           if step % tr.eval_every == 0 or step == tr.steps:
             last_eval = evaluated(step, periodic, trainer.evaluation_params(state))
@@ -327,6 +330,7 @@ def _train(trainer: Trainer, ckpt) -> dict:
                                      "resume")
         log.phase("train")
   finally:
+    profiler.stop()
     batches.close()
     log.close()
   return last_eval
@@ -342,7 +346,9 @@ class Log:
     self.checkpointer = checkpointer
     self.is_main = trainer.is_main
     self.writer = metrics.MetricsWriter(rundir.path(trainer.workdir, rundir.METRICS),
-                                        enabled=self.is_main)
+                                        enabled=self.is_main,
+                                        wandb_project=trainer.cfg.train.wandb_project,
+                                        config=trainer.cfg.to_dict())
     self.throughput = trainer.throughput()
     self.bar = tqdm(total=self.train_cfg.steps, initial=start, disable=not self.is_main,
                     desc="train", unit="step", dynamic_ncols=True)

@@ -61,7 +61,8 @@ class InstructionTuning(RecordTask):
     return prompts.prompt_text(record, tokenizer)
 
   def objective(self, model):
-    return objectives.causal_lm(model, self.cfg.model.logits_chunk)
+    return objectives.causal_lm(model, self.cfg.model.logits_chunk,
+                                self.cfg.train.z_loss)
 
   def examples(self, docs, model, context: Context):
     examples, rows = instruction_examples([dict(r) for r in docs], context.tokenizer,

@@ -32,7 +32,8 @@ class LanguageModeling(Task):
     return shards.prepare_tokens(self.cfg.data, docs, tokenizer).tokens
 
   def objective(self, model):
-    return objectives.causal_lm(model, self.cfg.model.logits_chunk)
+    return objectives.causal_lm(model, self.cfg.model.logits_chunk,
+                                self.cfg.train.z_loss)
 
   def data(self, docs, model, context: Context) -> TaskData:
     cfg, d, tr = self.cfg, self.cfg.data, self.cfg.train

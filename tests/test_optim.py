@@ -1,0 +1,253 @@
+"""Optimizers, schedules, parameter averaging and precision (llm/optim.py): each optimizer's
+updates against optax's reference transformation, Muon's routing by axis names, schedule values,
+EMA by hand, bfloat16 parameters, z-loss; profiles and Weights & Biases files."""
+
+import math
+import os
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+from optax import contrib
+
+from conftest import read_metrics, tiny_config
+from llm import config as config_lib, optim, params as params_lib, rundir
+from llm import model as model_lib
+
+
+def train_cfg(**changes):
+  """train.* with a constant learning rate, no warmup, decay or clipping: the bare update."""
+  values = {"lr": 0.01, "min_lr": 0.01, "warmup_steps": 0, "schedule": "constant",
+            "weight_decay": 0.0, "grad_clip": 0.0, **changes}
+  return config_lib.replace(config_lib.base_config(),
+                            {f"train.{k}": v for k, v in values.items()}).train
+
+
+def boxed_tree():
+  """A small named tree: a block's matrices (one over 128 wide, which Adafactor factors), a
+  bias, a norm and an embedding."""
+  rng = np.random.default_rng(0)
+  box = lambda shape, names: nn.LogicallyPartitioned(
+      jnp.asarray(rng.normal(size=shape), jnp.float32), names)
+  return {"block_0": {"mlp": {"wi": {"kernel": box((16, 130), ("embed", "mlp")),
+                                     "bias": box((130,), ("mlp",))},
+                              "wo": {"kernel": box((130, 16), ("mlp", "embed"))}},
+                      "attn": {"query": {"kernel": box((16, 2, 8), ("embed", "heads", "kv"))}},
+                      "ln": {"scale": box((16,), ("embed",))}},
+          "wte": {"embedding": box((50, 16), ("vocab", "embed"))}}
+
+
+def updates_of(tx, params, steps=3):
+  """The updates of `steps` steps on fixed pseudo-gradients."""
+  state, out = tx.init(params), []
+  for i in range(steps):
+    grads = jax.tree.map(lambda p: jnp.sin(p * (i + 1)), params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    out.append(updates)
+  return out, state, params
+
+
+def muon_reference(tr, params):
+  dims = {"block_0": {"mlp": {"wi": {"kernel": contrib.MuonDimensionNumbers(0, 1), "bias": None},
+                              "wo": {"kernel": contrib.MuonDimensionNumbers(0, 1)}},
+                      "attn": {"query": {"kernel": contrib.MuonDimensionNumbers((0,), (1, 2))}},
+                      "ln": {"scale": None}},
+          "wte": {"embedding": None}}
+  return contrib.muon(tr.muon_lr, beta=tr.muon_beta, eps=tr.eps, adam_b1=tr.b1, adam_b2=tr.b2,
+                      adam_learning_rate=tr.lr, muon_weight_dimension_numbers=dims)
+
+
+REFERENCES = {
+    "adamw": lambda tr, p: optax.adamw(tr.lr, b1=tr.b1, b2=tr.b2, eps=tr.eps,
+                                       weight_decay=tr.weight_decay, mask=optim.decay_mask),
+    "lion": lambda tr, p: optax.lion(tr.lr, b1=tr.b1, b2=tr.b2, weight_decay=tr.weight_decay,
+                                     mask=optim.decay_mask),
+    "adafactor": lambda tr, p: optax.adafactor(tr.lr, multiply_by_parameter_scale=False),
+    "sgd": lambda tr, p: optax.sgd(tr.lr, momentum=tr.momentum, nesterov=tr.nesterov),
+    "schedule_free": lambda tr, p: contrib.schedule_free_adamw(tr.lr, b1=tr.b1, b2=tr.b2,
+                                                               eps=tr.eps),
+    "muon": muon_reference,
+}
+DECAYS = {"adamw": 0.1, "lion": 0.1}  # the references that take a decay mask
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_each_optimizer_equals_its_optax_reference(name):
+  tr = train_cfg(optimizer=name, weight_decay=DECAYS.get(name, 0.0), nesterov=True)
+  boxed = boxed_tree()
+  params = params_lib.values(boxed)
+  ours, state, ours_params = updates_of(optim.build(tr, boxed), params)
+  theirs, their_state, _ = updates_of(REFERENCES[name](tr, params), params)
+  if name == "muon":  # optax's muon takes NAdam for the rest: those are checked against AdamW
+    adamw, _, _ = updates_of(REFERENCES["adamw"](tr, params), params)
+    is_muon = lambda path: path.startswith("block_0") and path.endswith("kernel")
+    theirs = [traverse_util.unflatten_dict({
+        p: (m if is_muon(p) else a) for (p, m), a in zip(
+            traverse_util.flatten_dict(mu, sep="/").items(),
+            traverse_util.flatten_dict(ad, sep="/").values())}, sep="/")
+        for mu, ad in zip(theirs, adamw)]
+  for a, b in zip(ours, theirs):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), a, b)
+  assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(ours[-1]))
+  if name == "schedule_free":  # evaluated at its averaged point, not where gradients are taken
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6),
+                 optim.evaluation_params(tr, ours_params, state),
+                 contrib.schedule_free_eval_params(their_state, ours_params))
+
+
+def test_optimizer_state_in_bfloat16_stays_close_to_float32():
+  boxed = boxed_tree()
+  params = params_lib.values(boxed)
+  full, _, _ = updates_of(optim.build(train_cfg(), boxed), params)
+  half, state, _ = updates_of(optim.build(train_cfg(opt_state_dtype="bfloat16"), boxed), params)
+  floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert floats and all(x.dtype == jnp.bfloat16 for x in floats)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0.05, atol=1e-4), half[-1],
+               full[-1])
+
+
+def muon_paths(overrides, scan: bool, lora_rank: int = 0, num_classes: int = 0):
+  cfg = tiny_config(pathlib.Path("unused"), **{"model.scan_layers": scan, "lora.rank": lora_rank,
+                                               **overrides})
+  model = model_lib.build(cfg.model, 64, num_classes)
+  boxed = jax.eval_shape(lambda: params_lib.boxed(cfg, model, jax.random.PRNGKey(0)))
+  trainable = params_lib.split(boxed, params_lib.is_trainable(cfg, cfg.model.num_layers))[0]
+  names = optim._names_of(trainable)
+  routed = jax.tree.map(optim.muon_dimensions, names, is_leaf=lambda x: isinstance(x, tuple))
+  flat = traverse_util.flatten_dict(routed, sep="/", is_leaf=lambda p, x: x is None or isinstance(
+      x, contrib.MuonDimensionNumbers))
+  return {p for p, d in flat.items() if d is not None}, set(flat)
+
+
+LLAMA = {"model.positions": "rope", "model.norm": "rmsnorm", "model.mlp": "gated",
+         "model.activation": "silu", "model.num_kv_heads": 1, "model.use_bias": False,
+         "model.qkv_bias": True, "model.tie_embeddings": False}
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_muon_takes_exactly_the_hidden_matrices(scan):
+  blocks = ["blocks"] if scan else ["block_0", "block_1"]
+  hidden = lambda names: {f"{b}/{n}/kernel" for b in blocks for n in names}
+  attn = ["attn/query", "attn/key", "attn/value", "attn/out"]
+  for overrides, mlp in (({}, ["mlp/wi", "mlp/wo"]), (LLAMA, ["mlp/wi", "mlp/wg", "mlp/wo"]),
+                         ({"model.kind": "bert"}, ["mlp/wi", "mlp/wo"])):
+    muon, everything = muon_paths(overrides, scan)
+    expected = {p for p in everything if any(p.endswith(f"{n}/kernel") for n in attn + mlp)}
+    assert muon == expected and len(muon) == len(hidden(attn + mlp)), overrides
+    assert any("embedding" in p for p in everything - muon)  # embeddings, head, norms: AdamW
+  # A task head and LoRA adapters (an unnamed axis each) are AdamW's.
+  muon, everything = muon_paths({}, scan, num_classes=3)
+  assert "head/kernel" in {p.removeprefix("backbone/") for p in everything - muon}
+  muon, everything = muon_paths({}, scan, lora_rank=4)
+  assert not muon and any(p.endswith("lora_a") for p in everything)
+
+
+def test_schedules_at_warmup_end_mid_run_and_last_step():
+  common = dict(lr=1.0, min_lr=0.1, warmup_steps=10, steps=110)
+  value = lambda s, **kw: float(optim.lr_schedule(train_cfg(**{**common, **kw}))(s))
+  for schedule in optim.SCHEDULES:
+    assert value(5, schedule=schedule) == pytest.approx(0.5)
+    assert value(10, schedule=schedule) == pytest.approx(1.0)
+  assert value(60, schedule="cosine") == pytest.approx(0.1 + 0.9 * 0.5)
+  assert value(110, schedule="cosine") == pytest.approx(0.1)
+  assert value(60, schedule="linear") == pytest.approx(0.55)
+  assert value(110, schedule="linear") == pytest.approx(0.1)
+  assert value(60, schedule="constant") == value(110, schedule="constant") == 1.0
+  # WSD: stable until the last 20% (22 steps), then down to min_lr.
+  wsd = dict(schedule="wsd", decay_fraction=0.2)
+  assert value(88, **wsd) == 1.0 and value(110, **wsd) == pytest.approx(0.1)
+  assert value(99, **wsd) == pytest.approx(1.0 - 0.9 * 0.5)
+  assert value(99, **wsd, decay_shape="1-sqrt") == pytest.approx(1.0 - 0.9 * math.sqrt(0.5))
+  # Extended to 220 steps, step 99 is still stable: the run goes on from the stable phase.
+  extended = dict(wsd, steps=220)
+  assert value(99, **extended) == 1.0 and value(176, **extended) == 1.0
+  assert value(220, **extended) == pytest.approx(0.1)
+
+
+def test_ema_precision_and_z_loss_through_a_run(tmp_path):
+  """EMA by hand over the steps and after a resume; --use_ema evaluates the average; bfloat16
+  parameters train with a float32 loss; z-loss adds log(Z)^2 to what is minimised."""
+  from llm import runs
+  from llm.train import Trainer, train
+  cfg = tiny_config(tmp_path, **{"train.ema": 0.5, "model.param_dtype": "bfloat16",
+                                 "train.z_loss": 1e-2, "train.steps": 2,
+                                 "train.checkpoint_every": 1, "train.keep_checkpoints": 5})
+  workdir = str(tmp_path / "run")
+  train(cfg, workdir)
+  train(config_lib.replace(cfg, {"train.steps": 4}), workdir)  # resumed
+  import orbax.checkpoint as ocp
+  state0 = Trainer(config_lib.replace(cfg, {"train.steps": 4}), workdir).init_state()[0]
+  shapes = jax.eval_shape(lambda: state0)
+  ckpt = rundir.checkpointer(workdir)
+  saved = [state0] + [ckpt.manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(shapes))).state for step in range(1, 5)]
+  ckpt.close()
+  expected = jax.tree.map(lambda p: p.astype(jnp.float32), saved[0]["params"])
+  for state in saved[1:]:
+    expected = jax.tree.map(lambda e, p: e * 0.5 + p.astype(jnp.float32) * 0.5, expected,
+                            state["params"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), state["ema"], expected)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(saved[-1]["params"]))
+  assert saved[-1]["ema"]["wte"]["embedding"].dtype == jnp.float32
+
+  lines = read_metrics(workdir)
+  train_lines = [m for m in lines if m["split"] == "train"]
+  assert train_lines[-1]["loss"] < train_lines[0]["loss"]  # bfloat16 parameters learn
+  evals = [m for m in lines if m["split"] == "eval"]
+  assert evals[-1]["z_loss"] == pytest.approx(
+      train_lines[-1]["z_loss"], rel=0.1) and evals[-1]["z_loss"] > 0
+  # The train loss is what is minimised: cross-entropy plus the z term.
+  assert train_lines[-1]["loss"] > evals[-1]["loss"] - 0.5
+
+  plain, averaged = runs.load(workdir), runs.load(workdir, use_ema=True)
+  assert plain.params["wte"]["embedding"].dtype == jnp.bfloat16
+  np.testing.assert_allclose(averaged.params["wte"]["embedding"],
+                             expected["wte"]["embedding"].astype(jnp.bfloat16), rtol=1e-2)
+  tokens = np.arange(16)[None] % 64
+  logits = lambda run: np.asarray(run.model.apply({"params": run.params}, tokens))
+  assert np.isfinite(logits(plain)).all() and logits(plain).dtype == np.float32
+  assert np.abs(logits(plain) - logits(averaged)).max() > 1e-3
+
+
+def test_profile_and_offline_wandb_write_their_files(tmp_path, monkeypatch):
+  from llm.train import train
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  workdir = tmp_path / "run"
+  train(tiny_config(tmp_path, **{"train.steps": 3, "train.profile_steps": "2:3",
+                                 "train.wandb_project": "llm-tests", "train.eval_every": 3}),
+        str(workdir))
+  traces = [os.path.join(d, f) for d, _, fs in os.walk(workdir / "profile") for f in fs]
+  assert any(t.endswith(".xplane.pb") and os.path.getsize(t) > 1000 for t in traces)
+  runs_written = [d for d in os.listdir(workdir / "wandb") if d.startswith("offline-run-")]
+  assert len(runs_written) == 1
+  assert any(f.endswith(".wandb") and os.path.getsize(workdir / "wandb" / runs_written[0] / f)
+             for f in os.listdir(workdir / "wandb" / runs_written[0]))
+
+
+def test_every_optimizer_resumes_bit_exactly_on_one_device_and_a_mesh(tmp_path):
+  """Saved after two steps and restored, every optimizer's next two steps (state, EMA and all)
+  equal the uninterrupted ones bit for bit, on one device and on a 2x2x2 mesh whose fsdp axis
+  shards the optimizer state like the parameters."""
+  import json
+  import subprocess
+  import sys
+  from conftest import ROOT
+  out = tmp_path / "out.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+             + " --xla_force_host_platform_device_count=8")
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "resume_runs.py"),
+                           str(out), str(tmp_path), *optim.OPTIMIZERS], env=env, cwd=ROOT,
+                          capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads(out.read_text())
+  for name in optim.OPTIMIZERS:
+    for mesh, found in results[name].items():
+      assert found["bit_exact"], (name, mesh)
+      assert found["sharded_like_params"] and found["state_like_wte"] >= 1, (name, mesh, found)
+    assert results[name]["2x2x2"]["wte_spec"] == "P('tensor', 'fsdp')"
