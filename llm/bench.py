@@ -90,8 +90,8 @@ def define_flags():
                     "train: time a fine-tuning config's records padded and packed "
                     "(data.packing) side by side, in real (non-padding) tokens/s.")
   flags.DEFINE_bool("compare_torch", False,
-                    "train: also time a torch.compile'd transformers GPT-2 train step (AdamW, "
-                    "same shape and batch), and print the ratio.")
+                    "train: also time torch.compile'd train steps (AdamW, same shape and batch) "
+                    "of transformers' GPT-2 and of a nanoGPT-style GPT, and print the ratios.")
 
 
 def _best_time(fn, repeats):
@@ -419,16 +419,17 @@ def bench_generate(cfg, batch: int, prompt_len: int, new_tokens: int, repeats: i
   return result
 
 
-def _torch_gpt2_train(cfg, steps: int) -> dict:
-  """The reference: transformers' GPT2LMHeadModel of the same shape, compiled with
-  torch.compile, trained by torch.optim.AdamW with the same batch (CPU torch)."""
+def _torch_train(cfg, steps: int) -> dict:
+  """The references, each timed in this process with the same batch: transformers'
+  GPT2LMHeadModel and a nanoGPT-style GPT of the same shape, compiled with torch.compile and
+  trained by torch.optim.AdamW (CPU torch)."""
   try:
     import torch
     import transformers
   except ImportError:
     raise UserError("--compare_torch needs torch and transformers "
                     "(pip install torch==2.13.0 transformers)") from None
-  m, tr = cfg.model, cfg.train
+  m = cfg.model
   if m.kind != "gpt":
     raise UserError("--compare_torch compares a GPT's next-token train step (model.kind=gpt)")
   vocab = max(m.vocab_size, cfg.tokenizer.vocab_size)
@@ -437,7 +438,57 @@ def _torch_gpt2_train(cfg, steps: int) -> dict:
       n_head=m.num_heads, n_inner=m.d_ff, resid_pdrop=m.dropout, embd_pdrop=m.dropout,
       attn_pdrop=m.dropout, tie_word_embeddings=m.tie_embeddings, bos_token_id=None,
       eos_token_id=None)
-  model = transformers.GPT2LMHeadModel(hf_cfg).train()
+  hf_model = transformers.GPT2LMHeadModel(hf_cfg).train()
+  hf = _torch_step_time(cfg, lambda x: hf_model(x).logits, hf_model, steps, torch)
+  nano_model = _nanogpt(vocab, m, torch).train()
+  nano = _torch_step_time(cfg, nano_model, nano_model, steps, torch)
+  return {**{f"torch_{k}": v for k, v in hf.items()},
+          **{f"nanogpt_{k}": v for k, v in nano.items()}}
+
+
+def _nanogpt(vocab: int, m, torch):
+  """A GPT written the way nanoGPT's model.py writes it: fused QKV projection,
+  F.scaled_dot_product_attention(is_causal=True), tanh GELU, pre-LayerNorm with biases, the
+  head tied to the token embedding."""
+  nn, F = torch.nn, torch.nn.functional
+
+  class Block(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.ln_1, self.ln_2 = nn.LayerNorm(m.d_model), nn.LayerNorm(m.d_model)
+      self.c_attn = nn.Linear(m.d_model, 3 * m.d_model)
+      self.c_proj = nn.Linear(m.d_model, m.d_model)
+      self.c_fc, self.mlp_proj = nn.Linear(m.d_model, m.d_ff), nn.Linear(m.d_ff, m.d_model)
+
+    def forward(self, x):
+      B, T, C = x.shape
+      q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+      heads = lambda t: t.view(B, T, m.num_heads, C // m.num_heads).transpose(1, 2)
+      y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
+      x = x + self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+      return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+  class GPT(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.wte, self.wpe = nn.Embedding(vocab, m.d_model), nn.Embedding(m.max_len, m.d_model)
+      self.blocks = nn.ModuleList(Block() for _ in range(m.num_layers))
+      self.ln_f = nn.LayerNorm(m.d_model)
+      self.lm_head = nn.Linear(m.d_model, vocab, bias=False)
+      self.lm_head.weight = self.wte.weight  # tied
+
+    def forward(self, idx):
+      x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+      for block in self.blocks:
+        x = block(x)
+      return self.lm_head(self.ln_f(x))
+
+  return GPT()
+
+
+def _torch_step_time(cfg, forward, model, steps: int, torch) -> dict:
+  """torch.compile(forward)'s train step time: cross-entropy, AdamW, gradient clipping."""
+  tr, vocab = cfg.train, max(cfg.model.vocab_size, cfg.tokenizer.vocab_size)
   optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, betas=(tr.b1, tr.b2),
                                 weight_decay=tr.weight_decay)
   micro = tr.batch_size // tr.grad_accum
@@ -446,7 +497,7 @@ def _torch_gpt2_train(cfg, steps: int) -> dict:
   def step():
     for a in range(tr.grad_accum):
       inputs, targets = tokens[a, :, :-1], tokens[a, :, 1:]
-      logits = compiled(inputs).logits
+      logits = compiled(inputs)
       loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
       (loss / tr.grad_accum).backward()
     if tr.grad_clip:
@@ -454,7 +505,7 @@ def _torch_gpt2_train(cfg, steps: int) -> dict:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
-  compiled = torch.compile(model)
+  compiled = torch.compile(forward)
   start = time.perf_counter()
   step()
   step()  # the first steps compile (forward, then backward)
@@ -463,8 +514,8 @@ def _torch_gpt2_train(cfg, steps: int) -> dict:
   for _ in range(steps):
     step()
   seconds = (time.perf_counter() - start) / steps
-  return {"torch_compile_s": compile_s, "torch_step_ms": 1e3 * seconds,
-          "torch_tokens_per_sec": tr.batch_size * cfg.data.max_length / seconds}
+  return {"compile_s": compile_s, "step_ms": 1e3 * seconds,
+          "tokens_per_sec": tr.batch_size * cfg.data.max_length / seconds}
 
 
 def _hf_gpt2(cfg):
@@ -686,10 +737,11 @@ def main(argv):
   elif argv[1] == "train":
     result = bench_train(FLAGS.config, FLAGS.steps, FLAGS.profile)
     if FLAGS.compare_torch:
-      torch_result = _torch_gpt2_train(FLAGS.config, max(FLAGS.steps, 1))
+      torch_result = _torch_train(FLAGS.config, max(FLAGS.steps, 1))
       result.update(torch_result)
-      result["tokens_per_sec_over_torch"] = (result["tokens_per_sec"] /
-                                             torch_result["torch_tokens_per_sec"])
+      for ref in ("torch", "nanogpt"):
+        result[f"tokens_per_sec_over_{ref}"] = (result["tokens_per_sec"] /
+                                                torch_result[f"{ref}_tokens_per_sec"])
   elif argv[1] == "rl":
     result = bench_rl(FLAGS.config, max(FLAGS.steps, 1))
   elif argv[1] == "evaluate":
