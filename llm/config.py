@@ -270,7 +270,9 @@ def replace(cfg, changes: dict) -> ml_collections.FrozenConfigDict:
 RESUMABLE = ("train.", "mesh.", "data.cache_dir", "data.shuffle_buffer", "init_from",
              "model.dtype", "model.attention_impl", "model.remat", "model.scan_layers",
              "model.logits_chunk")
-NOT_RESUMABLE = ("train.trainable",)  # the checkpoint holds the trainable parameters only
+# The checkpoint holds the trainable parameters only, and the state of this optimizer (and
+# moving average) in these dtypes.
+NOT_RESUMABLE = ("train.trainable", "train.optimizer", "train.opt_state_dtype", "train.ema")
 RESUME_NOTES = {
     "train.batch_size": "the data goes on with the next example the run has not seen",
     "train.grad_accum": "the same sequences per step, in other micro-batches",

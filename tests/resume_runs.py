@@ -24,7 +24,7 @@ def resumes_bit_exactly(optimizer: str, mesh: str, tmp: pathlib.Path) -> dict:
   from llm.train import Trainer, new_health
   data, fsdp, tensor = map(int, mesh.split("x"))
   cfg = tiny_config(tmp, **{
-      "model.num_heads": 4, "model.d_model": 64, "model.d_ff": 128, "train.steps": 4,
+      "model.num_layers": 1, "train.steps": 4,
       "train.optimizer": optimizer, "train.ema": 0.9, "mesh.data": data, "mesh.fsdp": fsdp,
       "mesh.tensor": tensor, **({"train.schedule": "constant"}
                                 if optimizer == "schedule_free" else {})})

@@ -205,6 +205,10 @@ def test_ema_precision_and_z_loss_through_a_run(tmp_path):
   # The train loss is what is minimised: cross-entropy plus the z term.
   assert train_lines[-1]["loss"] > evals[-1]["loss"] - 0.5
 
+  from llm.errors import UserError
+  with pytest.raises(UserError, match="train.optimizer='lion', but the run being resumed"):
+    rundir.resume_changes(workdir, config_lib.replace(cfg, {"train.optimizer": "lion"}))
+
   plain, averaged = runs.load(workdir), runs.load(workdir, use_ema=True)
   assert plain.params["wte"]["embedding"].dtype == jnp.bfloat16
   np.testing.assert_allclose(averaged.params["wte"]["embedding"],
