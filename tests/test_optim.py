@@ -219,19 +219,29 @@ def test_ema_precision_and_z_loss_through_a_run(tmp_path):
   assert np.abs(logits(plain) - logits(averaged)).max() > 1e-3
 
 
-def test_profile_and_offline_wandb_write_their_files(tmp_path, monkeypatch):
-  from llm.train import train
-  monkeypatch.setenv("WANDB_MODE", "offline")
+def test_profile_and_offline_wandb_write_their_files(tmp_path):
+  """In a process of its own: the profiler crashes in one where libtpu was loaded for an
+  ahead-of-time TPU compile (test_tpu_compile.py may run in this worker)."""
+  import subprocess
+  import sys
+  from conftest import ROOT
   workdir = tmp_path / "run"
-  train(tiny_config(tmp_path, **{"train.steps": 3, "train.profile_steps": "2:3",
-                                 "train.wandb_project": "llm-tests", "train.eval_every": 3}),
-        str(workdir))
+  script = ("import pathlib, sys; sys.path.insert(0, 'tests'); from conftest import tiny_config; "
+            "from llm.train import train; train(tiny_config(pathlib.Path(sys.argv[1]), **{"
+            "'train.steps': 3, 'train.profile_steps': '2:3', 'train.wandb_project': "
+            "'llm-tests', 'train.eval_every': 3}), sys.argv[2])")
+  result = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(workdir)], cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", WANDB_MODE="offline"),
+                          capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "wrote a profile of steps 2-3" in result.stdout
   traces = [os.path.join(d, f) for d, _, fs in os.walk(workdir / "profile") for f in fs]
   assert any(t.endswith(".xplane.pb") and os.path.getsize(t) > 1000 for t in traces)
   runs_written = [d for d in os.listdir(workdir / "wandb") if d.startswith("offline-run-")]
   assert len(runs_written) == 1
   assert any(f.endswith(".wandb") and os.path.getsize(workdir / "wandb" / runs_written[0] / f)
              for f in os.listdir(workdir / "wandb" / runs_written[0]))
+  assert [m["step"] for m in read_metrics(str(workdir)) if m["split"] == "train"] == [1, 2, 3]
 
 
 def test_every_optimizer_resumes_bit_exactly_on_one_device_and_a_mesh(tmp_path):
