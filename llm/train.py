@@ -56,9 +56,8 @@ class Trainer:
     self.batches, self.schema = self.data.batches, self.data.schema
     self.trainable = params_lib.is_trainable(cfg, model_lib.shape_of(self.model).num_layers)
     self.assemble = functools.partial(params_lib.assemble, cfg)
-    boxed_shapes = params_lib.abstract(cfg, self.model, self.mesh, cfg.mesh)[0]
-    self.tx = optim.build(cfg.train, params_lib.split(boxed_shapes, self.trainable)[0],
-                          self.data.updates_per_batch)
+    self.tx = None  # the optimizer: built by init_state or abstract_state, which know the
+    #                 parameters' axis names (Muon routes by them)
     self.benchmarks = self.load_benchmarks()
     if self.is_main:
       print(f"{self.data.summary}; {jax.device_count()} devices as mesh {dict(self.mesh.shape)}")
@@ -86,6 +85,7 @@ class Trainer:
       raise UserError(f"train.trainable={cfg.train.trainable!r} leaves nothing to train in this "
                       "model")
     self.frozen_shardings = params_lib.split(param_shardings, self.trainable)[1]
+    self.tx = optim.build(cfg.train, boxed_trainable, self.data.updates_per_batch)
     with sharding.activate(self.mesh, cfg.mesh):
       self.state_shardings = sharding.logical_shardings(
           jax.eval_shape(self.new_state, boxed_trainable), self.mesh, cfg.mesh)
@@ -114,6 +114,7 @@ class Trainer:
     shapes, shardings = params_lib.abstract(self.cfg, self.model, self.mesh, self.cfg.mesh)
     trainable, frozen = params_lib.split(shapes, self.trainable)
     self.frozen_shardings = params_lib.split(shardings, self.trainable)[1]
+    self.tx = optim.build(self.cfg.train, trainable, self.data.updates_per_batch)
     with sharding.activate(self.mesh, self.cfg.mesh):
       self.state_shardings = sharding.logical_shardings(
           jax.eval_shape(self.new_state, trainable), self.mesh, self.cfg.mesh)
