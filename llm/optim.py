@@ -76,19 +76,6 @@ def lr_schedule(train_cfg, updates_per_step: int = 1) -> optax.Schedule:
 # Which parameters are which
 
 
-def _names_of(boxed_tree):
-  """The logical axis names of each parameter (a tuple per leaf, as a leaf)."""
-  is_box = lambda x: hasattr(x, "names")
-  return jax.tree.map(lambda x: _Names(x.names), boxed_tree, is_leaf=is_box)
-
-
-class _Names(tuple):
-  """A tuple of axis names that pytrees treat as one leaf."""
-
-
-jax.tree_util.register_pytree_node(_Names, lambda n: ((), tuple(n)),
-                                   lambda names, _: _Names(names))
-
 HIDDEN = ("heads", "kv", "kv_heads", "mlp")  # the axes a block's matrices map embed to or from
 
 
@@ -135,8 +122,8 @@ def build(train_cfg, boxed_params=None, updates_per_step: int = 1) -> optax.Grad
   if tr.optimizer == "adamw":
     inner = _adamw(tr, schedule)
   elif tr.optimizer == "muon":
-    dimensions = jax.tree.map(muon_dimensions, _names_of(boxed_params),
-                              is_leaf=lambda x: isinstance(x, _Names))
+    dimensions = jax.tree.map(lambda box: muon_dimensions(box.names), boxed_params,
+                              is_leaf=lambda x: hasattr(x, "names"))
     is_leaf = lambda x: x is None or isinstance(x, contrib.MuonDimensionNumbers)
     labels = jax.tree.map(lambda d: "adamw" if d is None else "muon", dimensions,
                           is_leaf=is_leaf)

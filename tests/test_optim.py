@@ -118,8 +118,8 @@ def muon_paths(overrides, scan: bool, lora_rank: int = 0, num_classes: int = 0):
   model = model_lib.build(cfg.model, 64, num_classes)
   boxed = jax.eval_shape(lambda: params_lib.boxed(cfg, model, jax.random.PRNGKey(0)))
   trainable = params_lib.split(boxed, params_lib.is_trainable(cfg, cfg.model.num_layers))[0]
-  names = optim._names_of(trainable)
-  routed = jax.tree.map(optim.muon_dimensions, names, is_leaf=lambda x: isinstance(x, tuple))
+  routed = jax.tree.map(lambda box: optim.muon_dimensions(box.names), trainable,
+                        is_leaf=lambda x: hasattr(x, "names"))
   flat = traverse_util.flatten_dict(routed, sep="/", is_leaf=lambda p, x: x is None or isinstance(
       x, contrib.MuonDimensionNumbers))
   return {p for p, d in flat.items() if d is not None}, set(flat)
