@@ -82,8 +82,9 @@ def main(out, tmp, steps, *meshes):
     results["2x2x2"]["generate_equal"] = (
         split.generate(prompts, max_new_tokens=8, temperature=0) ==
         alone.generate(prompts, max_new_tokens=8, temperature=0))
-    results["2x2x2"]["splash_error"] = _splash_error_on_mesh(
-        sharding_config(pathlib.Path(tmp), "2x2x2", int(steps)).mesh)
+    mesh_cfg = sharding_config(pathlib.Path(tmp), "2x2x2", int(steps)).mesh
+    for impl in ("splash", "blocked"):
+      results["2x2x2"][f"{impl}_errors"] = _attention_errors_on_mesh(mesh_cfg, impl)
   with open(out, "w") as f:
     json.dump(results, f)
 
@@ -93,23 +94,36 @@ def _spec(array) -> list:
   return [a if isinstance(a, (str, type(None))) else list(a) for a in array.sharding.spec]
 
 
-def _splash_error_on_mesh(mesh_cfg) -> float:
-  """The splash kernel split over the mesh (batch over data and fsdp, heads over tensor)
-  against XLA's attention on one device, at real tokens."""
+def _attention_errors_on_mesh(mesh_cfg, impl: str) -> list:
+  """An attention kernel split over the mesh (batch over data and fsdp, heads over tensor)
+  against XLA's attention on one device: the largest differences of the outputs at real tokens
+  and of the gradients (relative to the largest gradient), causal with padding and documents,
+  with grouped-query heads (4 of 2)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   from llm import sharding
   from llm.model import attention
   rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.normal(size=(4, 128, 4, 32)), jnp.float32) for _ in range(3))
+  q = jnp.asarray(rng.normal(size=(4, 128, 4, 32)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(4, 128, 2, 32)), jnp.float32) for _ in range(2))
   valid = np.ones((4, 128), bool)
   valid[0, 90:] = False
   mask = jnp.asarray(valid)[:, None]
-  reference = attention.attend(q, k, v, mask, True, "xla")
+  documents = jnp.asarray(np.arange(128)[None] // 50 * np.array([[0], [1], [0], [1]]))
+  w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+  def run(impl):
+    out = lambda q, k, v: attention.attend(q, k, v, mask, True, impl, documents)
+    loss = lambda *qkv: jnp.sum(jnp.where(valid[..., None, None], out(*qkv) * w, 0.0))
+    return jax.jit(out)(q, k, v), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  reference, ref_grads = run("xla")
   with sharding.activate(sharding.make_mesh(mesh_cfg), mesh_cfg):
-    out = jax.jit(lambda q, k, v: attention.attend(q, k, v, mask, True, "splash"))(q, k, v)
-  return float(np.abs(np.asarray(out) - np.asarray(reference))[valid].max())
+    out, grads = run(impl)
+  return [float(np.abs(np.asarray(out) - np.asarray(reference))[valid].max()),
+          max(float(np.abs(np.asarray(g) - np.asarray(r)).max() / np.abs(np.asarray(r)).max())
+              for g, r in zip(grads, ref_grads))]
 
 
 if __name__ == "__main__":

@@ -140,4 +140,32 @@ def test_splash_attention_equals_xla(is_causal):
   np.testing.assert_allclose(out, ref_out, atol=2e-6)
   for g, ref in zip(grads, ref_grads):
     np.testing.assert_allclose(g, ref, atol=1e-5 * float(jnp.abs(ref).max()))
-  assert attention.choose("auto", jnp.float32, 128, decode=False) == "xla"  # on CPU
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_blocked_attention_equals_xla(is_causal):
+  # The CPU's formulation (query blocks of 64 over 200 positions: the last block is short)
+  # against jax.nn.dot_product_attention: grouped-query heads (4 of 2), padding at both ends,
+  # documents packed into a window. Outputs at real tokens and gradients equal.
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.normal(size=(3, 200, 4, 16)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(3, 200, 2, 16)), jnp.float32) for _ in range(2))
+  valid = np.ones((3, 200), bool)
+  valid[0, 150:] = False  # right padding
+  valid[1, :30] = False  # left padding (prompts): early queries see no key at all
+  documents = jnp.asarray(np.searchsorted([70, 130], np.arange(200), side="right")[None]
+                          * np.array([[0], [0], [1]]), jnp.int32)  # the third: 3 documents
+  w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+  def attend(impl):
+    def out(q, k, v):
+      return attention.attend(q, k, v, jnp.asarray(valid)[:, None], is_causal, impl, documents)
+    loss = lambda *qkv: jnp.sum(jnp.where(valid[..., None, None], out(*qkv) * w, 0.0))
+    return jax.jit(out)(q, k, v)[valid], jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  (out, grads), (ref_out, ref_grads) = attend("blocked"), attend("xla")
+  np.testing.assert_allclose(out, ref_out, atol=2e-6)
+  for g, ref in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, ref, atol=2e-6 * float(jnp.abs(ref).max()))
+  assert attention.choose("auto", jnp.float32, 200, decode=False) == "blocked"  # on CPU
+  assert attention.choose("auto", jnp.float32, 200, decode=True) == "xla"
