@@ -446,6 +446,50 @@ def _torch_train(cfg, steps: int) -> dict:
           **{f"nanogpt_{k}": v for k, v in nano.items()}}
 
 
+def bench_matmuls(cfg, repeats: int = 20) -> dict:
+  """The train step's matrix products at the config's shape, each timed alone in jax.jit and in
+  torch (CPU, median of `repeats`): GFLOP/s of JAX and JAX / torch. Dense: an MLP projection and
+  its two backward products ([B*L, D] x [D, F]); attention: the batched [B*N] products of the
+  scores, of probabilities and values, and the backward's transposed one."""
+  import torch
+  tr, m = cfg.train, cfg.model
+  M, L, H = tr.batch_size // tr.grad_accum * cfg.data.max_length, cfg.data.max_length, m.d_model
+  BN, Hd, F = tr.batch_size // tr.grad_accum * m.num_heads, m.d_model // m.num_heads, m.d_ff
+  products = {  # name: (einsum, lhs shape, rhs shape)
+      "mlp": ("mk,kn->mn", (M, H), (H, F)),
+      "mlp_grad_input": ("mn,kn->mk", (M, F), (H, F)),
+      "mlp_grad_kernel": ("mk,mn->kn", (M, H), (M, F)),
+      "scores": ("bik,bjk->bij", (BN, L, Hd), (BN, L, Hd)),
+      "probs_values": ("bij,bjk->bik", (BN, L, L), (BN, L, Hd)),
+      "scores_grad_keys": ("bij,bik->bjk", (BN, L, L), (BN, L, Hd)),
+  }
+
+  def median_seconds(run):
+    run()
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      run()
+      times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+  result = {}
+  rng = np.random.default_rng(0)
+  for name, (spec, lhs_shape, rhs_shape) in products.items():
+    lhs, rhs = (rng.standard_normal(s, np.float32) for s in (lhs_shape, rhs_shape))
+    product = jax.jit(lambda a, b, spec=spec: jnp.einsum(spec, a, b))
+    jax_lhs, jax_rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    torch_lhs, torch_rhs = torch.from_numpy(lhs), torch.from_numpy(rhs)
+    jax_s = median_seconds(lambda: product(jax_lhs, jax_rhs).block_until_ready())
+    torch_s = median_seconds(lambda: torch.einsum(spec, torch_lhs, torch_rhs))
+    out_shape = jax.eval_shape(product, jax_lhs, jax_rhs).shape
+    contracted = lhs.size // math.prod(out_shape[:-1])  # the summed dim's size
+    flops = 2 * math.prod(out_shape) * contracted
+    result[f"matmul_{name}_gflops"] = flops / jax_s / 1e9
+    result[f"matmul_{name}_over_torch"] = torch_s / jax_s
+  return result
+
+
 def _nanogpt(vocab: int, m, torch):
   """A GPT written the way nanoGPT's model.py writes it: fused QKV projection,
   F.scaled_dot_product_attention(is_causal=True), tanh GELU, pre-LayerNorm with biases, the
@@ -742,6 +786,7 @@ def main(argv):
       for ref in ("torch", "nanogpt"):
         result[f"tokens_per_sec_over_{ref}"] = (result["tokens_per_sec"] /
                                                 torch_result[f"{ref}_tokens_per_sec"])
+      result.update(bench_matmuls(FLAGS.config))
   elif argv[1] == "rl":
     result = bench_rl(FLAGS.config, max(FLAGS.steps, 1))
   elif argv[1] == "evaluate":
