@@ -67,3 +67,23 @@ def test_left_padding_changes_nothing():
   positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
   out = model.apply({"params": params}, padded, positions, valid)
   np.testing.assert_allclose(out[:, 5:], alone, atol=1e-5)
+
+
+def test_norms_equal_flax_values_and_gradients():
+  # layers.Norm writes its backward pass out; flax's LayerNorm and RMSNorm are the reference.
+  from llm.model import layers
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(2.0, 3.0, size=(3, 5, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  for centred, reference in ((True, nn.LayerNorm(epsilon=1e-5)),
+                             (False, nn.RMSNorm(epsilon=1e-6))):
+    ours = layers.Norm(centred=centred, eps=1e-6 if not centred else 1e-5)
+    params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(size=p.shape), jnp.float32),
+                          nn.meta.unbox(ours.init(jax.random.key(0), x)))
+    assert jax.tree.structure(params) == jax.tree.structure(reference.init(jax.random.key(0), x))
+    loss = lambda module: jax.value_and_grad(
+        lambda p, x: jnp.sum(module.apply(p, x) * w), argnums=(0, 1))(params, x)
+    (value, grads), (ref_value, ref_grads) = loss(ours), loss(reference)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(g, ref, atol=1e-4 * float(jnp.abs(ref).max()))
