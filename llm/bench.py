@@ -91,7 +91,9 @@ def define_flags():
                     "(data.packing) side by side, in real (non-padding) tokens/s.")
   flags.DEFINE_bool("compare_torch", False,
                     "train: also time torch.compile'd train steps (AdamW, same shape and batch) "
-                    "of transformers' GPT-2 and of a nanoGPT-style GPT, and print the ratios.")
+                    "of transformers' GPT-2 and of a nanoGPT-style GPT, in turn with this "
+                    "project's for 5 rounds, and print the ratios of the medians; then the "
+                    "step's matrix products alone, JAX against torch.")
 
 
 def _best_time(fn, repeats):
@@ -111,10 +113,11 @@ def state_bytes(state, num_params: int) -> dict:
           "opt_state_bytes_per_param": nbytes(state["opt_state"]) / num_params}
 
 
-def bench_train(cfg, steps: int, profile: str = "") -> dict:
+def bench_train(cfg, steps: int, profile: str = "", against=None) -> dict:
   """Compile time, the step's memory (XLA's own accounting, per device), step time, tokens/s,
   MFU and the state's bytes per parameter of the config's train step, on its own data; with
-  `profile` (a folder) a jax.profiler trace of the timed steps."""
+  `profile` (a folder) a jax.profiler trace of the timed steps. `against(ours)` adds its own
+  results, given `ours(n)`: the seconds of n more of these steps."""
   import tempfile
   from llm.train import Trainer, new_health
   with tempfile.TemporaryDirectory() as workdir:  # a run that writes nothing
@@ -151,13 +154,23 @@ def bench_train(cfg, steps: int, profile: str = "") -> dict:
       fed_seconds = time.perf_counter() - start
     finally:
       fed.close()
+
+    def ours(n: int) -> float:
+      nonlocal state, stats, health
+      start = time.perf_counter()
+      for i in range(n):
+        state, stats, health = step_fn(state, frozen, batches[1 + i % steps], health)
+      jax.block_until_ready(stats)
+      return time.perf_counter() - start
+
+    compared = against(ours) if against else {}
   result = {"compile_s": compile_s, **memory, "step_ms": 1e3 * seconds / steps,
             "step_ms_with_data": 1e3 * fed_seconds / steps,
             **trainer.throughput()(steps, seconds), **state_bytes(state, trainer.num_trainable)}
   if trainer.data.real_share < 1:  # records padded or packed into rows: what is real
     result["padding_share"] = 1 - trainer.data.real_share
     result["real_tokens_per_sec"] = result["tokens_per_sec"] * trainer.data.real_share
-  return result
+  return {**result, **compared}
 
 
 def bench_optimizers(cfg, steps: int, names: list[str]) -> dict:
@@ -419,10 +432,12 @@ def bench_generate(cfg, batch: int, prompt_len: int, new_tokens: int, repeats: i
   return result
 
 
-def _torch_train(cfg, steps: int) -> dict:
-  """The references, each timed in this process with the same batch: transformers'
+def _torch_train(cfg, steps: int, ours, rounds: int = 5) -> dict:
+  """The references beside this project's step `ours(n)` (seconds of n steps): transformers'
   GPT2LMHeadModel and a nanoGPT-style GPT of the same shape, compiled with torch.compile and
-  trained by torch.optim.AdamW (CPU torch)."""
+  trained by torch.optim.AdamW (CPU torch) on the same batch shape. The three are timed in
+  turn, `steps` steps each, for `rounds` rounds, and each reports its median round: the ratios
+  then compare steps timed seconds apart, not minutes (this machine's speed drifts)."""
   try:
     import torch
     import transformers
@@ -439,11 +454,22 @@ def _torch_train(cfg, steps: int) -> dict:
       attn_pdrop=m.dropout, tie_word_embeddings=m.tie_embeddings, bos_token_id=None,
       eos_token_id=None)
   hf_model = transformers.GPT2LMHeadModel(hf_cfg).train()
-  hf = _torch_step_time(cfg, lambda x: hf_model(x).logits, hf_model, steps, torch)
   nano_model = _nanogpt(vocab, m, torch).train()
-  nano = _torch_step_time(cfg, nano_model, nano_model, steps, torch)
-  return {**{f"torch_{k}": v for k, v in hf.items()},
-          **{f"nanogpt_{k}": v for k, v in nano.items()}}
+  runs = {"ours": ours, "torch": _torch_steps(cfg, lambda x: hf_model(x).logits, hf_model, torch),
+          "nanogpt": _torch_steps(cfg, nano_model, nano_model, torch)}
+  seconds = {name: [] for name in runs}
+  for _ in range(rounds):
+    for name, run in runs.items():
+      seconds[name].append(run(steps) / steps)
+  tokens = cfg.train.batch_size * cfg.data.max_length
+  result = {}
+  for name, times in seconds.items():
+    step_s = float(np.median(times))
+    result.update({f"{name}_step_ms": 1e3 * step_s, f"{name}_tokens_per_sec": tokens / step_s})
+  for ref in ("torch", "nanogpt"):
+    result[f"tokens_per_sec_over_{ref}"] = (result["ours_tokens_per_sec"]
+                                            / result[f"{ref}_tokens_per_sec"])
+  return result
 
 
 def bench_matmuls(cfg, repeats: int = 20) -> dict:
@@ -530,13 +556,15 @@ def _nanogpt(vocab: int, m, torch):
   return GPT()
 
 
-def _torch_step_time(cfg, forward, model, steps: int, torch) -> dict:
-  """torch.compile(forward)'s train step time: cross-entropy, AdamW, gradient clipping."""
+def _torch_steps(cfg, forward, model, torch):
+  """`run(n)`: the seconds of n train steps of torch.compile(forward) (cross-entropy, AdamW,
+  gradient clipping), after the steps that compile it."""
   tr, vocab = cfg.train, max(cfg.model.vocab_size, cfg.tokenizer.vocab_size)
   optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, betas=(tr.b1, tr.b2),
                                 weight_decay=tr.weight_decay)
   micro = tr.batch_size // tr.grad_accum
   tokens = torch.randint(0, vocab, (tr.grad_accum, micro, cfg.data.max_length + 1))
+  compiled = torch.compile(forward)
 
   def step():
     for a in range(tr.grad_accum):
@@ -549,17 +577,14 @@ def _torch_step_time(cfg, forward, model, steps: int, torch) -> dict:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
-  compiled = torch.compile(forward)
-  start = time.perf_counter()
-  step()
-  step()  # the first steps compile (forward, then backward)
-  compile_s = time.perf_counter() - start
-  start = time.perf_counter()
-  for _ in range(steps):
-    step()
-  seconds = (time.perf_counter() - start) / steps
-  return {"compile_s": compile_s, "step_ms": 1e3 * seconds,
-          "tokens_per_sec": tr.batch_size * cfg.data.max_length / seconds}
+  def run(n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+      step()
+    return time.perf_counter() - start
+
+  run(2)  # the first steps compile (forward, then backward)
+  return run
 
 
 def _hf_gpt2(cfg):
@@ -779,14 +804,11 @@ def main(argv):
   elif argv[1] == "train" and FLAGS.optimizers:
     result = bench_optimizers(FLAGS.config, max(FLAGS.steps, 1), FLAGS.optimizers)
   elif argv[1] == "train":
-    result = bench_train(FLAGS.config, FLAGS.steps, FLAGS.profile)
+    against = None
     if FLAGS.compare_torch:
-      torch_result = _torch_train(FLAGS.config, max(FLAGS.steps, 1))
-      result.update(torch_result)
-      for ref in ("torch", "nanogpt"):
-        result[f"tokens_per_sec_over_{ref}"] = (result["tokens_per_sec"] /
-                                                torch_result[f"{ref}_tokens_per_sec"])
-      result.update(bench_matmuls(FLAGS.config))
+      against = lambda ours: {**_torch_train(FLAGS.config, max(FLAGS.steps, 1), ours),
+                              **bench_matmuls(FLAGS.config)}
+    result = bench_train(FLAGS.config, FLAGS.steps, FLAGS.profile, against)
   elif argv[1] == "rl":
     result = bench_rl(FLAGS.config, max(FLAGS.steps, 1))
   elif argv[1] == "evaluate":
