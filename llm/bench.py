@@ -96,14 +96,20 @@ def define_flags():
                     "step's matrix products alone, JAX against torch.")
 
 
-def _best_time(fn, repeats):
-  jax.block_until_ready(fn())  # compile
+def _times(fn, repeats) -> list[float]:
+  """The seconds of each of `repeats` calls of fn, its results awaited, after one that
+  compiles."""
+  jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
-  return min(times)
+  return times
+
+
+def _best_time(fn, repeats):
+  return min(_times(fn, repeats))
 
 
 def state_bytes(state, num_params: int) -> dict:
@@ -490,15 +496,6 @@ def bench_matmuls(cfg, repeats: int = 20) -> dict:
       "scores_grad_keys": ("bij,bik->bjk", (BN, L, L), (BN, L, Hd)),
   }
 
-  def median_seconds(run):
-    run()
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      run()
-      times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
   result = {}
   rng = np.random.default_rng(0)
   for name, (spec, lhs_shape, rhs_shape) in products.items():
@@ -506,8 +503,8 @@ def bench_matmuls(cfg, repeats: int = 20) -> dict:
     product = jax.jit(lambda a, b, spec=spec: jnp.einsum(spec, a, b))
     jax_lhs, jax_rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     torch_lhs, torch_rhs = torch.from_numpy(lhs), torch.from_numpy(rhs)
-    jax_s = median_seconds(lambda: product(jax_lhs, jax_rhs).block_until_ready())
-    torch_s = median_seconds(lambda: torch.einsum(spec, torch_lhs, torch_rhs))
+    jax_s = float(np.median(_times(lambda: product(jax_lhs, jax_rhs), repeats)))
+    torch_s = float(np.median(_times(lambda: torch.einsum(spec, torch_lhs, torch_rhs), repeats)))
     out_shape = jax.eval_shape(product, jax_lhs, jax_rhs).shape
     contracted = lhs.size // math.prod(out_shape[:-1])  # the summed dim's size
     flops = 2 * math.prod(out_shape) * contracted
