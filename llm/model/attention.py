@@ -148,7 +148,7 @@ def _forward_blocks(spans, q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, allowed):
     out_BxKxRxH = _mm(probs_BxKxRxS.astype(v_BxKxSxH.dtype), v_BxKxSxH[:, :, :keys])
     outs.append(out_BxKxRxH.reshape(B, K, G, -1, H))
     probs.append(probs_BxKxRxS)
-  out_BxKxGxLxH = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+  out_BxKxGxLxH = jnp.concatenate(outs, axis=3)
   return out_BxKxGxLxH.astype(v_BxKxSxH.dtype), probs
 
 
@@ -184,7 +184,7 @@ def _softmax_blocks_bwd(spans, residuals, dout_BxKxGxLxH):
     dkT_BxKxHxS = dkT_BxKxHxS + pad(_mm(_transposed(rows(q_BxKxGxLxH)), dlogits_BxKxRxS))
     dvT_BxKxHxS = dvT_BxKxHxS + pad(_mm(_transposed(dout_BxKxRxH),
                                         probs_BxKxRxS.astype(dout_BxKxRxH.dtype)))
-  dq_BxKxGxLxH = jnp.concatenate(dq, axis=3) if len(dq) > 1 else dq[0]
+  dq_BxKxGxLxH = jnp.concatenate(dq, axis=3)
   return (dq_BxKxGxLxH.astype(q_BxKxGxLxH.dtype), _T(dkT_BxKxHxS).astype(k_BxKxSxH.dtype),
           _T(dvT_BxKxHxS).astype(v_BxKxSxH.dtype), None)
 
