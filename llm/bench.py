@@ -37,6 +37,7 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -120,8 +121,9 @@ def state_bytes(state, num_params: int) -> dict:
 
 
 def bench_train(cfg, steps: int, profile: str = "", against=None) -> dict:
-  """Compile time, the step's memory (XLA's own accounting, per device), step time, tokens/s,
-  MFU and the state's bytes per parameter of the config's train step, on its own data; with
+  """Compile time, the step's memory (XLA's own accounting, per device; the process's peak
+  resident memory), step time, tokens/s, MFU and the state's bytes per parameter of the
+  config's train step, on its own data; with
   `profile` (a folder) a jax.profiler trace of the timed steps. `against(ours)` adds its own
   results, given `ours(n)`: the seconds of n more of these steps."""
   import tempfile
@@ -169,8 +171,11 @@ def bench_train(cfg, steps: int, profile: str = "", against=None) -> dict:
       jax.block_until_ready(stats)
       return time.perf_counter() - start
 
+    # the host's side of memory: see llm/host_memory.py (Linux counts it in KiB)
+    peak_resident_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     compared = against(ours) if against else {}
-  result = {"compile_s": compile_s, **memory, "step_ms": 1e3 * seconds / steps,
+  result = {"compile_s": compile_s, **memory, "peak_resident_gb": peak_resident_gb,
+            "step_ms": 1e3 * seconds / steps,
             "step_ms_with_data": 1e3 * fed_seconds / steps,
             **trainer.throughput()(steps, seconds), **state_bytes(state, trainer.num_trainable)}
   if trainer.data.real_share < 1:  # records padded or packed into rows: what is real
