@@ -56,6 +56,7 @@ from llm import cli, config as config_lib, metrics, sharding
 from llm.data import batches as data_batches
 from llm.data import shards, sources
 from llm import model as model_lib
+from llm.model import layers
 from llm.errors import UserError
 from llm.sampling import generate_tokens
 
@@ -93,8 +94,9 @@ def define_flags():
   flags.DEFINE_bool("compare_torch", False,
                     "train: also time torch.compile'd train steps (AdamW, same shape and batch) "
                     "of transformers' GPT-2 and of a nanoGPT-style GPT, in turn with this "
-                    "project's for 5 rounds, and print the ratios of the medians; then the "
-                    "step's matrix products alone, JAX against torch.")
+                    "project's for 5 rounds, and print the ratios of the medians; then one "
+                    "block's forward and backward pass against nanoGPT's, and the step's matrix "
+                    "products alone, JAX against torch.")
 
 
 def _times(fn, repeats) -> list[float]:
@@ -483,6 +485,44 @@ def _torch_train(cfg, steps: int, ours, rounds: int = 5) -> dict:
   return result
 
 
+def bench_block(cfg, rounds: int = 15) -> dict:
+  """One transformer block's forward and backward pass (the gradients of its parameters and
+  input) at the config's shape, this project's `layers.Block` in jax.jit against nanoGPT's
+  block compiled with torch.compile, timed in turn for `rounds` rounds: the step's per-layer
+  share without its optimizer, loss or neighbours."""
+  import torch
+  tr, m = cfg.train, cfg.model
+  x, w = (np.random.default_rng(i).standard_normal(
+      (tr.batch_size // tr.grad_accum, cfg.data.max_length, m.d_model), np.float32)
+      for i in range(2))
+  block = layers.Block(model_lib.transformer_config(m, m.vocab_size or cfg.tokenizer.vocab_size))
+  call = lambda p, x: block.apply(p, x, None, None, None, True)
+  params = block.init(jax.random.key(0), jnp.asarray(x), None, None, None, True)
+  grads = jax.jit(jax.grad(lambda p, x: jnp.sum(call(p, x) * w), argnums=(0, 1)))
+  ours = lambda: jax.block_until_ready(grads(params, jnp.asarray(x)))
+  nano = _nanogpt_block(m, torch)
+  compiled, x_torch, w_torch = torch.compile(nano), torch.from_numpy(x), torch.from_numpy(w)
+  x_torch.requires_grad_()
+
+  def theirs():
+    (compiled(x_torch) * w_torch).sum().backward()
+    x_torch.grad = None
+    nano.zero_grad(set_to_none=True)
+
+  runs = {"ours": ours, "nanogpt": theirs}
+  for run in (ours, theirs, ours, theirs):  # compile and warm up
+    run()
+  seconds = {name: [] for name in runs}
+  for _ in range(rounds):
+    for name, run in runs.items():
+      start = time.perf_counter()
+      run()
+      seconds[name].append(time.perf_counter() - start)
+  ours_ms, nano_ms = (1e3 * float(np.median(seconds[name])) for name in runs)
+  return {"block_ms": ours_ms, "nanogpt_block_ms": nano_ms,
+          "block_over_nanogpt": nano_ms / ours_ms}
+
+
 def bench_matmuls(cfg, repeats: int = 20) -> dict:
   """The train step's matrix products at the config's shape, each timed alone in jax.jit and in
   torch (CPU, median of `repeats`): GFLOP/s of JAX and JAX / torch. Dense: an MLP projection and
@@ -518,10 +558,9 @@ def bench_matmuls(cfg, repeats: int = 20) -> dict:
   return result
 
 
-def _nanogpt(vocab: int, m, torch):
-  """A GPT written the way nanoGPT's model.py writes it: fused QKV projection,
-  F.scaled_dot_product_attention(is_causal=True), tanh GELU, pre-LayerNorm with biases, the
-  head tied to the token embedding."""
+def _nanogpt_block(m, torch):
+  """A transformer block written the way nanoGPT's model.py writes it: fused QKV projection,
+  F.scaled_dot_product_attention(is_causal=True), tanh GELU, pre-LayerNorm with biases."""
   nn, F = torch.nn, torch.nn.functional
 
   class Block(nn.Module):
@@ -540,11 +579,19 @@ def _nanogpt(vocab: int, m, torch):
       x = x + self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
       return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
 
+  return Block()
+
+
+def _nanogpt(vocab: int, m, torch):
+  """A GPT of `_nanogpt_block`s, with nanoGPT's learned positions and the head tied to the
+  token embedding."""
+  nn = torch.nn
+
   class GPT(nn.Module):
     def __init__(self):
       super().__init__()
       self.wte, self.wpe = nn.Embedding(vocab, m.d_model), nn.Embedding(m.max_len, m.d_model)
-      self.blocks = nn.ModuleList(Block() for _ in range(m.num_layers))
+      self.blocks = nn.ModuleList(_nanogpt_block(m, torch) for _ in range(m.num_layers))
       self.ln_f = nn.LayerNorm(m.d_model)
       self.lm_head = nn.Linear(m.d_model, vocab, bias=False)
       self.lm_head.weight = self.wte.weight  # tied
@@ -809,7 +856,7 @@ def main(argv):
     against = None
     if FLAGS.compare_torch:
       against = lambda ours: {**_torch_train(FLAGS.config, max(FLAGS.steps, 1), ours),
-                              **bench_matmuls(FLAGS.config)}
+                              **bench_block(FLAGS.config), **bench_matmuls(FLAGS.config)}
     result = bench_train(FLAGS.config, FLAGS.steps, FLAGS.profile, against)
   elif argv[1] == "rl":
     result = bench_rl(FLAGS.config, max(FLAGS.steps, 1))
