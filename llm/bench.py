@@ -125,8 +125,8 @@ def state_bytes(state, num_params: int) -> dict:
 def bench_train(cfg, steps: int, profile: str = "", against=None) -> dict:
   """Compile time, the step's memory (XLA's own accounting, per device; the process's peak
   resident memory), step time, tokens/s, MFU and the state's bytes per parameter of the
-  config's train step, on its own data; with
-  `profile` (a folder) a jax.profiler trace of the timed steps. `against(ours)` adds its own
+  config's train step, on its own data; with `profile` (a folder) a jax.profiler trace of the
+  timed steps. `against(ours)` adds its own
   results, given `ours(n)`: the seconds of n more of these steps."""
   import tempfile
   from llm.train import Trainer, new_health

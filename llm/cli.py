@@ -33,7 +33,7 @@ def run(main, define_flags) -> None:
   flags.DEFINE_bool("verbose", False, "Show the log lines of XLA and Gloo that are hidden.")
   flags.DEFINE_bool("reuse_host_memory", True,
                     "On the CPU, keep the memory a step frees for the next: faster steps, for "
-                    "resident memory of about twice the step's temporaries (llm/host_memory.py).")
+                    "resident memory of 2-3x the step's temporaries (llm/host_memory.py).")
   app.run(_exits_cleanly(main), flags_parser=_parse_flags)
 
 

@@ -196,9 +196,9 @@ print(kept, min(faults))
 
 
 def test_a_step_reuses_the_memory_the_last_one_freed():
-  """XLA's CPU temporaries are one block per execution: after keep_freed_memory (what every
-  entry point calls first) the next execution faults in none of its pages again; without it,
-  all of them (16k pages of 4 KiB)."""
+  """XLA's CPU temporaries are one block per execution. After keep_freed_memory (what every
+  entry point calls first) an execution soon faults in almost none of its pages again (the heap
+  settles within a few); without it, every execution faults in all of them (16k pages of 4 KiB)."""
   runs = {way: subprocess.Popen([sys.executable, "-c", _FAULTS_PER_RUN, way], text=True,
                                 stdout=subprocess.PIPE, cwd=ROOT)
           for way in ("keep", "default")}
