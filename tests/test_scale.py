@@ -187,7 +187,7 @@ def f(x):  # y is a 64 MiB temporary, above glibc's largest threshold for a fres
 x = jnp.ones(16 * 2**20)
 f(x).block_until_ready()
 faults = []
-for _ in range(10):
+for _ in range(20):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
