@@ -115,6 +115,19 @@ def _best_time(fn, repeats):
   return min(_times(fn, repeats))
 
 
+def _in_turn(calls: dict, rounds: int) -> dict:
+  """The median seconds of each of `calls` (name: a function that returns when its work is
+  done), the calls timed in turn for `rounds` rounds: the ratios of the medians then compare
+  calls timed seconds apart, not minutes (this machine's speed drifts)."""
+  seconds = {name: [] for name in calls}
+  for _ in range(rounds):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      call()
+      seconds[name].append(time.perf_counter() - start)
+  return {name: float(np.median(times)) for name, times in seconds.items()}
+
+
 def state_bytes(state, num_params: int) -> dict:
   """The train state's bytes per trainable parameter: all of it, and the optimizer's part."""
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
@@ -126,8 +139,8 @@ def bench_train(cfg, steps: int, profile: str = "", against=None) -> dict:
   """Compile time, the step's memory (XLA's own accounting, per device; the process's peak
   resident memory), step time, tokens/s, MFU and the state's bytes per parameter of the
   config's train step, on its own data; with `profile` (a folder) a jax.profiler trace of the
-  timed steps. `against(ours)` adds its own
-  results, given `ours(n)`: the seconds of n more of these steps."""
+  timed steps. `against(ours)` adds its own results, given `ours(n)`, which runs n more of these
+  steps."""
   import tempfile
   from llm.train import Trainer, new_health
   with tempfile.TemporaryDirectory() as workdir:  # a run that writes nothing
@@ -165,13 +178,11 @@ def bench_train(cfg, steps: int, profile: str = "", against=None) -> dict:
     finally:
       fed.close()
 
-    def ours(n: int) -> float:
+    def ours(n: int) -> None:
       nonlocal state, stats, health
-      start = time.perf_counter()
       for i in range(n):
         state, stats, health = step_fn(state, frozen, batches[1 + i % steps], health)
       jax.block_until_ready(stats)
-      return time.perf_counter() - start
 
     # the host's side of memory: see llm/host_memory.py (Linux counts it in KiB)
     peak_resident_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -446,11 +457,10 @@ def bench_generate(cfg, batch: int, prompt_len: int, new_tokens: int, repeats: i
 
 
 def _torch_train(cfg, steps: int, ours, rounds: int = 5) -> dict:
-  """The references beside this project's step `ours(n)` (seconds of n steps): transformers'
+  """The references beside this project's step (`ours(n)` runs n steps): transformers'
   GPT2LMHeadModel and a nanoGPT-style GPT of the same shape, compiled with torch.compile and
   trained by torch.optim.AdamW (CPU torch) on the same batch shape. The three are timed in
-  turn, `steps` steps each, for `rounds` rounds, and each reports its median round: the ratios
-  then compare steps timed seconds apart, not minutes (this machine's speed drifts)."""
+  turn (`_in_turn`), `steps` steps each, for `rounds` rounds."""
   try:
     import torch
     import transformers
@@ -470,14 +480,11 @@ def _torch_train(cfg, steps: int, ours, rounds: int = 5) -> dict:
   nano_model = _nanogpt(vocab, m, torch).train()
   runs = {"ours": ours, "torch": _torch_steps(cfg, lambda x: hf_model(x).logits, hf_model, torch),
           "nanogpt": _torch_steps(cfg, nano_model, nano_model, torch)}
-  seconds = {name: [] for name in runs}
-  for _ in range(rounds):
-    for name, run in runs.items():
-      seconds[name].append(run(steps) / steps)
+  seconds = _in_turn({name: lambda run=run: run(steps) for name, run in runs.items()}, rounds)
   tokens = cfg.train.batch_size * cfg.data.max_length
   result = {}
-  for name, times in seconds.items():
-    step_s = float(np.median(times))
+  for name, run_s in seconds.items():
+    step_s = run_s / steps
     result.update({f"{name}_step_ms": 1e3 * step_s, f"{name}_tokens_per_sec": tokens / step_s})
   for ref in ("torch", "nanogpt"):
     result[f"tokens_per_sec_over_{ref}"] = (result["ours_tokens_per_sec"]
@@ -496,9 +503,9 @@ def bench_block(cfg, rounds: int = 15) -> dict:
       (tr.batch_size // tr.grad_accum, cfg.data.max_length, m.d_model), np.float32)
       for i in range(2))
   block = layers.Block(model_lib.transformer_config(m, m.vocab_size or cfg.tokenizer.vocab_size))
-  call = lambda p, x: block.apply(p, x, None, None, None, True)
   params = block.init(jax.random.key(0), jnp.asarray(x), None, None, None, True)
-  grads = jax.jit(jax.grad(lambda p, x: jnp.sum(call(p, x) * w), argnums=(0, 1)))
+  loss = lambda p, x: jnp.sum(block.apply(p, x, None, None, None, True) * w)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1)))
   ours = lambda: jax.block_until_ready(grads(params, jnp.asarray(x)))
   nano = _nanogpt_block(m, torch)
   compiled, x_torch, w_torch = torch.compile(nano), torch.from_numpy(x), torch.from_numpy(w)
@@ -509,18 +516,11 @@ def bench_block(cfg, rounds: int = 15) -> dict:
     x_torch.grad = None
     nano.zero_grad(set_to_none=True)
 
-  runs = {"ours": ours, "nanogpt": theirs}
   for run in (ours, theirs, ours, theirs):  # compile and warm up
     run()
-  seconds = {name: [] for name in runs}
-  for _ in range(rounds):
-    for name, run in runs.items():
-      start = time.perf_counter()
-      run()
-      seconds[name].append(time.perf_counter() - start)
-  ours_ms, nano_ms = (1e3 * float(np.median(seconds[name])) for name in runs)
-  return {"block_ms": ours_ms, "nanogpt_block_ms": nano_ms,
-          "block_over_nanogpt": nano_ms / ours_ms}
+  seconds = _in_turn({"ours": ours, "nanogpt": theirs}, rounds)
+  return {"block_ms": 1e3 * seconds["ours"], "nanogpt_block_ms": 1e3 * seconds["nanogpt"],
+          "block_over_nanogpt": seconds["nanogpt"] / seconds["ours"]}
 
 
 def bench_matmuls(cfg, repeats: int = 20) -> dict:
@@ -606,8 +606,8 @@ def _nanogpt(vocab: int, m, torch):
 
 
 def _torch_steps(cfg, forward, model, torch):
-  """`run(n)`: the seconds of n train steps of torch.compile(forward) (cross-entropy, AdamW,
-  gradient clipping), after the steps that compile it."""
+  """`run(n)`: n train steps of torch.compile(forward) (cross-entropy, AdamW, gradient
+  clipping), after the steps that compile it."""
   tr, vocab = cfg.train, max(cfg.model.vocab_size, cfg.tokenizer.vocab_size)
   optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, betas=(tr.b1, tr.b2),
                                 weight_decay=tr.weight_decay)
@@ -626,11 +626,9 @@ def _torch_steps(cfg, forward, model, torch):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
-  def run(n: int) -> float:
-    start = time.perf_counter()
+  def run(n: int) -> None:
     for _ in range(n):
       step()
-    return time.perf_counter() - start
 
   run(2)  # the first steps compile (forward, then backward)
   return run

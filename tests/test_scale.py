@@ -1,5 +1,6 @@
 """Switches for size: rematerialised blocks, the cross-entropy in chunks and scanned layers give
-the same losses, gradients and samples as the plain computation."""
+the same losses, gradients and samples as the plain computation. For speed: the attention
+kernels equal XLA's, and on the CPU a step reuses the host memory the last one freed."""
 
 import subprocess
 import sys
