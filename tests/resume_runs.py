@@ -1,9 +1,9 @@
 """Helper for test_optim.py, run in a subprocess with 8 CPU devices:
 
-    python tests/resume_runs.py OUT_JSON TMP OPTIMIZER [OPTIMIZER...]
+    python tests/resume_runs.py OUT_JSON TMP OPTIMIZER:MESH [OPTIMIZER:MESH...]
 
-For each optimizer, on one device and on a 2x2x2 mesh (data, fsdp, tensor): two train steps,
-a checkpoint, two more; then the checkpoint restored and the same two steps again. Writes
+For each optimizer on its mesh (DATAxFSDPxTENSOR devices, e.g. 2x2x2): two train steps, a
+checkpoint, two more; then the checkpoint restored and the same two steps again. Writes
 {optimizer: {mesh: {"bit_exact": ..., "sharded_like_params": ...}}}.
 """
 
@@ -56,9 +56,11 @@ def resumes_bit_exactly(optimizer: str, mesh: str, tmp: pathlib.Path) -> dict:
           "state_like_wte": len(like), "wte_spec": str(wte.sharding.spec)}
 
 
-def main(out, tmp, *optimizers):
-  results = {name: {mesh: resumes_bit_exactly(name, mesh, pathlib.Path(tmp))
-                    for mesh in ("1x1x1", "2x2x2")} for name in optimizers}
+def main(out, tmp, *runs):
+  results = {}
+  for run in runs:
+    name, mesh = run.split(":")
+    results.setdefault(name, {})[mesh] = resumes_bit_exactly(name, mesh, pathlib.Path(tmp))
   with open(out, "w") as f:
     json.dump(results, f)
 

@@ -244,10 +244,11 @@ def test_profile_and_offline_wandb_write_their_files(tmp_path):
   assert [m["step"] for m in read_metrics(str(workdir)) if m["split"] == "train"] == [1, 2, 3]
 
 
-def test_every_optimizer_resumes_bit_exactly_on_one_device_and_a_mesh(tmp_path):
+def test_every_optimizer_resumes_bit_exactly_on_a_mesh(tmp_path):
   """Saved after two steps and restored, every optimizer's next two steps (state, EMA and all)
-  equal the uninterrupted ones bit for bit, on one device and on a 2x2x2 mesh whose fsdp axis
-  shards the optimizer state like the parameters."""
+  equal the uninterrupted ones bit for bit on a 2x2x2 mesh whose fsdp axis shards the optimizer
+  state like the parameters; AdamW's on one device too (the mesh's restore is the harder one:
+  each optimizer once more on one device cost the suite 35 s)."""
   import json
   import subprocess
   import sys
@@ -256,10 +257,12 @@ def test_every_optimizer_resumes_bit_exactly_on_one_device_and_a_mesh(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
              + " --xla_force_host_platform_device_count=8")
   result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "resume_runs.py"),
-                           str(out), str(tmp_path), *optim.OPTIMIZERS], env=env, cwd=ROOT,
+                           str(out), str(tmp_path), "adamw:1x1x1",
+                           *(f"{name}:2x2x2" for name in optim.OPTIMIZERS)], env=env, cwd=ROOT,
                           capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads(out.read_text())
+  assert list(results["adamw"]) == ["1x1x1", "2x2x2"]
   for name in optim.OPTIMIZERS:
     for mesh, found in results[name].items():
       assert found["bit_exact"], (name, mesh)
