@@ -56,7 +56,7 @@ from llm import cli, config as config_lib, metrics, sharding
 from llm.data import batches as data_batches
 from llm.data import shards, sources
 from llm import model as model_lib
-from llm.model import layers
+from llm.model import attention, layers
 from llm.errors import UserError
 from llm.sampling import generate_tokens
 
@@ -93,10 +93,11 @@ def define_flags():
                     "(data.packing) side by side, in real (non-padding) tokens/s.")
   flags.DEFINE_bool("compare_torch", False,
                     "train: also time torch.compile'd train steps (AdamW, same shape and batch) "
-                    "of transformers' GPT-2 and of a nanoGPT-style GPT, in turn with this "
-                    "project's for 5 rounds, and print the ratios of the medians; then one "
-                    "block's forward and backward pass against nanoGPT's, and the step's matrix "
-                    "products alone, JAX against torch.")
+                    "of transformers' GPT-2 and of a nanoGPT-style GPT (and the latter without "
+                    "torch.compile), in turn with this project's for 5 rounds, and print the "
+                    "ratios of the medians; then one block's forward and backward pass against "
+                    "nanoGPT's, causal attention's against torch's scaled_dot_product_attention, "
+                    "and the step's matrix products alone, JAX against torch.")
 
 
 def _times(fn, repeats) -> list[float]:
@@ -272,7 +273,6 @@ def compile_for(cfg, topology: str) -> CompiledStep:
   for one micro-batch (grad_accum=1):
   XLA's cost model counts a loop's body about once, whatever its trip count, and the memory
   is a micro-batch's either way."""
-  from llm.model import attention
   from llm.train import Trainer, new_health
   tr = cfg.train
   cfg = config_lib.replace(cfg, {"train.batch_size": tr.batch_size // tr.grad_accum,
@@ -347,7 +347,6 @@ def bench_generate_for(cfg, topology: str, batch: int, prompt_len: int,
   the KV cache's and XLA's temporary bytes against the chip's memory, and the decode rate that
   reading the parameters and the cache once per token at the memory's bandwidth allows."""
   from llm import params as params_lib
-  from llm.model import attention
   config_lib.validate(cfg)
   devices = topology_devices(topology)
   mesh = sharding.make_mesh(cfg.mesh, devices)
@@ -459,8 +458,9 @@ def bench_generate(cfg, batch: int, prompt_len: int, new_tokens: int, repeats: i
 def _torch_train(cfg, steps: int, ours, rounds: int = 5) -> dict:
   """The references beside this project's step (`ours(n)` runs n steps): transformers'
   GPT2LMHeadModel and a nanoGPT-style GPT of the same shape, compiled with torch.compile and
-  trained by torch.optim.AdamW (CPU torch) on the same batch shape. The three are timed in
-  turn (`_in_turn`), `steps` steps each, for `rounds` rounds."""
+  trained by torch.optim.AdamW (CPU torch) on the same batch shape, and the nanoGPT-style GPT
+  again without torch.compile. The four are timed in turn (`_in_turn`), `steps` steps each,
+  for `rounds` rounds."""
   try:
     import torch
     import transformers
@@ -478,15 +478,18 @@ def _torch_train(cfg, steps: int, ours, rounds: int = 5) -> dict:
       eos_token_id=None)
   hf_model = transformers.GPT2LMHeadModel(hf_cfg).train()
   nano_model = _nanogpt(vocab, m, torch).train()
+  eager_model = _nanogpt(vocab, m, torch).train()
   runs = {"ours": ours, "torch": _torch_steps(cfg, lambda x: hf_model(x).logits, hf_model, torch),
-          "nanogpt": _torch_steps(cfg, nano_model, nano_model, torch)}
+          "nanogpt": _torch_steps(cfg, nano_model, nano_model, torch),
+          # the same GPT run by torch's own kernels, without torch.compile's fusions
+          "nanogpt_eager": _torch_steps(cfg, eager_model, eager_model, torch, compile=False)}
   seconds = _in_turn({name: lambda run=run: run(steps) for name, run in runs.items()}, rounds)
   tokens = cfg.train.batch_size * cfg.data.max_length
   result = {}
   for name, run_s in seconds.items():
     step_s = run_s / steps
     result.update({f"{name}_step_ms": 1e3 * step_s, f"{name}_tokens_per_sec": tokens / step_s})
-  for ref in ("torch", "nanogpt"):
+  for ref in ("torch", "nanogpt", "nanogpt_eager"):
     result[f"tokens_per_sec_over_{ref}"] = (result["ours_tokens_per_sec"]
                                             / result[f"{ref}_tokens_per_sec"])
   return result
@@ -521,6 +524,40 @@ def bench_block(cfg, rounds: int = 15) -> dict:
   seconds = _in_turn({"ours": ours, "nanogpt": theirs}, rounds)
   return {"block_ms": 1e3 * seconds["ours"], "nanogpt_block_ms": 1e3 * seconds["nanogpt"],
           "block_over_nanogpt": seconds["nanogpt"] / seconds["ours"]}
+
+
+def bench_attention(cfg, rounds: int = 15) -> dict:
+  """Causal self-attention alone, forward and backward (the gradients of q, k and v) at the
+  config's shape: this project's `attention.attend` as the model runs it (model.attention_impl;
+  `blocked` on the CPU, layout copies included) in jax.jit, against torch's
+  scaled_dot_product_attention on heads-first arrays, which nanoGPT calls (on the CPU, a fused
+  flash-attention kernel). Timed in turn for `rounds` rounds."""
+  import torch
+  tr, m = cfg.train, cfg.model
+  B, L, N = tr.batch_size // tr.grad_accum, cfg.data.max_length, m.num_heads
+  shape_BxLxNxH = (B, L, N, m.d_model // N)
+  q, k, v, w = (np.random.default_rng(i).standard_normal(shape_BxLxNxH, np.float32)
+                for i in range(4))
+  impl = attention.choose(m.attention_impl, jnp.float32, L, decode=False)
+  loss = lambda q, k, v: jnp.sum(attention.attend(q, k, v, None, True, impl) * w)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  qkv = [jnp.asarray(x) for x in (q, k, v)]
+  ours = lambda: jax.block_until_ready(grads(*qkv))
+  heads_first = lambda x: torch.from_numpy(x.transpose(0, 2, 1, 3).copy())
+  qkv_torch = [heads_first(x).requires_grad_() for x in (q, k, v)]
+  w_torch = heads_first(w)
+
+  def theirs():
+    out = torch.nn.functional.scaled_dot_product_attention(*qkv_torch, is_causal=True)
+    (out * w_torch).sum().backward()
+    for x in qkv_torch:
+      x.grad = None
+
+  for run in (ours, theirs, ours, theirs):  # compile and warm up
+    run()
+  seconds = _in_turn({"ours": ours, "torch": theirs}, rounds)
+  return {"attention_ms": 1e3 * seconds["ours"], "torch_sdpa_ms": 1e3 * seconds["torch"],
+          "attention_over_torch_sdpa": seconds["torch"] / seconds["ours"]}
 
 
 def bench_matmuls(cfg, repeats: int = 20) -> dict:
@@ -605,15 +642,15 @@ def _nanogpt(vocab: int, m, torch):
   return GPT()
 
 
-def _torch_steps(cfg, forward, model, torch):
+def _torch_steps(cfg, forward, model, torch, compile: bool = True):
   """`run(n)`: n train steps of torch.compile(forward) (cross-entropy, AdamW, gradient
-  clipping), after the steps that compile it."""
+  clipping), after the steps that compile it; with `compile=False`, of forward itself."""
   tr, vocab = cfg.train, max(cfg.model.vocab_size, cfg.tokenizer.vocab_size)
   optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, betas=(tr.b1, tr.b2),
                                 weight_decay=tr.weight_decay)
   micro = tr.batch_size // tr.grad_accum
   tokens = torch.randint(0, vocab, (tr.grad_accum, micro, cfg.data.max_length + 1))
-  compiled = torch.compile(forward)
+  compiled = torch.compile(forward) if compile else forward
 
   def step():
     for a in range(tr.grad_accum):
@@ -630,7 +667,7 @@ def _torch_steps(cfg, forward, model, torch):
     for _ in range(n):
       step()
 
-  run(2)  # the first steps compile (forward, then backward)
+  run(2)  # the first steps compile (forward, then backward) and warm up
   return run
 
 
@@ -854,7 +891,8 @@ def main(argv):
     against = None
     if FLAGS.compare_torch:
       against = lambda ours: {**_torch_train(FLAGS.config, max(FLAGS.steps, 1), ours),
-                              **bench_block(FLAGS.config), **bench_matmuls(FLAGS.config)}
+                              **bench_block(FLAGS.config), **bench_attention(FLAGS.config),
+                              **bench_matmuls(FLAGS.config)}
     result = bench_train(FLAGS.config, FLAGS.steps, FLAGS.profile, against)
   elif argv[1] == "rl":
     result = bench_rl(FLAGS.config, max(FLAGS.steps, 1))
