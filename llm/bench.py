@@ -129,6 +129,15 @@ def _in_turn(calls: dict, rounds: int) -> dict:
   return {name: float(np.median(times)) for name, times in seconds.items()}
 
 
+def _side_by_side(ours, theirs, rounds: int) -> tuple[float, float]:
+  """The median seconds of ours() and of theirs(), timed in turn (`_in_turn`) after two calls
+  of each that compile and warm up."""
+  for run in (ours, theirs, ours, theirs):
+    run()
+  seconds = _in_turn({"ours": ours, "theirs": theirs}, rounds)
+  return seconds["ours"], seconds["theirs"]
+
+
 def state_bytes(state, num_params: int) -> dict:
   """The train state's bytes per trainable parameter: all of it, and the optimizer's part."""
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
@@ -519,11 +528,9 @@ def bench_block(cfg, rounds: int = 15) -> dict:
     x_torch.grad = None
     nano.zero_grad(set_to_none=True)
 
-  for run in (ours, theirs, ours, theirs):  # compile and warm up
-    run()
-  seconds = _in_turn({"ours": ours, "nanogpt": theirs}, rounds)
-  return {"block_ms": 1e3 * seconds["ours"], "nanogpt_block_ms": 1e3 * seconds["nanogpt"],
-          "block_over_nanogpt": seconds["nanogpt"] / seconds["ours"]}
+  ours_s, theirs_s = _side_by_side(ours, theirs, rounds)
+  return {"block_ms": 1e3 * ours_s, "nanogpt_block_ms": 1e3 * theirs_s,
+          "block_over_nanogpt": theirs_s / ours_s}
 
 
 def bench_attention(cfg, rounds: int = 15) -> dict:
@@ -553,11 +560,9 @@ def bench_attention(cfg, rounds: int = 15) -> dict:
     for x in qkv_torch:
       x.grad = None
 
-  for run in (ours, theirs, ours, theirs):  # compile and warm up
-    run()
-  seconds = _in_turn({"ours": ours, "torch": theirs}, rounds)
-  return {"attention_ms": 1e3 * seconds["ours"], "torch_sdpa_ms": 1e3 * seconds["torch"],
-          "attention_over_torch_sdpa": seconds["torch"] / seconds["ours"]}
+  ours_s, theirs_s = _side_by_side(ours, theirs, rounds)
+  return {"attention_ms": 1e3 * ours_s, "torch_sdpa_ms": 1e3 * theirs_s,
+          "attention_over_torch_sdpa": theirs_s / ours_s}
 
 
 def bench_matmuls(cfg, repeats: int = 20) -> dict:
