@@ -491,7 +491,8 @@ def _torch_train(cfg, steps: int, ours, rounds: int = 5) -> dict:
   runs = {"ours": ours, "torch": _torch_steps(cfg, lambda x: hf_model(x).logits, hf_model, torch),
           "nanogpt": _torch_steps(cfg, nano_model, nano_model, torch),
           # the same GPT run by torch's own kernels, without torch.compile's fusions
-          "nanogpt_eager": _torch_steps(cfg, eager_model, eager_model, torch, compile=False)}
+          "nanogpt_eager": _torch_steps(cfg, eager_model, eager_model, torch,
+                                        torch_compile=False)}
   seconds = _in_turn({name: lambda run=run: run(steps) for name, run in runs.items()}, rounds)
   tokens = cfg.train.batch_size * cfg.data.max_length
   result = {}
@@ -647,15 +648,15 @@ def _nanogpt(vocab: int, m, torch):
   return GPT()
 
 
-def _torch_steps(cfg, forward, model, torch, compile: bool = True):
+def _torch_steps(cfg, forward, model, torch, torch_compile: bool = True):
   """`run(n)`: n train steps of torch.compile(forward) (cross-entropy, AdamW, gradient
-  clipping), after the steps that compile it; with `compile=False`, of forward itself."""
+  clipping), after the steps that compile it; with `torch_compile=False`, of forward itself."""
   tr, vocab = cfg.train, max(cfg.model.vocab_size, cfg.tokenizer.vocab_size)
   optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, betas=(tr.b1, tr.b2),
                                 weight_decay=tr.weight_decay)
   micro = tr.batch_size // tr.grad_accum
   tokens = torch.randint(0, vocab, (tr.grad_accum, micro, cfg.data.max_length + 1))
-  compiled = torch.compile(forward) if compile else forward
+  compiled = torch.compile(forward) if torch_compile else forward
 
   def step():
     for a in range(tr.grad_accum):
