@@ -537,7 +537,7 @@ def bench_block(cfg, rounds: int = 15) -> dict:
 def bench_attention(cfg, rounds: int = 15) -> dict:
   """Causal self-attention alone, forward and backward (the gradients of q, k and v) at the
   config's shape: this project's `attention.attend` as the model runs it (model.attention_impl;
-  `blocked` on the CPU, layout copies included) in jax.jit, against torch's
+  `flash` on the CPU) in jax.jit, against torch's
   scaled_dot_product_attention on heads-first arrays, which nanoGPT calls (on the CPU, a fused
   flash-attention kernel). Timed in turn for `rounds` rounds."""
   import torch

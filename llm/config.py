@@ -101,9 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.rope_theta = 10000.0  # rope: the base of the rotation frequencies
   m.rope_scaling = ()  # rope: Llama 3's (factor, low_freq_factor, high_freq_factor, original
   #                      context) for a longer context; empty: none
-  m.attention_impl = "auto"  # "auto": splash on TPU, cuDNN on GPU in half precision, blocked
-  #                            on the CPU, else XLA; or "xla", "blocked", "cudnn", "splash"
-  #                            (off TPU: interpreted, for tests)
+  m.attention_impl = "auto"  # "auto": splash on TPU, cuDNN on GPU in half precision, flash
+  #                 on the CPU (blocked in half precision), else XLA; or "xla", "flash", "blocked",
+  #                 "cudnn", "splash" (off TPU: interpreted, for tests)
   m.remat = "none"  # per block, recompute in the backward pass: "full" (all), "dots" (all but
   #                   the matmul outputs); saves activation memory for compute
   m.scan_layers = False  # one nn.scan over the blocks: compile time and program size independent

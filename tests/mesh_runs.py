@@ -83,7 +83,7 @@ def main(out, tmp, steps, *meshes):
         split.generate(prompts, max_new_tokens=8, temperature=0) ==
         alone.generate(prompts, max_new_tokens=8, temperature=0))
     mesh_cfg = sharding_config(pathlib.Path(tmp), "2x2x2", int(steps)).mesh
-    for impl in ("splash", "blocked"):
+    for impl in ("splash", "blocked", "flash"):
       results["2x2x2"][f"{impl}_errors"] = _attention_errors_on_mesh(mesh_cfg, impl)
   with open(out, "w") as f:
     json.dump(results, f)

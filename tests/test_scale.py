@@ -13,7 +13,7 @@ import pytest
 
 from llm import config as config_lib, objectives, params as params_lib, sampling
 from llm import model as model_lib
-from llm.model import attention, layers, lora
+from llm.model import attention, flash_cpu, layers, lora
 from conftest import ROOT
 
 
@@ -147,10 +147,12 @@ def test_splash_attention_equals_xla(is_causal):
     np.testing.assert_allclose(g, ref, atol=1e-5 * float(jnp.abs(ref).max()))
 
 
+@pytest.mark.parametrize("impl", ["flash", "blocked"])
 @pytest.mark.parametrize("is_causal", [True, False])
-def test_blocked_attention_equals_xla(is_causal):
-  # The CPU's formulation (query blocks of 64 over 200 positions: the last block is short)
-  # against jax.nn.dot_product_attention: grouped-query heads (4 of 2), padding at both ends,
+def test_cpu_attention_equals_xla(impl, is_causal):
+  # The CPU's fused kernel and its blocked formulation (query blocks of 64 over 200 positions:
+  # the last block is short; head size 16, a fraction of a vector) against
+  # jax.nn.dot_product_attention: grouped-query heads (4 of 2), padding at both ends,
   # documents packed into a window. Outputs at real tokens and gradients equal.
   rng = np.random.default_rng(1)
   q = jnp.asarray(rng.normal(size=(3, 200, 4, 16)), jnp.float32)
@@ -168,11 +170,12 @@ def test_blocked_attention_equals_xla(is_causal):
     loss = lambda *qkv: jnp.sum(jnp.where(valid[..., None, None], out(*qkv) * w, 0.0))
     return jax.jit(out)(q, k, v)[valid], jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
-  (out, grads), (ref_out, ref_grads) = attend("blocked"), attend("xla")
+  (out, grads), (ref_out, ref_grads) = attend(impl), attend("xla")
   np.testing.assert_allclose(out, ref_out, atol=2e-6)
   for g, ref in zip(grads, ref_grads):
     np.testing.assert_allclose(g, ref, atol=2e-6 * float(jnp.abs(ref).max()))
-  assert attention.choose("auto", jnp.float32, 200, decode=False) == "blocked"  # on CPU
+  assert attention.choose("auto", jnp.float32, 200, decode=False) == "flash"  # on CPU
+  assert attention.choose("auto", jnp.bfloat16, 200, decode=False) == "blocked"
   assert attention.choose("auto", jnp.float32, 200, decode=True) == "xla"
 
 
@@ -208,3 +211,19 @@ def test_a_step_reuses_the_memory_the_last_one_freed():
   assert kept == "True"
   pages = 64 * 2**20 // 4096
   assert int(kept_faults) < 0.02 * pages < 0.5 * pages < int(default_faults)
+
+
+def test_flash_kernel_is_built_once_per_machine_and_a_failed_build_says_why(tmp_path,
+                                                                              monkeypatch):
+  # The CPU kernel compiles into the cache on first use; the next use loads the same file. A
+  # compiler that fails leaves nothing in the cache and names the source in its error.
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  library = flash_cpu._build()
+  built_at = library.stat().st_mtime_ns
+  assert library.parent == tmp_path / "cache" / "llm" and flash_cpu._build() == library
+  assert library.stat().st_mtime_ns == built_at
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
+  monkeypatch.setenv("CXX", "false")
+  with pytest.raises(RuntimeError, match="building flash_attention_cpu.cc failed"):
+    flash_cpu._build()
+  assert not list((tmp_path / "elsewhere" / "llm").iterdir())

@@ -81,10 +81,10 @@ def test_sampling_with_parameters_split_over_devices(eight_devices):
   assert eight_devices["2x2x2"]["generate_equal"]
 
 
-@pytest.mark.parametrize("impl", ["splash", "blocked"])
+@pytest.mark.parametrize("impl", ["splash", "blocked", "flash"])
 def test_attention_split_over_devices(eight_devices, impl):
-  # Values and gradients of the TPU kernel and of the CPU's blocked formulation, split over
-  # 2x2x2, equal XLA's attention on one device.
+  # Values and gradients of the TPU kernel and of the CPU's fused kernel and blocked
+  # formulation, split over 2x2x2, equal XLA's attention on one device.
   out_error, grad_error = eight_devices["2x2x2"][f"{impl}_errors"]
   assert out_error < 2e-6 and grad_error < 2e-6
 

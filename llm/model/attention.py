@@ -5,13 +5,17 @@
 
 `impl` (model.attention_impl):
 - "xla": jax.nn.dot_product_attention's XLA formulation, everywhere (the reference).
+- "flash": the project's fused flash attention for the CPU (flash_cpu.py: C++ behind XLA's
+  FFI, built on first use), float32 self-attention. What "auto" runs on the CPU.
 - "blocked": the same softmax written as heads-first einsums, one block of queries at a time;
   with causality a block reads only the keys up to its last query, which skips the upper
-  triangle's work (3/8 of it at 4 blocks). Every platform; what "auto" runs on the CPU.
+  triangle's work (3/8 of it at 4 blocks). Every platform; the CPU's when "flash" cannot run
+  (no C++ compiler, half precision).
 - "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, float16 / bfloat16).
 - "splash": the Pallas splash-attention kernel for TPUs (blocked, never materialises the
   L x S scores). Off TPU it runs in Pallas's interpreter: correct but slow, for tests.
-- "auto": splash on TPU, cuDNN on GPU in half precision, blocked on the CPU, XLA otherwise;
+- "auto": splash on TPU, cuDNN on GPU in half precision, flash (else blocked) on the CPU, XLA
+  otherwise;
   XLA for KV-cache decoding and for lengths the fused kernels do not take.
 """
 
@@ -24,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("auto", "xla", "blocked", "cudnn", "splash")
+from llm.model import flash_cpu
+
+IMPLS = ("auto", "xla", "flash", "blocked", "cudnn", "splash")
 QUERY_BLOCK = 64  # the blocked formulation's: fewer, larger einsums against more skipped keys
 SPLASH_BLOCK = 128  # the splash kernel's block: sequence lengths must be multiples of it
 
@@ -60,7 +66,7 @@ def choose(impl: str, dtype, length: int, decode: bool) -> str:
   if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
   if platform == "cpu":
-    return "blocked"
+    return "flash" if jnp.dtype(dtype) == jnp.float32 and flash_cpu.available() else "blocked"
   return "xla"
 
 
@@ -72,10 +78,18 @@ def attend(q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, mask_BxLxS, is_causal: bool, impl: s
   Keys and values may have fewer heads than the queries (grouped-query attention: K divides N,
   and query head n reads key/value head n // (N / K)); their arrays are named ..NxH here all
   the same."""
-  if impl == "splash":
+  if impl in ("splash", "flash"):
     if mask_BxLxS is not None and mask_BxLxS.shape[1] != 1:
-      raise ValueError("splash attention takes a padding mask ([B, 1, S]), not a full one")
+      raise ValueError(f"{impl} attention takes a padding mask ([B, 1, S]), not a full one")
     valid_BxS = None if mask_BxLxS is None else mask_BxLxS[:, 0]
+  if impl == "flash":
+    B, L = q_BxLxNxH.shape[:2]
+    valid_BxS = jnp.ones((B, L), bool) if valid_BxS is None else valid_BxS
+    documents_BxL = jnp.zeros((B, L), jnp.int32) if documents_BxL is None else documents_BxL
+    kernel = lambda q, k, v, valid, documents: flash_cpu.attend(q, k, v, valid, is_causal,
+                                                                 documents)
+    return _per_shard(kernel, q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, valid_BxS, documents_BxL)
+  if impl == "splash":
     segments_BxS = None if documents_BxL is None else documents_BxL + 1  # 0: padding
     group = q_BxLxNxH.shape[2] // k_BxSxNxH.shape[2]  # grouped-query: each KV head N/K times
     k_BxSxNxH, v_BxSxNxH = (jnp.repeat(x, group, axis=2) for x in (k_BxSxNxH, v_BxSxNxH))
@@ -216,14 +230,28 @@ def _splash(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, valid_BxL, is_causal: bool, segment
   if segments_BxL is None:
     segments_BxL = jnp.ones((B, L), jnp.int32)
   segments_BxL = jnp.where(valid_BxL, segments_BxL, 0).astype(jnp.int32)
+  return _per_shard(local, q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segments_BxL)
+
+
+def _per_shard(kernel, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, *per_token_BxL):
+  """kernel(q, k, v, *per_token) on each device's share of the batch and the heads: XLA does not
+  partition a custom kernel (Pallas, FFI) over the mesh itself. Key/value heads that do not
+  split like the query heads (fewer than the devices along their axis) are repeated first."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return local(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segments_BxL)
-  spec_BxLxNxH = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
+    return kernel(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, *per_token_BxL)
+  spec_q = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
+  spec_kv = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "kv"))
+  axes = spec_kv[2] if isinstance(spec_kv[2], tuple) else (spec_kv[2],)
+  if k_BxSxKxH.shape[2] % np.prod([mesh.shape[a] for a in axes if a is not None]):
+    group = q_BxLxNxH.shape[2] // k_BxSxKxH.shape[2]
+    k_BxSxKxH, v_BxSxKxH = (jnp.repeat(x, group, axis=2) for x in (k_BxSxKxH, v_BxSxKxH))
+    spec_kv = spec_q
   spec_BxL = nn.logical_to_mesh_axes(("batch", "length"))
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec_BxLxNxH,) * 3 + (spec_BxL,),
-                       out_specs=spec_BxLxNxH, check_vma=False)(
-                           q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segments_BxL)
+  return jax.shard_map(kernel, mesh=mesh,
+                       in_specs=(spec_q, spec_kv, spec_kv) + (spec_BxL,) * len(per_token_BxL),
+                       out_specs=spec_q, check_vma=False)(
+                           q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, *per_token_BxL)
 
 
 def _splash_kernel(num_heads: int, length: int, is_causal: bool, interpret: bool):
