@@ -173,14 +173,20 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> 
 }
 
 struct Shape {
-  int64_t B, L, S, N, K, H, Hp;  // Hp: H padded to whole vectors
+  int64_t B, L, S, N, K, H;
   bool causal;
+  int64_t Hp, Sp;  // H padded to whole vectors, S to whole blocks of keys
+  int64_t group;   // query heads per key/value head
+  float scale;     // 1 / sqrt(H), applied to q
 };
 
 Shape ShapeOf(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, bool causal) {
   auto qd = q.dimensions(), kd = k.dimensions();
-  Shape s{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], 0, causal};
+  Shape s{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], causal};
   s.Hp = (s.H + kLanes - 1) / kLanes * kLanes;
+  s.Sp = (s.S + BK - 1) / BK * BK;
+  s.group = s.N / s.K;
+  s.scale = 1.0f / std::sqrt(static_cast<float>(s.H));
   return s;
 }
 
@@ -224,8 +230,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                    ffi::Buffer<ffi::S32> docs_BxL, ffi::ResultBuffer<ffi::F32> out,
                    ffi::ResultBuffer<ffi::F32> lse_BxNxL, bool causal) {
   const Shape s = ShapeOf(q, k, causal);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(s.H));
-  const int64_t group = s.N / s.K, Sp = (s.S + BK - 1) / BK * BK;  // keys in whole blocks
+  const int64_t Sp = s.Sp, group = s.group;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const bool* valid = valid_BxS.typed_data();
   const int32_t* docs = docs_BxL.typed_data();
@@ -240,7 +245,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     std::vector<float> qb(BQ * s.Hp), o(BQ * s.Hp), p(BQ * BK), m(BQ), l(BQ);
     for (int64_t q0 = 0; q0 < s.L; q0 += BQ) {
       const int64_t rows = std::min(BQ, s.L - q0);
-      LoadRows(qb.data(), qp, s, s.N, s.L, b, n, q0, rows, scale);
+      LoadRows(qb.data(), qp, s, s.N, s.L, b, n, q0, rows, s.scale);
       std::fill(o.begin(), o.end(), 0.0f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0f);
@@ -291,9 +296,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv, bool causal) {
   const Shape s = ShapeOf(q, k, causal);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(s.H));
-  const int64_t q_blocks = (s.L + BQ - 1) / BQ, group = s.N / s.K;
-  const int64_t Sp = (s.S + BK - 1) / BK * BK;  // keys padded to whole blocks
+  const int64_t Sp = s.Sp, group = s.group;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const float *op = out.typed_data(), *lse = lse_BxNxL.typed_data(), *dop = dout.typed_data();
   const bool* valid = valid_BxS.typed_data();
@@ -313,7 +316,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     for (int64_t n = kv * group; n < (kv + 1) * group; ++n) {
       for (int64_t q0 = 0; q0 < s.L; q0 += BQ) {
         const int64_t rows = std::min(BQ, s.L - q0);
-        LoadRows(qb.data(), qp, s, s.N, s.L, b, n, q0, rows, scale);
+        LoadRows(qb.data(), qp, s, s.N, s.L, b, n, q0, rows, s.scale);
         LoadRows(ob.data(), op, s, s.N, s.L, b, n, q0, rows, 1.0f);
         LoadRows(dob.data(), dop, s, s.N, s.L, b, n, q0, rows, 1.0f);
         const float* lse_q = lse + (b * s.N + n) * s.L + q0;
@@ -345,7 +348,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         }
         for (int64_t i = 0; i < rows; ++i) {
           float* dst = dqp + ((b * s.L + q0 + i) * s.N + n) * s.H;
-          for (int64_t h = 0; h < s.H; ++h) dst[h] = dq_acc[i * s.Hp + h] * scale;
+          for (int64_t h = 0; h < s.H; ++h) dst[h] = dq_acc[i * s.Hp + h] * s.scale;
         }
       }
     }
