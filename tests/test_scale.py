@@ -179,6 +179,29 @@ def test_cpu_attention_equals_xla(impl, is_causal):
   assert attention.choose("auto", jnp.float32, 200, decode=True) == "xla"
 
 
+def test_cudnn_attention_gets_the_mask_in_the_shape_it_takes(monkeypatch):
+  # cuDNN (GPU only) takes a mask only as a bias of the scores' shape, [B, 1 or N, L, S]; a
+  # padding mask of [B, 1, S] raised "Bias must have same seq length as QKV" on an H200. Here
+  # jax.nn.dot_product_attention checks that shape, as cuDNN's check_layout does, then runs XLA's.
+  real = jax.nn.dot_product_attention
+  seen = []
+
+  def like_cudnn(q, k, v, mask=None, implementation=None, **kwargs):
+    if implementation == "cudnn":
+      seen.append(mask.shape)
+      assert mask.shape[2:] == (q.shape[1], k.shape[1]), mask.shape
+    return real(q, k, v, mask=mask, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", like_cudnn)
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 24, 4, 16)), jnp.bfloat16) for _ in range(3))
+  valid_Bx1xS = jnp.arange(24)[None, None, :] < jnp.array([24, 17])[:, None, None]
+  out = attention.attend(q, k, v, valid_Bx1xS, True, "cudnn")
+  ref = attention.attend(q, k, v, valid_Bx1xS, True, "xla")
+  assert seen == [(2, 1, 24, 24)]
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+
+
 _FAULTS_PER_RUN = """
 import resource, sys
 from llm import host_memory

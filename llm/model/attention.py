@@ -99,6 +99,9 @@ def attend(q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, mask_BxLxS, is_causal: bool, impl: s
   if documents_BxL is not None:
     same_BxLxS = documents_BxL[:, :, None] == documents_BxL[:, None, :]
     mask_BxLxS = same_BxLxS if mask_BxLxS is None else mask_BxLxS & same_BxLxS
+  if impl == "cudnn" and mask_BxLxS is not None:  # cuDNN takes a mask only as the scores' shape
+    B, L, S = q_BxLxNxH.shape[0], q_BxLxNxH.shape[1], k_BxSxNxH.shape[1]
+    mask_BxLxS = jnp.broadcast_to(mask_BxLxS, (B, L, S))
   return jax.nn.dot_product_attention(
       q_BxLxNxH, k_BxSxNxH, v_BxSxNxH,
       mask=None if mask_BxLxS is None else mask_BxLxS[:, None], is_causal=is_causal,
