@@ -191,7 +191,7 @@ class Trainer:
     return metrics.Throughput(self.tokens_per_step, flops, peak, jax.device_count())
 
 
-def make_train_step(objective: objectives.Objective, tx: optax.GradientTransformation,
+def make_train_step(objective: objectives.Objective, tx: optax.GradientTransformationExtraArgs,
                     schedule: optax.Schedule, assemble=lambda trainable, frozen: trainable,
                     max_nonfinite: int = 1, ema: float = 0.0):
   """One optimizer step over a batch of [grad_accum, micro_batch, ...] arrays.
@@ -231,16 +231,17 @@ def make_train_step(objective: objectives.Objective, tx: optax.GradientTransform
                          jax.eval_shape(grads_and_sums, state["params"], first, dropout_rng))
     (grads, sums), _ = jax.lax.scan(micro_step, zeros, (batch, jnp.arange(num_micro)))
     loss, grad_norm = objective.total(sums, counts), optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-
-    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.tree.norm(updates)))
+    # Finite gradients give every optimizer here finite updates (its state is finite: a bad
+    # step is never applied), so a step is known good or bad before the optimizer runs, and the
+    # optimizer skips a bad one within its own pass over the parameters.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     going = health["stopped_at"] == 0
     apply = finite & going
-    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
-    new_state = {"step": state["step"] + 1, "params": keep_if_bad(params, state["params"]),
-                 "opt_state": keep_if_bad(opt_state, state["opt_state"]), "rng": state["rng"]}
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"], apply=apply)
+    params = jax.tree.map(lambda p, u: jnp.where(apply, (p + u).astype(p.dtype), p),
+                          state["params"], updates)
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "rng": state["rng"]}
     if ema:
       new_state["ema"] = jax.tree.map(lambda e, p: e * ema + p.astype(e.dtype) * (1 - ema),
                                       state["ema"], new_state["params"])

@@ -101,6 +101,38 @@ def test_each_optimizer_equals_its_optax_reference(name):
                  contrib.schedule_free_eval_params(their_state, ours_params))
 
 
+def test_adamw_is_optax_adamw_bit_for_bit_and_skips_a_step_in_its_pass():
+  # The train step's AdamW is written as few passes over each parameter (optim._adamw): its
+  # state, parameters and updates equal optax.adamw's exactly, jitted, clipping included (so a
+  # run resumes from checkpoints of either). With apply=False nothing moves.
+  tr = train_cfg(weight_decay=0.1, grad_clip=1.0, schedule="cosine", warmup_steps=2, min_lr=0.0)
+  boxed = boxed_tree()
+  params = params_lib.values(boxed)
+  reference = optax.chain(optax.clip_by_global_norm(tr.grad_clip), optax.adamw(
+      optim.lr_schedule(tr), b1=tr.b1, b2=tr.b2, eps=tr.eps, weight_decay=tr.weight_decay,
+      mask=optim.decay_mask))
+
+  def run(tx, steps=4, apply_at=lambda i: True):
+    state, p, update = tx.init(params), params, jax.jit(tx.update)
+    for i in range(steps):
+      grads = jax.tree.map(lambda x: jnp.sin(x * (i + 1)) * 3, p)  # norms over 1: clipped
+      kwargs = {} if tx is reference else {"apply": apply_at(i)}
+      updates, state = update(grads, state, p, **kwargs)
+      p = optax.apply_updates(p, updates)
+    return p, state, updates
+
+  ours, theirs = run(optim.build(tr, boxed)), run(reference)
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    np.testing.assert_array_equal(a, b)
+  assert any(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(ours[2]))
+  *skipped, skipped_updates = run(optim.build(tr, boxed), apply_at=lambda i: i < 3)
+  *three_steps, _ = run(optim.build(tr, boxed), steps=3)
+  assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(skipped_updates))
+  for a, b in zip(jax.tree.leaves(skipped), jax.tree.leaves(three_steps)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_optimizer_state_in_bfloat16_stays_close_to_float32():
   boxed = boxed_tree()
   params = params_lib.values(boxed)
