@@ -179,6 +179,26 @@ def test_cpu_attention_equals_xla(impl, is_causal):
   assert attention.choose("auto", jnp.float32, 200, decode=True) == "xla"
 
 
+@pytest.mark.parametrize("x_shape,kernel_shape,num_in", [
+    ((2, 5, 8), (8, 3, 4), 1),  # a query projection: x smaller than dy, its transpose copied
+    ((2, 5, 3, 4), (3, 4, 8), 2),  # the attention output's projection, two input dims
+    ((2, 5, 16), (16, 6), 1)])  # an MLP's second product: dy smaller, its transpose copied
+def test_cpu_product_equals_tensordot_with_gradients(x_shape, kernel_shape, num_in):
+  # layers._cpu_product (what Dense runs on the CPU) makes the kernel gradient its own way.
+  rng = np.random.default_rng(0)
+  x, kernel = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (x_shape, kernel_shape))
+  out_shape = jax.eval_shape(lambda: jnp.tensordot(x, kernel, num_in)).shape
+  w = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+  ours = jax.jit(jax.value_and_grad(
+      lambda x, k: jnp.sum(layers._cpu_product(x, k, num_in) * w), argnums=(0, 1)))(x, kernel)
+  ref = jax.value_and_grad(lambda x, k: jnp.sum(jnp.tensordot(x, k, num_in) * w),
+                           argnums=(0, 1))(x, kernel)
+  np.testing.assert_allclose(ours[0], ref[0], rtol=1e-6)
+  for g, r in zip(ours[1], ref[1]):
+    assert g.shape == r.shape
+    np.testing.assert_allclose(g, r, atol=1e-5)
+
+
 def test_cudnn_attention_gets_the_mask_in_the_shape_it_takes(monkeypatch):
   # cuDNN (GPU only) takes a mask only as a bias of the scores' shape, [B, 1 or N, L, S]; a
   # padding mask of [B, 1, S] raised "Bias must have same seq length as QKV" on an H200. Here

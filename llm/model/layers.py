@@ -109,13 +109,47 @@ class Dense(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(dense_init(self.std), self.axes),
                         self.shape, jnp.float32)
     num_in = len(self.shape) - self.num_out
-    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=num_in)
+    if attention.target_platform() == "cpu":
+      y = _cpu_product(x.astype(self.dtype), kernel.astype(self.dtype), num_in)
+    else:
+      y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=num_in)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                              self.axes[num_in:]),
                         self.shape[num_in:], jnp.float32)
       y = y + bias.astype(self.dtype)
     return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _cpu_product(x, kernel, num_in):
+  """jnp.tensordot(x, kernel, num_in), whose kernel gradient (x^T @ dy over the rows) is made
+  from a copied transpose of the smaller of x and dy. Left to itself, XLA's CPU backend
+  transposed the larger (the MLP's [tokens, 4 x width] gradient, 5 ms a layer at the baby GPT's
+  shape) or folded the transpose into a product it then runs in a slower, generic kernel: the
+  train step there is 5% faster with this."""
+  return jnp.tensordot(x, kernel, axes=num_in)
+
+
+def _cpu_product_fwd(x, kernel, num_in):
+  return _cpu_product(x, kernel, num_in), (x, kernel)
+
+
+def _cpu_product_bwd(num_in, residuals, dy):
+  x, kernel = residuals
+  K = math.prod(kernel.shape[:num_in])
+  x_NxK, dy_NxF = x.reshape(-1, K), dy.reshape(-1, kernel.size // K)
+  dx = jnp.tensordot(dy, kernel, axes=(tuple(range(dy.ndim - kernel.ndim + num_in, dy.ndim)),
+                                       tuple(range(num_in, kernel.ndim))))
+  barrier = jax.lax.optimization_barrier  # keeps the transpose a copy of its own
+  if x_NxK.size <= dy_NxF.size:
+    dk_KxF = barrier(x_NxK.T) @ dy_NxF
+  else:
+    dk_KxF = (barrier(dy_NxF.T) @ x_NxK).T
+  return dx, dk_KxF.reshape(kernel.shape)
+
+
+_cpu_product.defvjp(_cpu_product_fwd, _cpu_product_bwd)
 
 
 def norm(cfg: TransformerConfig, name: str) -> nn.Module:
