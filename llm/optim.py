@@ -13,8 +13,8 @@
 Every optimizer decays matrices only (`decay_mask`) by train.weight_decay, clips the global
 gradient norm at train.grad_clip, and keeps its state in train.opt_state_dtype. Its update takes
 `apply` (a boolean scalar, default True): False skips the step (a non-finite loss), the state
-stays as it was and the updates are zero. Schedules
-(`lr_schedule`) all warm up linearly over train.warmup_steps; counted in optimizer updates.
+stays as it was and the updates are zero. Schedules (`lr_schedule`) all warm up linearly over
+train.warmup_steps; counted in optimizer updates.
 Muon routes each parameter by its logical axis names (`muon_dimensions`), so the same rule holds
 for GPT, BERT and Llama blocks, scanned or not, with LoRA adapters and task heads.
 """
@@ -195,10 +195,10 @@ def _adamw(tr, schedule) -> optax.GradientTransformationExtraArgs:
 
   From optax's chain, XLA's CPU backend (which makes one loop per output, not one loop for
   several) copied both moments and read every array again for each of the parameter and its
-  two moments: 2x the time of the update alone at the baby GPT's shape, 3% of its train step.
+  two moments: 2x the time of the update alone at the baby GPT's shape, 1% of its train step.
   Here each moment is made in place first, then the parameter's update reads them."""
-  reference = optax.adamw(schedule, b1=tr.b1, b2=tr.b2, eps=tr.eps,
-                          weight_decay=tr.weight_decay, mask=decay_mask)
+  optax_adamw = optax.adamw(schedule, b1=tr.b1, b2=tr.b2, eps=tr.eps,
+                            weight_decay=tr.weight_decay, mask=decay_mask)
 
   def update(grads, state, params, apply=True):
     adam, masked_decay, scheduled = state
@@ -223,10 +223,10 @@ def _adamw(tr, schedule) -> optax.GradientTransformationExtraArgs:
                                            scheduled.count)))
     return updates, state
 
-  return optax.GradientTransformationExtraArgs(reference.init, update)
+  return optax.GradientTransformationExtraArgs(optax_adamw.init, update)
 
 
-def in_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+def in_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformationExtraArgs:
   """`tx` with its floating-point state stored in `dtype` (bfloat16 halves AdamW's state),
   whatever the parameters' dtype; each update computes in float32."""
   def cast(tree, to):
