@@ -9,14 +9,17 @@ import jax
 import numpy as np
 from absl import flags
 
-from llm import cli, prompts, runs, sharding
+from llm import cli
 from llm.errors import UserError
+from llm.runs import loading
+from llm.text import prompts
+from llm.training import sharding
 
 
 class TextClassifier:
 
   def __init__(self, workdir: str, devices=None):
-    self.run = runs.load(workdir, devices)
+    self.run = loading.load(workdir, devices)
     if self.run.task.produces != "classes":
       raise UserError(f"{workdir} is a task.kind={self.run.cfg.task.kind!r} run, not a "
                       "classifier; use python -m llm.generate")

@@ -21,27 +21,22 @@ import threading
 import jax
 from absl import app, flags, logging
 
-from llm import host_memory, preemption
-from llm.errors import UserError, closest
+from llm.errors import closest, UserError
+from llm.training import preemption
 
 EXIT_USER_ERROR = 2
 
 
 def run(main, define_flags) -> None:
-  preemption.protect(quit_at_once)  # from the first line: see llm/preemption.py
+  preemption.protect(quit_at_once)  # from the first line: see llm/training/preemption.py
   define_flags()
   flags.DEFINE_bool("verbose", False, "Show the log lines of XLA and Gloo that are hidden.")
-  flags.DEFINE_bool("reuse_host_memory", True,
-                    "On the CPU, keep the memory a step frees for the next: faster steps, for "
-                    "resident memory of 2-3x the step's temporaries (llm/host_memory.py).")
   app.run(_exits_cleanly(main), flags_parser=_parse_flags)
 
 
 def _exits_cleanly(main):
   @functools.wraps(main)
   def wrapped(argv):
-    if flags.FLAGS.reuse_host_memory:
-      host_memory.keep_freed_memory()  # before JAX starts its threads: main has not started it
     if not flags.FLAGS.verbose:
       logging.set_verbosity(logging.WARNING)  # orbax and jax are chatty at INFO
       _hide_chatter()

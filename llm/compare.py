@@ -15,8 +15,11 @@ import numpy as np
 from absl import flags
 from flax import traverse_util
 
-from llm import benchmarks, cli, metrics, rundir, tasks
+from llm import cli, tasks
 from llm.errors import UserError
+from llm.evals import benchmarks
+from llm.runs import rundir
+from llm.training import metrics
 
 FLAGS = flags.FLAGS
 

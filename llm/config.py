@@ -9,10 +9,10 @@ import re
 
 import ml_collections
 
-from llm import metrics, optim
 from llm.errors import UserError
 from llm.model import attention
 from llm.model.layers import ACTIVATIONS, MLPS, NORMS, POSITIONS, REMAT_POLICIES
+from llm.training import metrics, optim
 
 # Logical axis name -> mesh axes. A mesh axis is used at most once per array; rules are tried in
 # order, so activations ('batch', 'length', 'embed') take `fsdp` for the batch and leave 'embed'
@@ -101,9 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.rope_theta = 10000.0  # rope: the base of the rotation frequencies
   m.rope_scaling = ()  # rope: Llama 3's (factor, low_freq_factor, high_freq_factor, original
   #                      context) for a longer context; empty: none
-  m.attention_impl = "auto"  # "auto": splash on TPU, cuDNN on GPU in half precision, flash
-  #                 on the CPU (blocked in half precision), else XLA; or "xla", "flash", "blocked",
-  #                 "cudnn", "splash" (off TPU: interpreted, for tests)
+  m.attention_impl = "auto"  # "auto": splash on TPU, cuDNN on GPU in half precision, else XLA
+  #                 (the CPU's); or "xla", "cudnn", "splash" (off TPU: interpreted, for tests)
   m.remat = "none"  # per block, recompute in the backward pass: "full" (all), "dots" (all but
   #                   the matmul outputs); saves activation memory for compute
   m.scan_layers = False  # one nn.scan over the blocks: compile time and program size independent
@@ -153,7 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
   tr.steps = 1000  # optimizer steps
   tr.batch_size = 32  # global, in sequences, per optimizer step
   tr.grad_accum = 1  # micro-batches per step; batch_size must divide by it
-  tr.optimizer = "adamw"  # adamw, muon, lion, adafactor, sgd or schedule_free (llm/optim.py)
+  tr.optimizer = "adamw"  # adamw, muon, lion, adafactor, sgd or schedule_free (llm/training/optim.py)
   tr.lr = 3e-4  # peak learning rate (Muon's hidden matrices: train.muon_lr)
   tr.schedule = "cosine"  # after the warmup: cosine, linear (to min_lr), wsd, constant
   tr.min_lr = 3e-5  # where the schedule's decay ends
@@ -176,7 +175,7 @@ def base_config() -> ml_collections.ConfigDict:
   tr.log_every = 10  # steps between train lines in metrics.jsonl
   tr.eval_every = 200  # steps between evaluations on the validation split
   tr.eval_at_start = False  # evaluate before the first step too (step 0: the starting model)
-  tr.evals = ""  # benchmarks scored at every evaluation too (llm/benchmarks.py), e.g.
+  tr.evals = ""  # benchmarks scored at every evaluation too (llm/evals/benchmarks.py), e.g.
   #                "hellaswag,arc_easy" or "lambada:path/to/file.jsonl"; logged as split NAME
   tr.eval_examples = 500  # the first N examples of each benchmark in train.evals (0: all)
   tr.benchmark_dir = "data"  # where `llm.data_sets fetch NAME DIR` put the benchmarks

@@ -8,7 +8,7 @@
 vocab.json + merges.txt or tokenizer.json, BERT's vocab.txt) or a hub name, downloaded where the
 network allows. The run directory it writes is what llm.generate, llm.evaluate, llm.embed and
 fine-tuning (`init_from`) read; a Hugging Face folder is also accepted as `init_from` directly.
-The formats themselves are llm/hf.py; the run directory is llm/rundir.py.
+The formats themselves are llm/runs/hf.py; the run directory is llm/runs/rundir.py.
 """
 
 import json
@@ -18,8 +18,11 @@ import shutil
 import jax
 from absl import flags
 
-from llm import cli, config as config_lib, files, hf, params as params_lib, rundir, runs, tasks
+from llm import cli, files, tasks
+from llm import config as config_lib
 from llm.errors import UserError
+from llm.runs import hf, loading, rundir
+from llm.training import params as params_lib
 
 
 def from_hf(name_or_path: str, workdir: str, allow_torch_bin: bool = False) -> None:
@@ -50,7 +53,7 @@ def to_hf(workdir: str, out: str, overwrite: bool = False, use_ema: bool = False
     raise UserError(f"--to_hf={out} holds other files ({', '.join(sorted(os.listdir(out))[:3])}"
                     f"{' ...' if len(os.listdir(out)) > 3 else ''}); choose an empty folder, or "
                     "add --overwrite to replace it whole")
-  run = runs.load(workdir, jax.devices()[:1], use_ema)
+  run = loading.load(workdir, jax.devices()[:1], use_ema)
   if run.task.produces == "classes":
     raise UserError(f"--to_hf writes language models; {workdir} is a classifier")
   with files.written(out) as tmp:
@@ -65,7 +68,7 @@ def to_hf(workdir: str, out: str, overwrite: bool = False, use_ema: bool = False
 def merge_lora(workdir: str, out: str, use_ema: bool = False) -> None:
   """A fine-tuned run (LoRA adapters, or frozen weights kept in its init_from) -> a run
   directory holding the whole merged model, needing nothing else."""
-  run = runs.load(workdir, jax.devices()[:1], use_ema)
+  run = loading.load(workdir, jax.devices()[:1], use_ema)
   # The new directory holds parameters alone: no optimizer state, no moving average.
   cfg = config_lib.replace(run.cfg, {"lora.rank": 0, "init_from": "", "train.trainable": "all",
                                      "train.optimizer": "adamw", "train.ema": 0.0})
@@ -85,7 +88,7 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "Run directory: written by --from_hf, read by --to_hf.")
   flags.DEFINE_bool("merge_lora", False, "Write --workdir's model, adapters merged, to --out.")
   flags.DEFINE_string("out", None, "Run directory written by --merge_lora.")
-  flags.DEFINE_bool("use_ema", False, "--to_hf, --merge_lora: " + runs.USE_EMA_HELP)
+  flags.DEFINE_bool("use_ema", False, "--to_hf, --merge_lora: " + loading.USE_EMA_HELP)
   flags.DEFINE_bool("overwrite", False, "Let --to_hf replace a folder that holds other files.")
   flags.DEFINE_bool("allow_torch_bin", False,
                     "Read pytorch_model.bin (a pickle) when there is no safetensors file.")

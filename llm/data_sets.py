@@ -167,7 +167,7 @@ def _check(name: str, file: str, content: bytes) -> None:
 
 def _check_benchmark(name: str, file: str, text: str) -> None:
   """Every line a record the benchmark reads (MMLU's dev split: the test split's layout)."""
-  from llm import benchmarks
+  from llm.evals import benchmarks
   bench = benchmarks.BENCHMARKS[name]
   lines = [line for line in text.splitlines() if line.strip()]
   if not lines:

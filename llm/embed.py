@@ -15,15 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from llm import cli, prompts, runs, sharding
+from llm import cli
 from llm.errors import UserError
 from llm.model.bert import BERT
+from llm.runs import loading
+from llm.text import prompts
+from llm.training import sharding
 
 
 class Embedder:
 
   def __init__(self, workdir: str, devices=None):
-    self.run = runs.load(workdir, devices)
+    self.run = loading.load(workdir, devices)
     if not isinstance(self.run.model, BERT):
       raise UserError(f"{workdir} holds a {type(self.run.model).__name__}; sentence embeddings "
                       "come from a BERT run (model.kind=bert)")

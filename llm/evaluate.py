@@ -17,20 +17,22 @@ splits, and its responses to the test split written to a JSON lines file beside 
 ready for judging. A reward model or a DPO run: loss, (reward) accuracy, margin and the chosen
 and rejected rewards on those splits; a DPO run also writes its test responses beside those of
 the reference model it started from. --benchmark scores a language model on the benchmarks
-the field quotes instead, as lm-evaluation-harness does (llm/benchmarks.py).
+the field quotes instead, as lm-evaluation-harness does (llm/evals/benchmarks.py).
 """
 
 from absl import flags
 
-from llm import cli, evaluation, runs, startup, tasks
+from llm import cli, tasks
 from llm.errors import UserError
+from llm.evals import splits
+from llm.runs import loading, startup
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
   flags.DEFINE_string("workdir", None, "Run directory to evaluate.")
-  flags.DEFINE_bool("use_ema", False, runs.USE_EMA_HELP)
+  flags.DEFINE_bool("use_ema", False, loading.USE_EMA_HELP)
   flags.DEFINE_string("data.path", None, "Text to evaluate on: a file, glob or folder (default: "
                       "the run's own validation data).")
   flags.DEFINE_string("data.text_field", "text", "Column holding the text (JSON/CSV data).")
@@ -42,7 +44,7 @@ def define_flags():
   flags.DEFINE_integer("max_new_tokens", 256, "Instruction runs: longest response.")
   flags.DEFINE_string("judge", "", "Instruction and DPO runs: a reward model run that scores "
                       "the test responses (and the records' own answers, for scale).")
-  flags.DEFINE_list("benchmark", None, "Benchmarks to score instead (llm/benchmarks.py): "
+  flags.DEFINE_list("benchmark", None, "Benchmarks to score instead (llm/evals/benchmarks.py): "
                     "hellaswag, arc_easy, arc_challenge, piqa, winogrande, mmlu, lambada; "
                     "NAME:PATH for a file of its records.")
   flags.DEFINE_string("benchmark_dir", "data", "Where `llm.data_sets fetch` put the benchmarks.")
@@ -55,9 +57,9 @@ def main(argv):
   del argv
   if not FLAGS.workdir:
     raise UserError("usage: python -m llm.evaluate --workdir=DIR [--data.path=FILE]")
-  run = runs.load(FLAGS.workdir, use_ema=FLAGS.use_ema)
+  run = loading.load(FLAGS.workdir, use_ema=FLAGS.use_ema)
   if FLAGS.benchmark:
-    evaluation.score_benchmarks(run, FLAGS.benchmark, FLAGS.benchmark_dir, FLAGS.limit,
+    splits.score_benchmarks(run, FLAGS.benchmark, FLAGS.benchmark_dir, FLAGS.limit,
                                 FLAGS.num_fewshot, FLAGS.batch_size)
     return
   options = tasks.EvalOptions(FLAGS["data.path"].value or "", FLAGS["data.text_field"].value,

@@ -1,4 +1,4 @@
-"""Samples text from a trained run (the sampling itself is llm/sampling.py).
+"""Samples text from a trained run (the sampling itself is llm/inference/sampling.py).
 
     python -m llm.generate --workdir=runs/gpt_tiny --prompt="The for statement" \\
         --max_new_tokens=100 --temperature=0.8 --top_k=50 --top_p=0.95 --num_samples=2
@@ -17,17 +17,19 @@ import sys
 
 from absl import flags
 
-from llm import chat, cli, runs
+from llm import cli
 from llm.errors import BadRecord, UserError
-from llm.prompts import alpaca_prompt
-from llm.sampling import Generator
+from llm.inference.sampling import Generator
+from llm.runs import loading
+from llm.text import chat
+from llm.text.prompts import alpaca_prompt
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
   flags.DEFINE_string("workdir", None, "Run directory to sample from.")
-  flags.DEFINE_bool("use_ema", False, runs.USE_EMA_HELP)
+  flags.DEFINE_bool("use_ema", False, loading.USE_EMA_HELP)
   flags.DEFINE_string("prompt", "", "Text to continue.")
   flags.DEFINE_string("prompt_file", None, "One prompt per line; JSON lines out, one per sample.")
   flags.DEFINE_string("instruction", None, "An instruction, put in the Alpaca template; prints "
@@ -56,7 +58,7 @@ def main(argv):
     raise UserError("usage: python -m llm.generate --workdir=DIR --prompt=TEXT")
   if FLAGS.prompt_file and not os.path.isfile(FLAGS.prompt_file):
     raise UserError(f"--prompt_file: no such file {FLAGS.prompt_file}")
-  gen = Generator(runs.load(FLAGS.workdir, use_ema=FLAGS.use_ema))
+  gen = Generator(loading.load(FLAGS.workdir, use_ema=FLAGS.use_ema))
   if FLAGS.chat or FLAGS.messages:
     _conversations(gen)
     return
@@ -151,7 +153,7 @@ def _conversations(gen) -> None:
 def _best_of(gen) -> None:
   """--reward_model: the best of --best_of samples per prompt (all rewards with --verbose, and
   always in the JSON lines of --prompt_file)."""
-  from llm.scoring import Scorer, best_of
+  from llm.inference.scoring import best_of, Scorer
   if FLAGS.instruction is not None:
     prompts = [alpaca_prompt(FLAGS.instruction, FLAGS.input)]
   elif FLAGS.prompt_file:
@@ -159,7 +161,7 @@ def _best_of(gen) -> None:
       prompts = [line.rstrip("\n") for line in f if line.strip()]
   else:
     prompts = [FLAGS.prompt]
-  results = best_of(gen, Scorer(runs.load(FLAGS.reward_model)), prompts, FLAGS.best_of,
+  results = best_of(gen, Scorer(loading.load(FLAGS.reward_model)), prompts, FLAGS.best_of,
                     max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                     top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, stop=FLAGS.stop,
                     use_cache=FLAGS.kv_cache)

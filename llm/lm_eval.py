@@ -1,4 +1,4 @@
-"""Runs lm-evaluation-harness tasks on a run directory (llm/harness.py is the model).
+"""Runs lm-evaluation-harness tasks on a run directory (llm/evals/harness.py is the model).
 
     python -m llm.lm_eval --workdir=runs/gpt2 --tasks=hellaswag,arc_easy [--num_fewshot=0]
         [--limit=500] [--include_path=my_tasks/] [--output=results.json]
@@ -13,8 +13,9 @@ import multiprocessing
 
 from absl import flags
 
-from llm import cli, runs
+from llm import cli
 from llm.errors import UserError
+from llm.runs import loading
 
 FLAGS = flags.FLAGS
 
@@ -39,13 +40,13 @@ def evaluate(workdir: str, task_names: list[str], num_fewshot=None, limit=None,
   except ImportError:
     raise UserError("lm-evaluation-harness is not installed: pip install lm_eval==0.4.13") \
         from None
-  from llm.harness import HarnessModel
+  from llm.evals.harness import HarnessModel
   manager = TaskManager(include_path=include_path)
   unknown = [t for t in task_names if t not in manager.all_tasks]
   if unknown:
     raise UserError(f"lm-evaluation-harness has no task {unknown[0]!r} (`lm_eval --tasks "
                     "list` names them; local YAML files: --include_path)")
-  model = HarnessModel(runs.load(workdir), batch_size)
+  model = HarnessModel(loading.load(workdir), batch_size)
   return lm_eval.simple_evaluate(model=model, tasks=task_names, num_fewshot=num_fewshot,
                                  limit=limit, task_manager=manager, **options)
 

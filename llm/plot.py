@@ -9,8 +9,11 @@ import os
 
 from absl import flags
 
-from llm import benchmarks, cli, metrics, rundir
+from llm import cli
 from llm.errors import UserError
+from llm.evals import benchmarks
+from llm.runs import rundir
+from llm.training import metrics
 
 FLAGS = flags.FLAGS
 PANELS = (("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient norm"),

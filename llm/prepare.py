@@ -16,9 +16,10 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from llm import cli, startup, tasks
+from llm import cli, tasks
 from llm.data import shards
 from llm.errors import UserError
+from llm.runs import startup
 
 FLAGS = flags.FLAGS
 

@@ -9,10 +9,11 @@
 
 from absl import flags
 
-from llm import cli, runs
-from llm.prompts import alpaca_prompt
+from llm import cli
 from llm.errors import UserError
-from llm.scoring import Scorer
+from llm.inference.scoring import Scorer
+from llm.runs import loading
+from llm.text.prompts import alpaca_prompt
 
 FLAGS = flags.FLAGS
 
@@ -33,7 +34,7 @@ def main(argv):
                     "(or --prompt=TEXT) --response=TEXT [--response=TEXT ...]")
   prompt = (alpaca_prompt(FLAGS.instruction, FLAGS.input) if FLAGS.instruction is not None
             else FLAGS.prompt)
-  rewards = Scorer(runs.load(FLAGS.workdir)).score([prompt] * len(FLAGS.response), FLAGS.response)
+  rewards = Scorer(loading.load(FLAGS.workdir)).score([prompt] * len(FLAGS.response), FLAGS.response)
   for reward, response in zip(rewards, FLAGS.response):
     print(f"{reward:+.4f}  {response}")
 

@@ -24,8 +24,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # The suite compiles far more than it computes: XLA's CPU backend without its LLVM optimisations
 # compiles about 40% faster. Every comparison in the suite is between runs under the same flags,
 # or against a reference within a tolerance. Inherited by the subprocesses the tests start.
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+# LLM_TESTS_DEFAULT_XLA=1 keeps XLA's defaults (test_optim checks optax equality under them).
+if not os.environ.get("LLM_TESTS_DEFAULT_XLA"):
+  os.environ["XLA_FLAGS"] = " ".join(
+      [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
 # The suite runs on the CPU: libtpu (installed for the ahead-of-time TPU compiles) would
 # otherwise look for a TPU at every start, and say so on stderr, here and in every subprocess.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -49,7 +51,7 @@ def tiny_config(tmp_path, **overrides):
 
 def signal_in(target: str, signal_name: str, nth: int = 1, after: bool = False) -> None:
   """Makes this process send itself `signal_name` as the `nth` call of `target`
-  ("module:attribute", e.g. "llm.tokenizer:SentencePieceTokenizer.train") starts (or, `after`,
+  ("module:attribute", e.g. "llm.text.tokenizer:SentencePieceTokenizer.train") starts (or, `after`,
   returns), as a scheduler or a Ctrl-C could at that moment. For a config file of a command
   the test starts (`config_file`)."""
   import functools
@@ -97,7 +99,7 @@ def config_file(tmp_path, overrides: dict, signals=(), name="fault_config.py",
 def train_classifier_from(tmp_path, init_from: str, trainable: str) -> str:
   """Two steps of a yes/no classifier fine-tuned from `init_from`; returns its run directory."""
   from llm.config import base_config
-  from llm.train import train
+  from llm.runs.trainer import train
   rows = ["label,text"] + [f"{('no', 'yes')[i % 2]},sentence number {i}" for i in range(20)]
   (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
   cfg = base_config()
@@ -138,7 +140,9 @@ def base_run(tmp_path_factory, records):
   import flax.linen as nn
   import jax
   import numpy as np
-  from llm import model as model_lib, rundir, tokenizer as tokenizer_lib
+  from llm import model as model_lib
+  from llm.runs import rundir
+  from llm.text import tokenizer as tokenizer_lib
   tmp = tmp_path_factory.mktemp("base")
   with open(records) as f:
     texts = [" ".join(r.values()) for r in json.load(f)]

@@ -20,8 +20,9 @@ from conftest import tiny_config  # noqa: E402
 def resumes_bit_exactly(optimizer: str, mesh: str, tmp: pathlib.Path) -> dict:
   import jax
   import numpy as np
-  from llm import checkpoint, rundir, sharding
-  from llm.train import Trainer, new_health
+  from llm.runs import rundir
+  from llm.runs.trainer import new_health, Trainer
+  from llm.training import checkpoint, sharding
   data, fsdp, tensor = map(int, mesh.split("x"))
   cfg = tiny_config(tmp, **{
       "model.num_layers": 1, "train.steps": 4,

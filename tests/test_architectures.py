@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm import config as config_lib, sampling
+from llm import config as config_lib
 from llm import model as model_lib
+from llm.inference import sampling
 from llm.model import layers
 
 import torch  # test dependencies (requirements-test.txt): a missing one fails, never skips
@@ -172,7 +173,7 @@ def _save_hf(directory, tokenizer_dir, kind, **config):
 
 @pytest.mark.parametrize("shape", HF_SHAPES)
 def test_llama_family_imports_and_exports_with_transformers_parity(tmp_path, tokenizer_dir, shape):
-  from llm import hf
+  from llm.runs import hf
   kind, config = HF_SHAPES[shape]
   reference = _save_hf(tmp_path / "hf", tokenizer_dir, kind, **config)
   values, tokenizer, params = hf.load(str(tmp_path / "hf"))
@@ -207,7 +208,7 @@ def test_llama_family_imports_and_exports_with_transformers_parity(tmp_path, tok
   assert their_tokenizer(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
   assert their_tokenizer.eos_token_id == tokenizer.eot_id
   # A run keeps it (DIR/tokenizer) and reads it back; tokenizer.kind=hf builds it from a folder.
-  from llm import tokenizer as tokenizer_lib
+  from llm.text import tokenizer as tokenizer_lib
   tokenizer.save(str(tmp_path / "kept"))
   for again in (tokenizer_lib.load(str(tmp_path / "kept")), tokenizer_lib.build(
       config_lib.replace(config_lib.base_config(), {"tokenizer.kind": "hf",
@@ -223,7 +224,9 @@ def test_llama_family_imports_and_exports_with_transformers_parity(tmp_path, tok
 def test_compare_and_plot_draw_the_runs_and_name_what_differs(tmp_path, test_data):
   import matplotlib.image
   from conftest import tiny_config
-  from llm import compare, plot, rundir, tokenizer as tokenizer_lib
+  from llm import compare, plot
+  from llm.runs import rundir
+  from llm.text import tokenizer as tokenizer_lib
   runs, tokenizer = {}, tokenizer_lib.GPT2Tokenizer(os.path.join(test_data, "gpt2"))
   for i, (name, switches) in enumerate((("gpt", {}), ("rope", {"model.positions": "rope",
                                                                "model.norm": "rmsnorm"}))):

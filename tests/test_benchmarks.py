@@ -16,8 +16,10 @@ import pytest
 
 from conftest import ROOT
 from test_convert import save_hf_gpt2
-from llm import benchmarks, data_sets, evaluation, runs
+from llm import data_sets
 from llm.errors import UserError
+from llm.evals import benchmarks, splits
+from llm.runs import loading
 
 pytestmark = pytest.mark.xdist_group("benchmarks")  # one converted model for the module
 
@@ -96,7 +98,8 @@ def harness_runs(request, tmp_path_factory, test_data):
   Llama) folder, and for this project's adapter on the same model converted."""
   import lm_eval
   from lm_eval.tasks import TaskManager
-  from llm import convert, lm_eval as llm_lm_eval
+  from llm import convert
+  from llm import lm_eval as llm_lm_eval
   tmp = tmp_path_factory.mktemp("harness")
   if request.param == "gpt2":
     save_hf_gpt2(tmp / "hf", test_data, init=0.1, n_layer=2, n_head=2, n_embd=64,
@@ -141,10 +144,10 @@ def test_the_adapter_answers_every_request_as_the_harness_hf_model(harness_runs)
 
 def test_the_in_process_scorer_gives_the_harness_numbers(harness_runs):
   theirs, _, run_dir = harness_runs
-  run = runs.load(run_dir)
+  run = loading.load(run_dir)
   first = run.tokenizer.encode_with_specials("Question")[0]  # Llama's <s>, as its file says
   assert first == run.tokenizer.bos_id == 0 if run.tokenizer.kind == "hf" else first != 50256
-  got = evaluation.score_benchmarks(
+  got = splits.score_benchmarks(
       run, [f"arc_easy:{DATA}/arc.jsonl", f"lambada:{DATA}/lambada.jsonl"], "", 0, 0, 8)
   arc, lam = theirs["results"]["tiny_arc"], theirs["results"]["tiny_lambada"]
   assert got["arc_easy"]["acc"] == arc["acc,none"]
@@ -279,8 +282,9 @@ def test_every_benchmark_is_fetched_and_checked(tmp_path, monkeypatch):
 def test_benchmarks_while_training_compile_once_survive_a_resume_and_are_drawn(tmp_path,
                                                                                monkeypatch):
   from conftest import read_metrics, tiny_config
-  from llm import compare, loglikelihood, plot
-  from llm.train import train
+  from llm import compare, plot
+  from llm.evals import loglikelihood
+  from llm.runs.trainer import train
   traces = []
   score_fn = loglikelihood.LogLikelihood._score_fn
   monkeypatch.setattr(loglikelihood.LogLikelihood, "_score_fn",

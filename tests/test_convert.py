@@ -36,8 +36,8 @@ def hf_logits(model, ids):
 
 
 def our_logits(workdir, ids):
-  from llm import runs
-  run = runs.load(workdir)
+  from llm.runs import loading
+  run = loading.load(workdir)
   return np.asarray(run.model.apply({"params": run.params}, ids))
 
 
@@ -64,7 +64,7 @@ def test_converted_logits_equal_transformers_and_export_reloads(tmp_path, test_d
   assert reloaded.config.tie_word_embeddings == (shape == "tied")
   hf_tok = transformers.AutoTokenizer.from_pretrained(out_dir)
   assert hf_tok(VARIED_TEXT)["input_ids"] == hf_tok.encode(VARIED_TEXT)  # loads and encodes
-  from llm import tokenizer as tokenizer_lib
+  from llm.text import tokenizer as tokenizer_lib
   assert tokenizer_lib.load(str(run_dir / "tokenizer")).encode(VARIED_TEXT) == hf_tok.encode(
       VARIED_TEXT)
 
@@ -91,7 +91,7 @@ def test_vocabulary_padding_is_dropped_on_export(tmp_path, test_data):
 
 def test_gpt2_bpe_equals_transformers_tokenizer(test_data):
   from transformers import GPT2TokenizerFast
-  from llm.tokenizer import GPT2Tokenizer
+  from llm.text.tokenizer import GPT2Tokenizer
   gpt2 = os.path.join(test_data, "gpt2")
   ours = GPT2Tokenizer(gpt2)
   theirs = GPT2TokenizerFast(vocab=os.path.join(gpt2, "encoder.json"),
@@ -105,13 +105,14 @@ def test_gpt2_bpe_equals_transformers_tokenizer(test_data):
 
 def test_evaluate_equals_transformers_loss(tmp_path, test_data):
   """llm.evaluate's loss is transformers' mean next-token loss over the same windows."""
-  from llm import convert, runs
+  from llm import convert
+  from llm.runs import loading
   reference = save_hf_gpt2(tmp_path / "hf", test_data, n_layer=1, n_head=2, n_embd=32,
                            n_positions=32)
   convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
   text = (VARIED_TEXT + " ") * 8
   (tmp_path / "story.txt").write_text(text)
-  run = runs.load(str(tmp_path / "run"))
+  run = loading.load(str(tmp_path / "run"))
   result = run.task.perplexity(run, str(tmp_path / "story.txt"), max_length=32, batch_size=3,
                                cache_dir=str(tmp_path / "cache"))
   stream = run.tokenizer.encode(text) + [run.tokenizer.eot_id]
@@ -164,13 +165,14 @@ def test_missing_or_mismatched_tensor_is_named(tmp_path, test_data):
 def test_hf_folder_works_as_init_from(tmp_path, test_data):
   """Fine-tuning straight from a Hugging Face folder: the backbone is the converted GPT-2."""
   from flax import traverse_util
-  from llm import convert, rundir, runs
+  from llm import convert
+  from llm.runs import loading, rundir
   save_hf_gpt2(tmp_path / "hf", test_data, n_layer=1, n_head=2, n_embd=32, n_positions=64)
   workdir = train_classifier_from(tmp_path, str(tmp_path / "hf"), "head")
   assert rundir.read_config(workdir).model.max_len == 64  # the source's shape
-  tuned = traverse_util.flatten_dict(runs.load(workdir).params, sep="/")
+  tuned = traverse_util.flatten_dict(loading.load(workdir).params, sep="/")
   convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "converted"))
-  base = traverse_util.flatten_dict(runs.load(str(tmp_path / "converted")).params, sep="/")
+  base = traverse_util.flatten_dict(loading.load(str(tmp_path / "converted")).params, sep="/")
   assert {p for p in tuned if not p.startswith("head/")} == {"backbone/" + p for p in base}
   for path, value in base.items():
     np.testing.assert_array_equal(tuned["backbone/" + path], value)

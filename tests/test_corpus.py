@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, TEST_DATA, read_metrics, tiny_config
 from llm.data import shards, sources, stream, windows
 from llm.errors import UserError
-from llm.tokenizer import GPT2Tokenizer
+from llm.text.tokenizer import GPT2Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_bad_shard_folders_fail_in_one_line_and_nothing_is_overwritten(tmp_path,
   shards.prepare(docs, gpt2, "text", str(folder), documents_per_shard=5, progress=False)
   before = {n: (folder / n).read_bytes() for n in os.listdir(folder) if n.endswith(".npy")}
   other = sources.embedded_corpus().select(range(3))
-  from llm.tokenizer import SentencePieceTokenizer
+  from llm.text.tokenizer import SentencePieceTokenizer
   sp = SentencePieceTokenizer.train(sources.first_chars(other["text"], 10**9), 400,
                                     str(tmp_path / "sp"))
   with pytest.raises(UserError, match="another tokenizer"):
@@ -114,7 +114,7 @@ def test_bad_shard_folders_fail_in_one_line_and_nothing_is_overwritten(tmp_path,
 
 def test_training_on_prepared_shards_gives_the_losses_of_the_cached_stream(tmp_path):
   from llm import prepare
-  from llm.train import train
+  from llm.runs.trainer import train
   cfg = tiny_config(tmp_path, **{"train.steps": 2})
   prepared = prepare.prepare(cfg, str(tmp_path / "shards"), documents_per_shard=10,
                            progress=False)
@@ -174,7 +174,7 @@ def test_a_stream_resumes_exactly_and_keeps_the_stream_order(tmp_path, gpt2):
 
 
 def test_a_streamed_run_with_document_masks_resumes_exactly(tmp_path):
-  from llm.train import train
+  from llm.runs.trainer import train
   cfg = tiny_config(tmp_path, **{"data.streaming": True, "data.document_masks": True,
                                  "data.shuffle_buffer": 16, "train.steps": 4,
                                  "train.checkpoint_every": 2, "train.eval_every": 2})

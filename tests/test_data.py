@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from llm.data import batches as data_batches
-from llm.data import shards, sources, windows
+from llm.data import shards, sources, windows, batches as data_batches
 from llm.errors import UserError
 
 
@@ -95,7 +94,7 @@ def test_too_little_text_fails_clearly():
 
 def test_tokens_are_cached(tmp_path, monkeypatch):
   import json
-  from llm import tokenizer
+  from llm.text import tokenizer
   docs = sources.embedded_corpus().select(range(5))
   (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
                                                for t in docs["text"]))

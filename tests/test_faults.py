@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, config_file, read_metrics, tiny_config
-from llm import preemption, rundir, runs
 from llm.errors import UserError
-from llm.train import train
+from llm.runs import loading, rundir
+from llm.runs.trainer import train
+from llm.training import preemption
 
 # Its tests share module fixtures: one pytest-xdist worker runs them all.
 pytestmark = pytest.mark.xdist_group("faults")
@@ -125,7 +126,7 @@ def test_two_processes_stop_together_on_ctrl_c_or_one_host_preempted(tmp_path, s
 
 # Moments of a start-up (see conftest.signal_in), in the order a fresh run reaches them. The
 # last is inside the train loop: the first step's compile, which the run finishes and saves.
-START_UP = [("llm.tokenizer:SentencePieceTokenizer.train", "SIGINT"),  # training a tokenizer
+START_UP = [("llm.text.tokenizer:SentencePieceTokenizer.train", "SIGINT"),  # training a tokenizer
             ("llm.data.shards:encode_documents", "SIGTERM"),  # tokenizing the corpus
             ("optax.tree:norm", "SIGTERM")]  # tracing the train step, to compile it
 
@@ -159,7 +160,7 @@ def test_a_signal_at_each_start_up_phase_exits_75_and_the_rerun_trains_the_same(
     if target.startswith("optax"):  # inside the loop: the step is finished and saved
       assert "preempted at step" in err
     else:  # nothing to save; at once on one process (on several, JAX's service holds a
-      assert "stopped by" in err  # SIGTERM until the loop starts: see llm/preemption.py)
+      assert "stopped by" in err  # SIGTERM until the loop starts: see llm/training/preemption.py)
       assert processes > 1 or not os.path.exists(workdir / rundir.CONFIG)
   finished = _start(config_file(tmp_path, overrides), workdir, launcher=launcher)
   assert finished.wait(timeout=300) == 0, finished.stderr.read()[-3000:]
@@ -173,7 +174,7 @@ def test_ctrl_c_twice_during_a_save_quits_at_once_and_the_next_start_resumes(tmp
   """The first Ctrl-C as step 2's save starts (saved at step 3); the second as step 3's save is
   under way: exit 130 at once, and step 3 half-written at most."""
   config = config_file(tmp_path, FAULT_RUN, [
-      ("llm.checkpoint:Checkpointer.save", "SIGINT", 1),
+      ("llm.training.checkpoint:Checkpointer.save", "SIGINT", 1),
       ("orbax.checkpoint:CheckpointManager.save", "SIGINT", 2, True)])
   workdir = tmp_path / "run"
   process = _start(config, workdir)
@@ -205,7 +206,7 @@ def test_divergence_never_saves_a_non_finite_checkpoint(tmp_path, log_every, che
   with pytest.raises(UserError, match=r"non-finite at step \d+; that step was not applied"):
     train(cfg, workdir)
   assert _latest_step(workdir)  # what was saved before the divergence is there, and finite
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(runs.load(workdir).params))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(loading.load(workdir).params))
   with pytest.raises(UserError, match="non-finite"):  # resumed as it is, it stops again
     train(cfg, workdir)
 
@@ -286,7 +287,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, caps
         path = os.path.join(folder, name)
         with open(path, "r+b") as f:
           f.truncate(os.path.getsize(path) // 2)
-  params = runs.load(str(damaged)).params  # sampling falls back too
+  params = loading.load(str(damaged)).params  # sampling falls back too
   assert "checkpoints/9 does not load" in capsys.readouterr().out
   assert params
   train(tiny_config(tmp_path, **{"train.steps": 9, "train.checkpoint_every": 3}), str(damaged))

@@ -12,11 +12,11 @@ import pytest
 
 from conftest import ROOT, read_metrics, tiny_config
 from llm.data import batches
-from llm.prompts import alpaca_prompt
-from llm.tasks import classify, instruct
-from llm import runs
-from llm import tokenizer as tokenizer_lib
 from llm.errors import UserError
+from llm.runs import loading
+from llm.tasks import classify, instruct
+from llm.text import tokenizer as tokenizer_lib
+from llm.text.prompts import alpaca_prompt
 
 # Its tests share module fixtures: one pytest-xdist worker runs them all.
 pytestmark = pytest.mark.xdist_group("finetune")
@@ -68,9 +68,9 @@ def test_instruction_targets_are_the_response_and_one_end_of_text():
 
 
 def test_masked_loss_equals_hand_computed_value():
-  from llm import objectives
   from llm.model.gpt import GPT
   from llm.model.layers import TransformerConfig
+  from llm.training import objectives
   model = GPT(TransformerConfig(vocab_size=256, max_len=300, num_layers=1, num_heads=2,
                                 d_model=16, d_ff=32))
   records = [{"instruction": "hi", "input": "", "output": "ok"},
@@ -147,7 +147,7 @@ def test_lora_with_zero_b_is_the_base_model_and_merges_exactly():
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, test_data):
   """A tiny GPT pre-trained for a few steps with the GPT-2 tokenizer."""
-  from llm.train import train
+  from llm.runs.trainer import train
   tmp = tmp_path_factory.mktemp("base")
   cfg = tiny_config(tmp, **{"tokenizer.kind": "gpt2",
                             "tokenizer.path": os.path.join(test_data, "gpt2"),
@@ -173,12 +173,13 @@ def finetune_config(tmp_path, base, config_file, arg=None, **overrides):
 
 def _params(workdir):
   from flax import traverse_util
-  return traverse_util.flatten_dict(jax.device_get(runs.load(workdir).params), sep="/")
+  return traverse_util.flatten_dict(jax.device_get(loading.load(workdir).params), sep="/")
 
 
 def test_instruction_lora_freezes_the_base_and_merges(tmp_path, base_run, test_data):
-  from llm import convert, rundir
-  from llm.train import train
+  from llm import convert
+  from llm.runs import rundir
+  from llm.runs.trainer import train
   cfg = finetune_config(tmp_path, base_run, "finetune_instruct.py", "lora", **{
       "data.path": os.path.join(test_data, "instructions", "instruction-examples.json"),
       "data.max_length": 96, "train.steps": 3, "train.batch_size": 4, "train.eval_every": 3,
@@ -200,7 +201,7 @@ def test_instruction_lora_freezes_the_base_and_merges(tmp_path, base_run, test_d
   assert all(np.abs(tuned[p] - base[p]).max() > 0 for p in adapted)  # B moved off zero
 
   # The checkpoint holds the adapters only, not the base weights.
-  from llm import checkpoint
+  from llm.training import checkpoint
   ckpt = checkpoint.Checkpointer(workdir, keep=1)
   step_dir = os.path.join(ckpt.directory, str(ckpt.latest_step()))
   ckpt.close()
@@ -216,11 +217,12 @@ def test_instruction_lora_freezes_the_base_and_merges(tmp_path, base_run, test_d
   assert rundir.read_config(str(tmp_path / "merged")).init_from == ""
 
   # The test split's responses, beside their references, ready for judging.
-  from llm import evaluation, startup
+  from llm.evals import splits
+  from llm.runs import startup
   out = tmp_path / "responses.jsonl"
-  run = runs.load(workdir)
+  run = loading.load(workdir)
   data, docs = run.task.data_for(run.model, startup.run_context(run))
-  written = evaluation.write_responses(run, data, docs, str(out), max_new_tokens=3,
+  written = splits.write_responses(run, data, docs, str(out), max_new_tokens=3,
                                       batch_size=8)
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert rows == written and len(rows) == 20
@@ -238,7 +240,7 @@ def test_instruction_lora_freezes_the_base_and_merges(tmp_path, base_run, test_d
 
 
 def test_last_block_finetuning_changes_only_the_top(tmp_path, base_run, test_data):
-  from llm.train import train
+  from llm.runs.trainer import train
   cfg = finetune_config(tmp_path, base_run, "finetune_instruct.py", **{
       "data.path": os.path.join(test_data, "instructions", "instruction-examples.json"),
       "data.max_length": 64, "data.skip_bad_rows": True, "train.steps": 2,
@@ -265,9 +267,10 @@ def _separable_csv(path, n=160, seed=0):
 
 
 def test_classifier_learns_a_separable_task(tmp_path, base_run):
-  from llm import evaluation, rundir, startup
   from llm.classify import TextClassifier
-  from llm.train import train
+  from llm.evals import splits
+  from llm.runs import rundir, startup
+  from llm.runs.trainer import train
   _separable_csv(tmp_path / "data.csv")
   cfg = finetune_config(tmp_path, base_run, "finetune_classify.py", **{
       "data.path": str(tmp_path / "data.csv"), "train.steps": 40, "train.lr": 3e-3,
@@ -281,8 +284,8 @@ def test_classifier_learns_a_separable_task(tmp_path, base_run):
   assert set(test["per_class"]) == {"bad", "good"}
   assert rundir.read_config(workdir).task.labels == "bad,good"
 
-  run = runs.load(workdir)
-  results = evaluation.evaluate_splits(run, run.task.data_for(run.model,
+  run = loading.load(workdir)
+  results = splits.evaluate_splits(run, run.task.data_for(run.model,
                                                               startup.run_context(run))[0])
   assert results["test"]["confusion"] == test["confusion"]
   [(label, prob)] = TextClassifier(workdir).classify(["sunny warm happy calm bright sunny"])
@@ -290,7 +293,7 @@ def test_classifier_learns_a_separable_task(tmp_path, base_run):
 
 
 def test_bad_fine_tuning_data_fails_clearly(tmp_path, base_run):
-  from llm.train import train
+  from llm.runs.trainer import train
   csv = tmp_path / "data.csv"
   csv.write_text("label,text\nham,hello\nspam,win money\neggs,what\n")
   cfg = finetune_config(tmp_path, base_run, "finetune_classify.py", **{

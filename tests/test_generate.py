@@ -5,10 +5,10 @@ import sys
 import pytest
 
 from conftest import ROOT, tiny_config
-from llm import runs
 from llm.errors import UserError
-from llm.sampling import Generator
-from llm.train import train
+from llm.inference.sampling import Generator
+from llm.runs import loading
+from llm.runs.trainer import train
 
 # Its tests share module fixtures: one pytest-xdist worker runs them all.
 pytestmark = pytest.mark.xdist_group("generate")
@@ -28,7 +28,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gen(run_dir):
-  return Generator(runs.load(run_dir))
+  return Generator(loading.load(run_dir))
 
 
 def _ids(gen, texts):
@@ -96,7 +96,7 @@ def test_messages_are_answered_through_the_runs_chat_template(run_dir, tmp_path)
   the sampler does on the rendered prompt, cut at the end of turn."""
   import json
   import shutil
-  from llm import chat
+  from llm.text import chat
   chat_run = str(tmp_path / "chat_run")
   shutil.copytree(run_dir, chat_run)
   with open(os.path.join(chat_run, "tokenizer", "chat_template.jinja"), "w") as f:
@@ -109,7 +109,7 @@ def test_messages_are_answered_through_the_runs_chat_template(run_dir, tmp_path)
       capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
   [line] = [json.loads(l) for l in result.stdout.strip().splitlines()]
-  gen = Generator(runs.load(chat_run))
+  gen = Generator(loading.load(chat_run))
   prompt = chat.Template(chat.CHATML).render(conversation, add_generation_prompt=True)
   [[expected]] = gen.generate([prompt], 4, temperature=0, stop="<|im_end|>")
   assert line["messages"] == conversation + [{"role": "assistant", "content": expected.strip()}]

@@ -84,9 +84,16 @@ def test_no_test_or_module_reads_outside_the_repository(tmp_path):
   assert os.listdir(tmp_path / "alone") == ["llm"]
 
 
+def manual_pages() -> list[str]:
+  """The README, then the manual's pages in the order of mkdocs.yml's nav."""
+  nav = re.findall(r":\s*(\S+\.md)\s*$", open(os.path.join(ROOT, "mkdocs.yml")).read(), re.M)
+  return ["README.md"] + [os.path.join("docs", page) for page in nav]
+
+
 def readme_commands() -> list[list[str]]:
-  """The commands of the README's bash blocks, in order, as argument lists."""
-  text = open(os.path.join(ROOT, "README.md")).read()
+  """The commands of the bash blocks of the README and the manual, in reading order, as
+  argument lists."""
+  text = "\n".join(open(os.path.join(ROOT, page)).read() for page in manual_pages())
   commands = []
   for block in re.findall(r"```bash\n(.*?)```", text, re.S):
     for line in re.sub(r"\\\n\s*", " ", block).splitlines():
@@ -112,8 +119,8 @@ def _value(args, *names):
 
 
 def test_readme_commands_use_only_what_earlier_commands_made():
-  """Every run directory a README command reads was written by an earlier command, and every
-  data file it names was fetched by an earlier `llm.data_sets fetch`."""
+  """Every run directory a command of the README or the manual reads was written by an earlier
+  command, and every data file it names was fetched by an earlier `llm.data_sets fetch`."""
   from llm import data_sets
   made, fetched, checked = set(), set(), 0
   for args in readme_commands():

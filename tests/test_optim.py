@@ -1,10 +1,12 @@
-"""Optimizers, schedules, parameter averaging and precision (llm/optim.py): each optimizer's
+"""Optimizers, schedules, parameter averaging and precision (llm/training/optim.py): each optimizer's
 updates against optax's reference transformation, Muon's routing by axis names, schedule values,
 EMA by hand, bfloat16 parameters, z-loss; profiles and Weights & Biases files."""
 
 import math
 import os
 import pathlib
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -15,9 +17,11 @@ import pytest
 from flax import traverse_util
 from optax import contrib
 
-from conftest import read_metrics, tiny_config
-from llm import config as config_lib, optim, params as params_lib, rundir
+from conftest import ROOT, read_metrics, tiny_config
+from llm import config as config_lib
 from llm import model as model_lib
+from llm.runs import rundir
+from llm.training import optim, params as params_lib
 
 
 def train_cfg(**changes):
@@ -101,10 +105,10 @@ def test_each_optimizer_equals_its_optax_reference(name):
                  contrib.schedule_free_eval_params(their_state, ours_params))
 
 
-def test_adamw_is_optax_adamw_bit_for_bit_and_skips_a_step_in_its_pass():
-  # The train step's AdamW is written as few passes over each parameter (optim._adamw): its
-  # state, parameters and updates equal optax.adamw's exactly, jitted, clipping included (so a
-  # run resumes from checkpoints of either). With apply=False nothing moves.
+def test_adamw_is_optax_adamw_bit_for_bit_and_a_skipped_step_moves_nothing():
+  # The train step's AdamW (clipping, the schedule, decay on matrices, the skip wrapper) equals
+  # optax's chain exactly, jitted, in its state too (so old checkpoints restore). With
+  # apply=False nothing moves.
   tr = train_cfg(weight_decay=0.1, grad_clip=1.0, schedule="cosine", warmup_steps=2, min_lr=0.0)
   boxed = boxed_tree()
   params = params_lib.values(boxed)
@@ -131,6 +135,20 @@ def test_adamw_is_optax_adamw_bit_for_bit_and_skips_a_step_in_its_pass():
   assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(skipped_updates))
   for a, b in zip(jax.tree.leaves(skipped), jax.tree.leaves(three_steps)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_optimizers_equal_optax_under_the_default_xla_flags():
+  # The suite compiles without XLA's LLVM optimisations (conftest.py); users run with the
+  # defaults. The same comparisons, in a process that keeps XLA's defaults.
+  env = {**os.environ, "LLM_TESTS_DEFAULT_XLA": "1", "XLA_FLAGS": "",
+         "JAX_COMPILATION_CACHE_DIR": ""}
+  result = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+       "-o", "addopts=", os.path.abspath(__file__), "-k",
+       "equals_its_optax_reference or optax_adamw_bit_for_bit"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+  assert "7 passed" in result.stdout, result.stdout[-2000:]
 
 
 def test_optimizer_state_in_bfloat16_stays_close_to_float32():
@@ -205,8 +223,8 @@ def test_schedules_at_warmup_end_mid_run_and_last_step():
 def test_ema_precision_and_z_loss_through_a_run(tmp_path):
   """EMA by hand over the steps and after a resume; --use_ema evaluates the average; bfloat16
   parameters train with a float32 loss; z-loss adds log(Z)^2 to what is minimised."""
-  from llm import runs
-  from llm.train import Trainer, train
+  from llm.runs import loading
+  from llm.runs.trainer import train, Trainer
   cfg = tiny_config(tmp_path, **{"train.ema": 0.5, "model.param_dtype": "bfloat16",
                                  "train.z_loss": 1e-2, "train.steps": 2,
                                  "train.checkpoint_every": 1, "train.keep_checkpoints": 5})
@@ -241,7 +259,7 @@ def test_ema_precision_and_z_loss_through_a_run(tmp_path):
   with pytest.raises(UserError, match="train.optimizer='lion', but the run being resumed"):
     rundir.resume_changes(workdir, config_lib.replace(cfg, {"train.optimizer": "lion"}))
 
-  plain, averaged = runs.load(workdir), runs.load(workdir, use_ema=True)
+  plain, averaged = loading.load(workdir), loading.load(workdir, use_ema=True)
   assert plain.params["wte"]["embedding"].dtype == jnp.bfloat16
   np.testing.assert_allclose(averaged.params["wte"]["embedding"],
                              expected["wte"]["embedding"].astype(jnp.bfloat16), rtol=1e-2)
@@ -259,7 +277,7 @@ def test_profile_and_offline_wandb_write_their_files(tmp_path):
   from conftest import ROOT
   workdir = tmp_path / "run"
   script = ("import pathlib, sys; sys.path.insert(0, 'tests'); from conftest import tiny_config; "
-            "from llm.train import train; train(tiny_config(pathlib.Path(sys.argv[1]), **{"
+            "from llm.runs.trainer import train; train(tiny_config(pathlib.Path(sys.argv[1]), **{"
             "'train.steps': 3, 'train.profile_steps': '2:3', 'train.wandb_project': "
             "'llm-tests', 'train.eval_every': 3}), sys.argv[2])")
   result = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(workdir)], cwd=ROOT,

@@ -5,10 +5,11 @@ import jax
 import numpy as np
 import pytest
 
-from llm import config as config_lib, objectives
+from llm import config as config_lib
 from llm import model as model_lib
 from llm.data import packing
 from llm.tasks import instruct, preference
+from llm.training import objectives
 from test_finetune import CharTokenizer
 
 

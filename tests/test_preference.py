@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, config_file, preference_config, read_metrics
-from llm import evaluation, objectives, preemption, rundir, runs
-from llm.scoring import Scorer
-from llm.prompts import alpaca_prompt
-from llm.train import Trainer, train
+from llm.evals import splits
+from llm.inference.scoring import Scorer
+from llm.runs import loading, rundir
+from llm.runs.trainer import train, Trainer
+from llm.text.prompts import alpaca_prompt
+from llm.training import objectives, preemption
 
 # Its tests share module fixtures: one pytest-xdist worker runs them all.
 pytestmark = pytest.mark.xdist_group("preference")
@@ -110,7 +112,7 @@ def test_dpo_raises_the_reward_margin_and_resumes_bit_exactly(dpo_runs):
 
 def test_ctrl_c_in_the_dpo_reference_pass_exits_75_and_the_rerun_trains_the_same(
     tmp_path, dpo_runs, base_run, records):
-  config = config_file(tmp_path, {}, [("llm.objectives:sequence_logps", "SIGINT")],
+  config = config_file(tmp_path, {}, [("llm.training.objectives:sequence_logps", "SIGINT")],
                        make=("preference_config", base_run, records, "dpo"))
   workdir = tmp_path / "run"
   process = subprocess.run([sys.executable, "-m", "llm.train", f"--config={config}",
@@ -137,16 +139,16 @@ def test_lora_dpo_starts_where_full_dpo_does_with_one_copy_of_the_weights(tmp_pa
 
 
 def test_dpo_evaluation_writes_policy_and_reference_responses(dpo_runs):
-  from llm import startup
+  from llm.runs import startup
   straight = dpo_runs[0]
-  run = runs.load(straight)
+  run = loading.load(straight)
   context = startup.run_context(run)
   data, docs = run.task.data_for(run.model, context)
-  results = evaluation.evaluate_splits(run, data)
+  results = splits.evaluate_splits(run, data)
   assert set(results) == {"eval", "test"} and 0 <= results["test"]["reward_accuracy"] <= 1
   out = os.path.join(straight, "test_responses.jsonl")
   reference = dataclasses.replace(run, params=context.start.params(run.model))
-  n = len(evaluation.write_responses(run, data, docs, out, 8, 8, reference))
+  n = len(splits.write_responses(run, data, docs, out, 8, 8, reference))
   rows = [json.loads(line) for line in open(out)]
   assert n == len(rows) == len(data.splits["test"]) > 0
   assert {"instruction", "chosen", "rejected", "response", "reference_response"} <= set(rows[0])
@@ -155,9 +157,9 @@ def test_dpo_evaluation_writes_policy_and_reference_responses(dpo_runs):
 def test_generated_answers_are_judged_by_exact_match_and_a_reward_model(reward_run):
   rows = [{"instruction": "Say hi.", "input": "", "output": "hi", "response": " hi "},
           {"instruction": "Say yes.", "input": "", "output": "yes", "response": "no"}]
-  assert evaluation.judge(rows) == {"response_exact_match": 0.5}
-  scorer = Scorer(runs.load(reward_run))
-  judged = evaluation.judge(rows, scorer)
+  assert splits.judge(rows) == {"response_exact_match": 0.5}
+  scorer = Scorer(loading.load(reward_run))
+  judged = splits.judge(rows, scorer)
   prompts = [alpaca_prompt("Say hi."), alpaca_prompt("Say yes.")]
   assert judged["judge_response"] == pytest.approx(
       np.mean(scorer.score(prompts, [" hi ", "no"])), abs=1e-6)
@@ -174,9 +176,9 @@ def reward_run(tmp_path_factory, base_run, records):
 
 
 def test_reward_model_loss_is_bradley_terry_and_it_learns(reward_run, records):
-  from llm import startup
-  from llm.scoring import Scorer
-  run = runs.load(reward_run)
+  from llm.inference.scoring import Scorer
+  from llm.runs import startup
+  run = loading.load(reward_run)
   task, _ = run.task.data_for(run.model, startup.run_context(run))
   # It ranks the training pairs right (chance: half of them).
   train_pairs = task.batches.take(np.arange(len(task.batches)), None)
@@ -194,16 +196,16 @@ def test_reward_model_loss_is_bradley_terry_and_it_learns(reward_run, records):
   # The scorer gives a pair what the objective does.
   record = _record(records, task.splits["eval"][0])
   prompt = alpaca_prompt(record["instruction"], record.get("input") or "")
-  got = Scorer(runs.load(reward_run)).score([prompt, prompt],
+  got = Scorer(loading.load(reward_run)).score([prompt, prompt],
                                             [record["chosen"], record["rejected"]])
   np.testing.assert_allclose(got, scores[0], rtol=1e-5, atol=1e-5)
 
 
 def test_best_of_n_returns_the_highest_reward_and_best_of_1_is_plain_sampling(
     tmp_path, base_run, reward_run):
-  from llm.sampling import Generator
-  from llm.scoring import Scorer, best_of
-  gen, scorer = Generator(runs.load(base_run)), Scorer(runs.load(reward_run))
+  from llm.inference.sampling import Generator
+  from llm.inference.scoring import best_of, Scorer
+  gen, scorer = Generator(loading.load(base_run)), Scorer(loading.load(reward_run))
   prompts = [alpaca_prompt("Rewrite the sentence politely.", "Give me the salt.")]
   sampling = dict(max_new_tokens=12, temperature=1.0, seed=3)
   [best] = best_of(gen, scorer, prompts, 4, **sampling)
@@ -231,14 +233,14 @@ def test_best_of_n_returns_the_highest_reward_and_best_of_1_is_plain_sampling(
 
 
 def test_a_reward_model_scores_the_completions_of_online_rl(tmp_path, reward_run, records):
-  from llm import scoring
+  from llm.inference import scoring
   from llm.tasks import rl
   cfg = preference_config(tmp_path, reward_run, records, "grpo",
                           **{"task.reward_model": reward_run, "task.reward_model_weight": 2.0,
                              "task.rewards": "brevity"})
   prompts, answers = ["Say thanks.", "Say thanks."], ["Thank you very much!", "No."]
-  total, means = rl.Rewards(cfg, runs.load)(prompts, answers, [{}, {}])
-  scores = scoring.Scorer(runs.load(reward_run)).score(prompts, answers)
+  total, means = rl.Rewards(cfg, loading.load)(prompts, answers, [{}, {}])
+  scores = scoring.Scorer(loading.load(reward_run)).score(prompts, answers)
   np.testing.assert_allclose(total, 2.0 * scores + np.array(rl.brevity(prompts, answers, [])),
                              rtol=1e-5)
   assert means["reward_model"] == pytest.approx(float(np.mean(scores)), rel=1e-5)
@@ -273,4 +275,4 @@ def test_reward_and_dpo_train_from_trl_conversations_packed(tmp_path, base_run, 
     if kind == "dpo":
       assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
   # The run keeps its template: sampling renders conversations the way it trained.
-  assert runs.load(str(tmp_path / "dpo")).tokenizer.chat_template.startswith("{% for message")
+  assert loading.load(str(tmp_path / "dpo")).tokenizer.chat_template.startswith("{% for message")

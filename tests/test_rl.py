@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import preference_config, read_metrics, tiny_config
-from llm import model as model_lib, objectives, runs, startup, tasks
+from llm import tasks
+from llm import model as model_lib
 from llm.errors import UserError
+from llm.runs import loading, startup
+from llm.runs.trainer import train, Trainer
 from llm.tasks import rl
-from llm.train import Trainer, train
+from llm.training import objectives
 
 pytestmark = pytest.mark.xdist_group("preference")  # shares the base run's fixtures
 
@@ -169,7 +172,7 @@ def test_grpo_raises_the_reward_and_resumes_bit_exactly(rl_runs):
   assert [m["step"] for m in evals] == [0, 8]  # the starting model's too (train.eval_at_start)
   assert all(0 <= m["best_of_n_reward"] <= 1 for m in evals)
   assert [m["step"] for m in read_metrics(resumed) if m["split"] == "eval"] == [0, 4, 8]
-  run = runs.load(straight)  # llm.evaluate: the same greedy answers, scored the same
+  run = loading.load(straight)  # llm.evaluate: the same greedy answers, scored the same
   result = run.task.evaluate(run, startup.run_context(run), tasks.EvalOptions())
   assert result["eval"]["reward"] == pytest.approx(evals[-1]["reward"], abs=1e-6)
   same = lambda run: [(m["step"], m["loss"], m["reward"]) for m in read_metrics(run)

@@ -2,8 +2,6 @@
 the same losses, gradients and samples as the plain computation. For speed: the attention
 kernels equal XLA's, and on the CPU a step reuses the host memory the last one freed."""
 
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -11,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm import config as config_lib, objectives, params as params_lib, sampling
+from llm import config as config_lib
 from llm import model as model_lib
-from llm.model import attention, flash_cpu, layers, lora
-from conftest import ROOT
+from llm.inference import sampling
+from llm.model import attention, layers, lora
+from llm.training import objectives, params as params_lib
 
 
 def _model(**changes):
@@ -147,58 +146,6 @@ def test_splash_attention_equals_xla(is_causal):
     np.testing.assert_allclose(g, ref, atol=1e-5 * float(jnp.abs(ref).max()))
 
 
-@pytest.mark.parametrize("impl", ["flash", "blocked"])
-@pytest.mark.parametrize("is_causal", [True, False])
-def test_cpu_attention_equals_xla(impl, is_causal):
-  # The CPU's fused kernel and its blocked formulation (query blocks of 64 over 200 positions:
-  # the last block is short; head size 16, a fraction of a vector) against
-  # jax.nn.dot_product_attention: grouped-query heads (4 of 2), padding at both ends,
-  # documents packed into a window. Outputs at real tokens and gradients equal.
-  rng = np.random.default_rng(1)
-  q = jnp.asarray(rng.normal(size=(3, 200, 4, 16)), jnp.float32)
-  k, v = (jnp.asarray(rng.normal(size=(3, 200, 2, 16)), jnp.float32) for _ in range(2))
-  valid = np.ones((3, 200), bool)
-  valid[0, 150:] = False  # right padding
-  valid[1, :30] = False  # left padding (prompts): early queries see no key at all
-  documents = jnp.asarray(np.searchsorted([70, 130], np.arange(200), side="right")[None]
-                          * np.array([[0], [0], [1]]), jnp.int32)  # the third: 3 documents
-  w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
-
-  def attend(impl):
-    def out(q, k, v):
-      return attention.attend(q, k, v, jnp.asarray(valid)[:, None], is_causal, impl, documents)
-    loss = lambda *qkv: jnp.sum(jnp.where(valid[..., None, None], out(*qkv) * w, 0.0))
-    return jax.jit(out)(q, k, v)[valid], jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-
-  (out, grads), (ref_out, ref_grads) = attend(impl), attend("xla")
-  np.testing.assert_allclose(out, ref_out, atol=2e-6)
-  for g, ref in zip(grads, ref_grads):
-    np.testing.assert_allclose(g, ref, atol=2e-6 * float(jnp.abs(ref).max()))
-  assert attention.choose("auto", jnp.float32, 200, decode=False) == "flash"  # on CPU
-  assert attention.choose("auto", jnp.bfloat16, 200, decode=False) == "blocked"
-  assert attention.choose("auto", jnp.float32, 200, decode=True) == "xla"
-
-
-@pytest.mark.parametrize("x_shape,kernel_shape,num_in", [
-    ((2, 5, 8), (8, 3, 4), 1),  # a query projection: x smaller than dy, its transpose copied
-    ((2, 5, 3, 4), (3, 4, 8), 2),  # the attention output's projection, two input dims
-    ((2, 5, 16), (16, 6), 1)])  # an MLP's second product: dy smaller, its transpose copied
-def test_cpu_product_equals_tensordot_with_gradients(x_shape, kernel_shape, num_in):
-  # layers._cpu_product (what Dense runs on the CPU) makes the kernel gradient its own way.
-  rng = np.random.default_rng(0)
-  x, kernel = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (x_shape, kernel_shape))
-  out_shape = jax.eval_shape(lambda: jnp.tensordot(x, kernel, num_in)).shape
-  w = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
-  ours = jax.jit(jax.value_and_grad(
-      lambda x, k: jnp.sum(layers._cpu_product(x, k, num_in) * w), argnums=(0, 1)))(x, kernel)
-  ref = jax.value_and_grad(lambda x, k: jnp.sum(jnp.tensordot(x, k, num_in) * w),
-                           argnums=(0, 1))(x, kernel)
-  np.testing.assert_allclose(ours[0], ref[0], rtol=1e-6)
-  for g, r in zip(ours[1], ref[1]):
-    assert g.shape == r.shape
-    np.testing.assert_allclose(g, r, atol=1e-5)
-
-
 def test_cudnn_attention_gets_the_mask_in_the_shape_it_takes(monkeypatch):
   # cuDNN (GPU only) takes a mask only as a bias of the scores' shape, [B, 1 or N, L, S]; a
   # padding mask of [B, 1, S] raised "Bias must have same seq length as QKV" on an H200. Here
@@ -220,53 +167,3 @@ def test_cudnn_attention_gets_the_mask_in_the_shape_it_takes(monkeypatch):
   ref = attention.attend(q, k, v, valid_Bx1xS, True, "xla")
   assert seen == [(2, 1, 24, 24)]
   np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
-
-
-_FAULTS_PER_RUN = """
-import resource, sys
-from llm import host_memory
-kept = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else False
-import jax, jax.numpy as jnp
-@jax.jit
-def f(x):  # y is a 64 MiB temporary, above glibc's largest threshold for a fresh mmap (32 MiB)
-  y = jax.lax.optimization_barrier(jnp.sin(x))
-  return jnp.sum(y * y)
-x = jnp.ones(16 * 2**20)
-f(x).block_until_ready()
-faults = []
-for _ in range(20):
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  f(x).block_until_ready()
-  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(kept, min(faults))
-"""
-
-
-def test_a_step_reuses_the_memory_the_last_one_freed():
-  """XLA's CPU temporaries are one block per execution. After keep_freed_memory (what every
-  entry point calls first) an execution soon faults in almost none of its pages again (the heap
-  settles within a few); without it, every execution faults in all of them (16k pages of 4 KiB)."""
-  runs = {way: subprocess.Popen([sys.executable, "-c", _FAULTS_PER_RUN, way], text=True,
-                                stdout=subprocess.PIPE, cwd=ROOT)
-          for way in ("keep", "default")}
-  (kept, kept_faults), (_, default_faults) = (
-      runs[way].communicate(timeout=120)[0].split() for way in ("keep", "default"))
-  assert kept == "True"
-  pages = 64 * 2**20 // 4096
-  assert int(kept_faults) < 0.02 * pages < 0.5 * pages < int(default_faults)
-
-
-def test_flash_kernel_is_built_once_per_machine_and_a_failed_build_says_why(tmp_path,
-                                                                              monkeypatch):
-  # The CPU kernel compiles into the cache on first use; the next use loads the same file. A
-  # compiler that fails leaves nothing in the cache and names the source in its error.
-  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-  library = flash_cpu._build()
-  built_at = library.stat().st_mtime_ns
-  assert library.parent == tmp_path / "cache" / "llm" and flash_cpu._build() == library
-  assert library.stat().st_mtime_ns == built_at
-  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
-  monkeypatch.setenv("CXX", "false")
-  with pytest.raises(RuntimeError, match="building flash_attention_cpu.cc failed"):
-    flash_cpu._build()
-  assert not list((tmp_path / "elsewhere" / "llm").iterdir())

@@ -10,9 +10,11 @@ import optax
 import pytest
 
 from conftest import ROOT, read_metrics, tiny_config
-from llm import objectives, runs, startup, tasks
+from llm import tasks
 from llm.data import batches
-from llm.train import train
+from llm.runs import loading, startup
+from llm.runs.trainer import train
+from llm.training import objectives
 
 HALF = 7  # tokens to copy
 
@@ -90,7 +92,7 @@ def test_a_task_defined_in_one_file_trains_evaluates_and_resumes(tmp_path, capsy
 
   # llm.evaluate's path: the run opened, its task evaluated on its own splits.
   capsys.readouterr()
-  run = runs.load(straight)
+  run = loading.load(straight)
   assert isinstance(run.task, CopyThePrompt)
   results = run.task.evaluate(run, startup.run_context(run), tasks.EvalOptions())
   assert results["test"]["loss"] == pytest.approx(test_line["loss"], rel=1e-5)

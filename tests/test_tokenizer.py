@@ -2,9 +2,9 @@ import os
 
 import pytest
 
-from llm import tokenizer
 from llm.data import sources
 from llm.errors import UserError
+from llm.text import tokenizer
 
 VARIED = "Hello, world!  Tabs\tand  spaces\n\nnumbers 12345 3.14, unicode: héllo 世界 🙂, <|endoftext|> end"
 

@@ -5,7 +5,9 @@ arithmetic."""
 import pytest
 
 from conftest import tiny_config
-from llm import bench, metrics
+from llm.bench import generate
+from llm.runs import ahead_of_time
+from llm.training import metrics
 
 pytestmark = pytest.mark.xdist_group("tpu")
 
@@ -18,10 +20,10 @@ def _config(tmp_path, data, fsdp, tensor):
 
 
 def test_the_train_step_with_splash_attention_compiles_for_a_v5e_slice(tmp_path):
-  step = bench.compile_for(_config(tmp_path, 2, 2, 1), "v5e:2x2")
+  step = ahead_of_time.compile_for(_config(tmp_path, 2, 2, 1), "v5e:2x2")
   assert "tpu_custom_call" in step.compiled.as_text()  # the splash kernel, compiled by Mosaic
   assert step.splash_kernel
-  report = bench.aot_report(step)
+  report = ahead_of_time.aot_report(step)
   assert report["device"] == "4 x TPU v5 lite" and report["fits"]
   assert report["params_gb"] > 0 and report["opt_state_gb"] > 0 and report["temp_gb"] > 0
   # XLA's FLOPs per token: the model's 6N + attention, within 10%.
@@ -35,13 +37,13 @@ def test_the_train_step_with_splash_attention_compiles_for_a_v5e_slice(tmp_path)
   assert report["tokens_per_sec"] == pytest.approx(throughput.tokens_per_step / seconds)
 
   # FSDP x tensor parallelism: each chip holds a quarter of the parameters, not a half.
-  step = bench.compile_for(_config(tmp_path, 1, 2, 2), "v5e:2x2")
-  split = bench.aot_report(step)
+  step = ahead_of_time.compile_for(_config(tmp_path, 1, 2, 2), "v5e:2x2")
+  split = ahead_of_time.aot_report(step)
   assert split["params_gb"] < 0.6 * report["params_gb"] and step.splash_kernel
 
 
 def test_the_kv_cache_decoding_compiles_for_the_same_slice(tmp_path):
-  report = bench.bench_generate_for(_config(tmp_path, 1, 1, 4), "v5e:2x2", batch=4,
+  report = generate.bench_generate_for(_config(tmp_path, 1, 1, 4), "v5e:2x2", batch=4,
                                     prompt_len=16, new_tokens=32)
   assert report["device"] == "4 x TPU v5 lite" and report["fits"]
   assert report["kv_cache_gb_all_devices"] > 0 and report["params_gb"] > 0

@@ -7,9 +7,10 @@ import sys
 import pytest
 
 from conftest import ROOT, TEST_DATA, read_metrics, tiny_config
-from llm import config as config_lib, runs
+from llm import config as config_lib
 from llm.errors import UserError
-from llm.train import train
+from llm.runs import loading
+from llm.runs.trainer import train
 
 
 def _losses(workdir, split="train"):
@@ -35,7 +36,7 @@ def test_loss_falls_and_the_run_directory_is_complete(tmp_path):
 
 
 def test_config_is_resolved_once_and_evaluate_scores_the_validation_split(tmp_path):
-  from llm import rundir
+  from llm.runs import rundir
   workdir = str(tmp_path / "run")
   cfg = tiny_config(tmp_path, **{"train.steps": 2, "train.eval_batches": 10_000,
                                  "data.max_length": 0})
@@ -45,7 +46,7 @@ def test_config_is_resolved_once_and_evaluate_scores_the_validation_split(tmp_pa
   assert saved.data.max_length == 32  # ... the resolved one says what ran: the model's context
   with pytest.raises(AttributeError):  # and is frozen
     saved.data.max_length = 16
-  run = runs.load(workdir)
+  run = loading.load(workdir)
   result = run.task.perplexity(run)  # every validation window, as in training
   assert result["loss"] == pytest.approx(final["loss"], rel=1e-5)
   assert result["tokens"] == final["tokens"] > 1000

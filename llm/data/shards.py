@@ -391,7 +391,7 @@ class Shards:
 
 def saved_tokenizer(path: str):
   """The tokenizer saved with the shards in `path`."""
-  from llm import tokenizer as tokenizer_lib
+  from llm.text import tokenizer as tokenizer_lib
   folder = _folder(path) / "tokenizer"
   if not folder.exists():
     open_shards(path)  # says what is wrong with the folder

@@ -22,8 +22,7 @@ import copy
 
 import numpy as np
 
-from llm.data import batches as batches_lib
-from llm.data import shards, windows as windows_lib
+from llm.data import shards, batches as batches_lib, windows as windows_lib
 from llm.errors import UserError
 
 BATCH = 64  # documents tokenized at once

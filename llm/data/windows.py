@@ -9,8 +9,7 @@
 
 import numpy as np
 
-from llm.data import batches as batches_lib
-from llm.data import shards
+from llm.data import shards, batches as batches_lib
 from llm.errors import UserError
 
 

@@ -18,11 +18,12 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import numpy as np
 
-from llm import config as config_lib, evaluation
+from llm import config as config_lib
 from llm import model as model_lib
-from llm import objectives
 from llm.data import batches, sources
-from llm.errors import UserError, closest
+from llm.errors import closest, UserError
+from llm.evals import splits
+from llm.training import objectives
 
 _REGISTRY: dict[str, type["Task"]] = {}
 
@@ -113,7 +114,7 @@ class Context:
 
 @dataclasses.dataclass
 class EvalOptions:
-  """What llm.evaluate's flags ask of a task's evaluation."""
+  """What llm.evaluate's flags ask of a task's splits."""
   data_path: str = ""  # other data than the run's own
   text_field: str = "text"
   max_length: int = 0
@@ -221,9 +222,9 @@ class Task:
     """(each split's metrics, printed; the task's data; its records), on the run's own data or
     options.data_path's, split the same way."""
     data, docs = self.data_for(run.model, context, options.data_path)
-    results = evaluation.evaluate_splits(run, data)
+    results = splits.evaluate_splits(run, data)
     for split, result in results.items():
-      evaluation.print_metrics(split, result)
+      splits.print_metrics(split, result)
     return results, data, docs
 
   # -- prompts ------------------------------------------------------------------------------

@@ -4,9 +4,10 @@ trained on text + label records (the book's spam classifier)."""
 import numpy as np
 
 from llm import model as model_lib
-from llm import objectives, prompts
 from llm.errors import UserError
 from llm.tasks.base import Context, RecordTask, register
+from llm.text import prompts
+from llm.training import objectives
 
 
 def label_ids(values, labels: list[str]) -> np.ndarray:

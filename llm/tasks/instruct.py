@@ -4,10 +4,12 @@ format prompts.py reads (conversations, prompt/completion, Alpaca), the loss on 
 
 import numpy as np
 
-from llm import evaluation, objectives, prompts
 from llm.data import batches, packing, sources
 from llm.errors import BadRecord, UserError
+from llm.evals import splits
 from llm.tasks.base import Context, EvalOptions, RecordTask, register
+from llm.text import prompts
+from llm.training import objectives
 
 TRAIN_ON = ("assistant", "completion", "all")
 
@@ -78,8 +80,8 @@ class InstructionTuning(RecordTask):
 
   def evaluate(self, run, context: Context, options: EvalOptions) -> dict:
     """The splits' metrics, then greedy responses to the test split written beside the
-    records (DIR/test_responses.jsonl) and judged (evaluation.judge)."""
+    records (DIR/test_responses.jsonl) and judged (splits.judge)."""
     results, data, docs = self.evaluate_splits(run, context, options)
-    results["test_responses"] = evaluation.write_test_responses(run, data, docs, options,
+    results["test_responses"] = splits.write_test_responses(run, data, docs, options,
                                                                 open_run=context.open_run)
     return results

@@ -6,10 +6,11 @@ or read from shards already prepared (data.prepared), or streamed and tokenized 
 its first windows instead).
 """
 
-from llm import evaluation, objectives
 from llm.data import shards, sources, stream, windows
 from llm.errors import UserError
-from llm.tasks.base import Context, EvalOptions, Schema, Task, TaskData, register
+from llm.evals import splits
+from llm.tasks.base import Context, EvalOptions, register, Schema, Task, TaskData
+from llm.training import objectives
 
 
 @register
@@ -83,7 +84,7 @@ class LanguageModeling(Task):
       raise UserError(f"--max_length={max_length}: use 1 to the model's context "
                       f"{cfg.model.max_len}")
     batches = windows.eval_windows(tokens, max_length, batch_size, num_batches=len(tokens))
-    return evaluation.evaluate_batches(run, self.objective(run.model), batches)
+    return splits.evaluate_batches(run, self.objective(run.model), batches)
 
   def evaluate(self, run, context: Context, options: EvalOptions) -> dict:
     result = self.perplexity(run, options.data_path, options.text_field, options.max_length,

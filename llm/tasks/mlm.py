@@ -10,10 +10,10 @@ import re
 
 import numpy as np
 
-from llm import objectives
 from llm.data import batches, sources
 from llm.errors import UserError
-from llm.tasks.base import Context, Schema, Task, TaskData, register
+from llm.tasks.base import Context, register, Schema, Task, TaskData
+from llm.training import objectives
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 IS_NEXT, RANDOM_NEXT = 0, 1  # next-sentence labels, as transformers' BertForPreTraining

@@ -13,11 +13,14 @@ import os
 import jax
 import numpy as np
 
-from llm import evaluation, files, objectives, prompts
+from llm import files
 from llm import model as model_lib
 from llm.data import batches, packing, sources
 from llm.errors import UserError
+from llm.evals import splits
 from llm.tasks.base import Context, EvalOptions, RecordTask, register
+from llm.text import prompts
+from llm.training import objectives
 
 
 def preference_examples(records, tokenizer, max_length: int, chosen_field: str = "chosen",
@@ -158,6 +161,6 @@ class DirectPreference(PreferencePairs):
     reference model it started from."""
     results, data, docs = self.evaluate_splits(run, context, options)
     reference = dataclasses.replace(run, params=context.start.params(run.model))
-    results["test_responses"] = evaluation.write_test_responses(run, data, docs, options,
+    results["test_responses"] = splits.write_test_responses(run, data, docs, options,
                                                                 reference, context.open_run)
     return results

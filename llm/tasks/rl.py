@@ -28,12 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from llm import evaluation, objectives, sampling, scoring, sharding
-from llm import prompts as prompts_lib
-from llm import params as params_lib
 from llm.data import batches
 from llm.errors import UserError
-from llm.tasks.base import Context, RecordTask, TaskData, register
+from llm.evals import splits
+from llm.inference import sampling, scoring
+from llm.tasks.base import Context, RecordTask, register, TaskData
+from llm.text import prompts as prompts_lib
+from llm.training import objectives, sharding, params as params_lib
 
 
 # -- rewards -----------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ class PolicyOptimization(RecordTask):
     its own records, or options.data_path's split the same way), scored by its rewards."""
     data, _ = self.data_for(run.model, context, options.data_path)
     result = data.rollout.score_answers(run.params)
-    evaluation.print_metrics("eval", result)
+    splits.print_metrics("eval", result)
     return {"eval": result}
 
   @property

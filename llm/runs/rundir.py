@@ -12,7 +12,7 @@
 
 `python -m llm.train` creates DIR (`start`); `python -m llm.convert` writes a complete one from
 a Hugging Face folder (`write`). Opening a run's model, for inference or as `init_from`, is
-llm/runs.py.
+llm/runs/loading.py.
 """
 
 import contextlib
@@ -22,9 +22,11 @@ import socket
 
 import ml_collections
 
-from llm import checkpoint, config as config_lib, files
-from llm import tokenizer as tokenizer_lib
+from llm import files
+from llm import config as config_lib
 from llm.errors import UserError
+from llm.text import tokenizer as tokenizer_lib
+from llm.training import checkpoint
 
 CONFIG, TOKENIZER, CHECKPOINTS, METRICS, LOCK, TASK_DATA, PROFILE = (
     "config.json", "tokenizer", "checkpoints", "metrics.jsonl", ".lock", "task_data.npz",

@@ -4,7 +4,7 @@
     python -m llm.evaluate --workdir=runs/gpt2 --benchmark=hellaswag --limit=1000
 
 Multiple choice (HellaSwag, ARC-Easy, ARC-Challenge, PIQA, Winogrande, MMLU): each choice is a
-(context, continuation) request scored by its log-likelihood (llm/loglikelihood.py); `acc` is
+(context, continuation) request scored by its log-likelihood (llm/evals/loglikelihood.py); `acc` is
 the share of examples whose correct choice scores highest, `acc_norm` the same with each score
 divided by its choice's length in characters (the harness's length normalisation). LAMBADA:
 `acc`, whether greedy decoding gives the last word exactly, and the `perplexity` of that word.
@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from llm.errors import UserError, closest
+from llm.errors import closest, UserError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -123,7 +123,8 @@ def build(train_cfg, boxed_params=None,
   clip = optax.clip_by_global_norm(tr.grad_clip) if tr.grad_clip > 0 else optax.identity()
   decay = optax.add_decayed_weights(tr.weight_decay, mask=decay_mask)
   if tr.optimizer == "adamw":
-    inner = _adamw(tr, schedule)
+    inner = optax.adamw(schedule, b1=tr.b1, b2=tr.b2, eps=tr.eps,
+                        weight_decay=tr.weight_decay, mask=decay_mask)
   elif tr.optimizer == "muon":
     dimensions = jax.tree.map(lambda box: muon_dimensions(box.names), boxed_params,
                               is_leaf=lambda x: hasattr(x, "names"))
@@ -137,7 +138,9 @@ def build(train_cfg, boxed_params=None,
     muon = optax.chain(
         contrib.scale_by_muon(beta=tr.muon_beta, weight_dimension_numbers=masked),
         _scale_by_width(masked), decay, optax.scale_by_learning_rate(muon_lr))
-    inner = optax.partition({"muon": muon, "adamw": _adamw(tr, schedule)}, labels)
+    adamw = optax.adamw(schedule, b1=tr.b1, b2=tr.b2, eps=tr.eps,
+                        weight_decay=tr.weight_decay, mask=decay_mask)
+    inner = optax.partition({"muon": muon, "adamw": adamw}, labels)
   elif tr.optimizer == "lion":
     inner = optax.chain(optax.scale_by_lion(b1=tr.b1, b2=tr.b2), decay,
                         optax.scale_by_learning_rate(schedule))
@@ -156,13 +159,13 @@ def build(train_cfg, boxed_params=None,
                                        bias_correction=True),
                     decay, optax.scale_by_learning_rate(schedule)),
         learning_rate=schedule, b1=tr.b1)
-  if tr.optimizer == "adamw":  # skips steps itself, within its one pass
-    return in_dtype(optax.chain(clip, inner), jnp.dtype(tr.opt_state_dtype))
-  return in_dtype(_skippable(optax.chain(clip, inner)), jnp.dtype(tr.opt_state_dtype))
+  return in_dtype(skippable(optax.chain(clip, inner)), jnp.dtype(tr.opt_state_dtype))
 
 
-def _skippable(tx) -> optax.GradientTransformationExtraArgs:
-  """`tx` whose update takes `apply`: where False, the old state and zero updates."""
+def skippable(tx) -> optax.GradientTransformationExtraArgs:
+  """`tx` whose update takes `apply`: where False, the old state and zero updates. The train
+  step knows a bad step from its loss and gradient norm (finite gradients give finite updates),
+  so unlike optax.apply_if_finite this keeps no state of its own: checkpoints hold `tx`'s."""
   def update(updates, state, params=None, apply=True):
     new_updates, new_state = tx.update(updates, state, params)
     return (jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), new_updates),
@@ -187,43 +190,6 @@ def _scale_by_width(dimensions) -> optax.GradientTransformation:
     return jax.tree.map(scale, updates, dimensions, is_leaf=is_leaf), state
 
   return optax.GradientTransformation(optax.init_empty_state, update)
-
-
-def _adamw(tr, schedule) -> optax.GradientTransformationExtraArgs:
-  """optax.adamw with decay on matrices only: its state and its arithmetic, op for op, with
-  the update written as few passes over each parameter, and `apply` (see the module's doc).
-
-  From optax's chain, XLA's CPU backend (which makes one loop per output, not one loop for
-  several) copied both moments and read every array again for each of the parameter and its
-  two moments: 2x the time of the update alone at the baby GPT's shape, 1% of its train step.
-  Here each moment is made in place first, then the parameter's update reads them."""
-  optax_adamw = optax.adamw(schedule, b1=tr.b1, b2=tr.b2, eps=tr.eps,
-                            weight_decay=tr.weight_decay, mask=decay_mask)
-
-  def update(grads, state, params, apply=True):
-    adam, masked_decay, scheduled = state
-    keep = lambda new, old: jnp.where(apply, new, old)
-    mu = jax.tree.map(keep, optax.tree.update_moment(grads, adam.mu, tr.b1, 1), adam.mu)
-    nu = jax.tree.map(keep, optax.tree.update_moment_per_elem_norm(grads, adam.nu, tr.b2, 2),
-                      adam.nu)
-    mu, nu = jax.lax.optimization_barrier((mu, nu))  # whole before the updates read them
-    count = optax.safe_increment(adam.count)
-    mu_hat = optax.tree.bias_correction(mu, tr.b1, count)
-    nu_hat = optax.tree.bias_correction(nu, tr.b2, count)
-    step_size = -1 * schedule(scheduled.count)
-
-    def update_of(p, m, v, decays):
-      u = m / (jnp.sqrt(v + 0.0) + tr.eps)  # 0.0: optax's eps_root
-      u = u + tr.weight_decay * p if decays else u
-      return jnp.where(apply, jnp.array(step_size, u.dtype) * u, jnp.zeros_like(u))
-
-    updates = jax.tree.map(update_of, params, mu_hat, nu_hat, decay_mask(params))
-    state = (adam._replace(count=keep(count, adam.count), mu=mu, nu=nu), masked_decay,
-             scheduled._replace(count=keep(optax.safe_increment(scheduled.count),
-                                           scheduled.count)))
-    return updates, state
-
-  return optax.GradientTransformationExtraArgs(optax_adamw.init, update)
 
 
 def in_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformationExtraArgs:

@@ -12,10 +12,13 @@ from typing import Any
 
 import jax
 
-from llm import chat, config as config_lib, metrics, rundir, runs, sharding, tasks
-from llm import tokenizer as tokenizer_lib
+from llm import tasks
+from llm import config as config_lib
 from llm.data import shards
 from llm.errors import UserError
+from llm.runs import loading, rundir
+from llm.text import chat, tokenizer as tokenizer_lib
+from llm.training import metrics, sharding
 
 
 @dataclasses.dataclass
@@ -24,7 +27,7 @@ class Setup:
   task: tasks.Task
   docs: Any  # the task's documents or records (a stream for lm; None for prepared shards)
   tokenizer: tokenizer_lib.Tokenizer
-  source: runs.Source | None  # the init_from model
+  source: loading.Source | None  # the init_from model
 
 
 def setup(cfg, workdir: str = "", num_devices: int = 0) -> Setup:
@@ -33,7 +36,7 @@ def setup(cfg, workdir: str = "", num_devices: int = 0) -> Setup:
   of a run to train: the batch's fit on the devices and the run directory checked too (a
   resumed run keeps what it is), before anything is written. `num_devices`: the mesh's, where
   it is not all of this process's (a TPU topology compiled for ahead of time)."""
-  source = runs.Source(cfg.init_from) if cfg.init_from else None
+  source = loading.Source(cfg.init_from) if cfg.init_from else None
   cfg = config_lib.resolve(cfg, source.values if source else None)
   task = tasks.build(cfg)
   if workdir:
@@ -53,7 +56,7 @@ def setup(cfg, workdir: str = "", num_devices: int = 0) -> Setup:
 
 
 def choose_tokenizer(task: tasks.Task, docs, workdir: str = "",
-                     source: runs.Source | None = None) -> tokenizer_lib.Tokenizer:
+                     source: loading.Source | None = None) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer, from the first of: the run directory's own (a resumed run keeps it),
   the init_from model's, the prepared shards', or the config's (trained on the task's text when
   it names no files); with tokenizer.chat_template's template."""
@@ -80,11 +83,11 @@ def context(s: Setup, mesh, workdir: str = "") -> tasks.Context:
   """What the task's data is made with, for this process of a run in `workdir` on `mesh`."""
   return tasks.Context(s.tokenizer, jax.process_index(), jax.process_count(),
                        task_data=rundir.path(workdir, rundir.TASK_DATA) if workdir else "",
-                       start=runs.Start(s.cfg, mesh, s.cfg.mesh, s.source), open_run=runs.load)
+                       start=loading.Start(s.cfg, mesh, s.cfg.mesh, s.source), open_run=loading.load)
 
 
-def run_context(run: runs.Run) -> tasks.Context:
+def run_context(run: loading.Run) -> tasks.Context:
   """The context of an opened run's task data: its tokenizer, its kept task data, the model it
   started from."""
   return tasks.Context(run.tokenizer, task_data=rundir.path(run.workdir, rundir.TASK_DATA),
-                       start=runs.Start(run.cfg, run.mesh, run.mesh_cfg), open_run=runs.load)
+                       start=loading.Start(run.cfg, run.mesh, run.mesh_cfg), open_run=loading.load)

@@ -16,9 +16,9 @@ from flax import traverse_util
 
 from llm import config as config_lib
 from llm import model as model_lib
-from llm import tokenizer as tokenizer_lib
 from llm.errors import UserError
 from llm.model import layers
+from llm.text import tokenizer as tokenizer_lib
 
 HF_WEIGHTS = "model.safetensors"
 HF_WEIGHTS_INDEX = "model.safetensors.index.json"

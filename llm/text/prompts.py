@@ -17,9 +17,9 @@ they are, the completion ending in end-of-text.
 
 import numpy as np
 
-from llm import chat
 from llm.data import batches
 from llm.errors import BadRecord, UserError
+from llm.text import chat
 
 
 def alpaca_prompt(instruction: str, input_text: str = "") -> str:

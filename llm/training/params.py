@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from llm import sharding
-from llm.errors import UserError
 from llm import model as model_lib
+from llm.errors import UserError
 from llm.model import layers, lora
+from llm.training import sharding
 
 HEADS = ("head", "lm_head")  # a classifier's head; an untied LM head
 

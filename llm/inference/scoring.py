@@ -13,10 +13,10 @@ import dataclasses
 import jax
 import numpy as np
 
-from llm import prompts as prompts_lib
-from llm import sharding
 from llm.data import batches
 from llm.errors import UserError
+from llm.text import prompts as prompts_lib
+from llm.training import sharding
 
 
 class Scorer:

@@ -3,17 +3,17 @@ converted or fine-tuned here, on this project's sharded jitted forward pass and 
 
     python -m llm.lm_eval --workdir=runs/gpt2 --tasks=hellaswag,arc_easy --limit=500
 
-`loglikelihood` and `loglikelihood_rolling` are llm/loglikelihood.py (tokenized and cut as the
+`loglikelihood` and `loglikelihood_rolling` are llm/evals/loglikelihood.py (tokenized and cut as the
 harness's Hugging Face model does, so both give the same numbers); `generate_until` samples with
-llm/sampling.py and cuts the text at the first stop string, as the harness does.
+llm/inference/sampling.py and cuts the text at the first stop string, as the harness does.
 """
 
 from lm_eval.api.model import LM
 from tqdm import tqdm
 
-from llm import loglikelihood
 from llm.errors import UserError
-from llm.sampling import Generator
+from llm.evals import loglikelihood
+from llm.inference.sampling import Generator
 
 
 class HarnessModel(LM):

@@ -1,6 +1,6 @@
 """Log-likelihoods of continuations given contexts, tokenized and cut exactly as
-lm-evaluation-harness does it: what benchmark scoring (llm/benchmarks.py) and the harness's model
-(llm/harness.py) are made of.
+lm-evaluation-harness does it: what benchmark scoring (llm/evals/benchmarks.py) and the harness's model
+(llm/evals/harness.py) are made of.
 
     scorer = LogLikelihood(run.model, run.tokenizer, run.mesh, run.mesh_cfg)
     [(logp, greedy)] = scorer(run.params, [scorer.encode("The capital of France is", " Paris")])
@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm import sharding
 from llm import model as model_lib
 from llm.errors import UserError
+from llm.training import sharding
 
 
 class LogLikelihood:

@@ -7,9 +7,12 @@ import os
 
 import numpy as np
 
-from llm import benchmarks, loglikelihood, objectives, prompts, scoring, sharding
 from llm.errors import UserError
-from llm.sampling import Generator
+from llm.evals import benchmarks, loglikelihood
+from llm.inference import scoring
+from llm.inference.sampling import Generator
+from llm.text import prompts
+from llm.training import objectives, sharding
 
 
 def evaluate_batches(run, objective: objectives.Objective, batches) -> dict:
@@ -97,7 +100,7 @@ def judge(rows: list[dict], scorer=None) -> dict:
 
 def score_benchmarks(run, specs: list[str], data_dir: str, limit: int, num_fewshot: int,
                      batch_size: int) -> dict:
-  """benchmark -> its metrics (llm/benchmarks.py) for the run's language model, printed with
+  """benchmark -> its metrics (llm/evals/benchmarks.py) for the run's language model, printed with
   what chance would score."""
   from tqdm import tqdm
   if run.task.produces != "text":

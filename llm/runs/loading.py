@@ -6,7 +6,7 @@ from (`Source` for init_from, `Start` for the starting parameters).
 
 On several devices `load` splits the parameters over them by heads, MLP width and vocabulary
 (tensor parallelism, through the run's logical axis rules); a model whose sizes do not divide by
-the device count stays on the first device. The files themselves are llm/rundir.py.
+the device count stays on the first device. The files themselves are llm/runs/rundir.py.
 """
 
 import dataclasses
@@ -15,10 +15,12 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from llm import checkpoint, hf, optim, params as params_lib, rundir, sharding, tasks
-from llm.errors import UserError
+from llm import tasks
 from llm import model as model_lib
-from llm import tokenizer as tokenizer_lib
+from llm.errors import UserError
+from llm.runs import hf, rundir
+from llm.text import tokenizer as tokenizer_lib
+from llm.training import checkpoint, optim, sharding, params as params_lib
 
 
 class Source:
