@@ -51,7 +51,7 @@ def tiny_config(tmp_path, **overrides):
 
 def signal_in(target: str, signal_name: str, nth: int = 1, after: bool = False) -> None:
   """Makes this process send itself `signal_name` as the `nth` call of `target`
-  ("module:attribute", e.g. "llm.text.tokenizer:SentencePieceTokenizer.train") starts (or, `after`,
+  ("module:attribute", e.g. "llm.text.sentencepiece:SentencePieceTokenizer.train") starts (or, `after`,
   returns), as a scheduler or a Ctrl-C could at that moment. For a config file of a command
   the test starts (`config_file`)."""
   import functools
@@ -142,11 +142,11 @@ def base_run(tmp_path_factory, records):
   import numpy as np
   from llm import model as model_lib
   from llm.runs import rundir
-  from llm.text import tokenizer as tokenizer_lib
+  from llm.text import sentencepiece
   tmp = tmp_path_factory.mktemp("base")
   with open(records) as f:
     texts = [" ".join(r.values()) for r in json.load(f)]
-  tokenizer = tokenizer_lib.SentencePieceTokenizer.train(texts, 512, str(tmp / "tokenizer"))
+  tokenizer = sentencepiece.SentencePieceTokenizer.train(texts, 512, str(tmp / "tokenizer"))
   cfg = tiny_config(tmp, **{"model.max_len": 128})
   model = model_lib.build(cfg.model, tokenizer.vocab_size)
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 1), np.int32))["params"])

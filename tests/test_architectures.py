@@ -226,8 +226,8 @@ def test_compare_and_plot_draw_the_runs_and_name_what_differs(tmp_path, test_dat
   from conftest import tiny_config
   from llm import compare, plot
   from llm.runs import rundir
-  from llm.text import tokenizer as tokenizer_lib
-  runs, tokenizer = {}, tokenizer_lib.GPT2Tokenizer(os.path.join(test_data, "gpt2"))
+  from llm.text import gpt2
+  runs, tokenizer = {}, gpt2.GPT2Tokenizer(os.path.join(test_data, "gpt2"))
   for i, (name, switches) in enumerate((("gpt", {}), ("rope", {"model.positions": "rope",
                                                                "model.norm": "rmsnorm"}))):
     runs[name] = str(tmp_path / name)  # a run's directory as training leaves it

@@ -19,7 +19,7 @@ MINILM = os.path.join(os.path.dirname(minilm.__file__), "model")
 
 @pytest.fixture(scope="module")
 def wordpiece():
-  from llm.text.tokenizer import WordPieceTokenizer
+  from llm.text.huggingface import WordPieceTokenizer
   return WordPieceTokenizer.from_file(os.path.join(MINILM, "vocab.txt"))
 
 
@@ -36,7 +36,7 @@ def test_wordpiece_from_vocab_txt_equals_transformers(wordpiece):
 def test_trained_wordpiece_is_the_same_every_time():
   """tokenizers numbers "##" pieces in hash order (huggingface/tokenizers#1794); trained here,
   the vocabulary must not depend on it."""
-  from llm.text.tokenizer import WordPieceTokenizer
+  from llm.text.huggingface import WordPieceTokenizer
   texts = list(sources.embedded_corpus()["text"])[:20]
   first = WordPieceTokenizer.train(texts, 500, lowercase=True).vocab
   assert all(WordPieceTokenizer.train(texts, 500, lowercase=True).vocab == first

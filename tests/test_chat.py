@@ -9,6 +9,7 @@ import pytest
 from llm.errors import BadRecord
 from llm.runs import hf
 from llm.text import chat, prompts, tokenizer as tokenizer_lib
+from llm.text.gpt2 import GPT2Tokenizer
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TEMPLATES = os.path.join(DATA, "chat_templates")
@@ -75,8 +76,7 @@ def tokenizer_dirs(tmp_path_factory):
   root = tmp_path_factory.mktemp("tokenizers")
   dirs = {style: save_tokenizer(str(root / style), style) for style in STYLES}
   gpt2 = root / "gpt2"
-  tokenizer_lib.GPT2Tokenizer(os.path.join(DATA, "gpt2")).save(
-      str(gpt2), names=tokenizer_lib.GPT2Tokenizer.HF_FILES)
+  GPT2Tokenizer(os.path.join(DATA, "gpt2")).save(str(gpt2), names=GPT2Tokenizer.HF_FILES)
   (gpt2 / "tokenizer_config.json").write_text(json.dumps(
       {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>",
        "eos_token": "<|endoftext|>", "add_prefix_space": False}))

@@ -91,7 +91,7 @@ def test_vocabulary_padding_is_dropped_on_export(tmp_path, test_data):
 
 def test_gpt2_bpe_equals_transformers_tokenizer(test_data):
   from transformers import GPT2TokenizerFast
-  from llm.text.tokenizer import GPT2Tokenizer
+  from llm.text.gpt2 import GPT2Tokenizer
   gpt2 = os.path.join(test_data, "gpt2")
   ours = GPT2Tokenizer(gpt2)
   theirs = GPT2TokenizerFast(vocab=os.path.join(gpt2, "encoder.json"),

@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, TEST_DATA, read_metrics, tiny_config
 from llm.data import shards, sources, stream, windows
 from llm.errors import UserError
-from llm.text.tokenizer import GPT2Tokenizer
+from llm.text.gpt2 import GPT2Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_bad_shard_folders_fail_in_one_line_and_nothing_is_overwritten(tmp_path,
   shards.prepare(docs, gpt2, "text", str(folder), documents_per_shard=5, progress=False)
   before = {n: (folder / n).read_bytes() for n in os.listdir(folder) if n.endswith(".npy")}
   other = sources.embedded_corpus().select(range(3))
-  from llm.text.tokenizer import SentencePieceTokenizer
+  from llm.text.sentencepiece import SentencePieceTokenizer
   sp = SentencePieceTokenizer.train(sources.first_chars(other["text"], 10**9), 400,
                                     str(tmp_path / "sp"))
   with pytest.raises(UserError, match="another tokenizer"):

@@ -94,12 +94,12 @@ def test_too_little_text_fails_clearly():
 
 def test_tokens_are_cached(tmp_path, monkeypatch):
   import json
-  from llm.text import tokenizer
+  from llm.text.sentencepiece import SentencePieceTokenizer
   docs = sources.embedded_corpus().select(range(5))
   (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
                                                for t in docs["text"]))
   cfg = _data_cfg(path=str(tmp_path / "docs.jsonl"), cache_dir=str(tmp_path / "cache"))
-  tok = tokenizer.SentencePieceTokenizer.train(sources.first_chars(docs["text"], 10**9), 512,
+  tok = SentencePieceTokenizer.train(sources.first_chars(docs["text"], 10**9), 512,
                                                str(tmp_path))
   tokens = lambda ds: np.asarray(shards.prepare_tokens(cfg, ds, tok).tokens)
   first = tokens(sources.open_documents(cfg))

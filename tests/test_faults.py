@@ -126,7 +126,7 @@ def test_two_processes_stop_together_on_ctrl_c_or_one_host_preempted(tmp_path, s
 
 # Moments of a start-up (see conftest.signal_in), in the order a fresh run reaches them. The
 # last is inside the train loop: the first step's compile, which the run finishes and saves.
-START_UP = [("llm.text.tokenizer:SentencePieceTokenizer.train", "SIGINT"),  # training a tokenizer
+START_UP = [("llm.text.sentencepiece:SentencePieceTokenizer.train", "SIGINT"),  # training a tokenizer
             ("llm.data.shards:encode_documents", "SIGTERM"),  # tokenizing the corpus
             ("optax.tree:norm", "SIGTERM")]  # tracing the train step, to compile it
 

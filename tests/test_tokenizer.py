@@ -5,6 +5,8 @@ import pytest
 from llm.data import sources
 from llm.errors import UserError
 from llm.text import tokenizer
+from llm.text.gpt2 import GPT2Tokenizer
+from llm.text.sentencepiece import SentencePieceTokenizer
 
 VARIED = "Hello, world!  Tabs\tand  spaces\n\nnumbers 12345 3.14, unicode: héllo 世界 🙂, <|endoftext|> end"
 
@@ -12,7 +14,7 @@ VARIED = "Hello, world!  Tabs\tand  spaces\n\nnumbers 12345 3.14, unicode: héll
 @pytest.fixture(scope="module")
 def sentencepiece(tmp_path_factory):
   texts = sources.first_chars(sources.embedded_corpus()["text"], 10**9)
-  return tokenizer.SentencePieceTokenizer.train(texts, 512, str(tmp_path_factory.mktemp("sp")))
+  return SentencePieceTokenizer.train(texts, 512, str(tmp_path_factory.mktemp("sp")))
 
 
 def test_sentencepiece_round_trips_any_text(sentencepiece):
@@ -32,7 +34,7 @@ def test_sentencepiece_saves_and_loads_identically(sentencepiece, tmp_path):
 
 
 def test_gpt2_bpe_from_files(test_data, tmp_path):
-  gpt2 = tokenizer.GPT2Tokenizer(os.path.join(test_data, "gpt2"))
+  gpt2 = GPT2Tokenizer(os.path.join(test_data, "gpt2"))
   assert gpt2.encode("Hello, I am") == [15496, 11, 314, 716]
   assert gpt2.eot_id == 50256 and gpt2.vocab_size == 50257
   assert gpt2.encode("a<|endoftext|>b") == [64, 50256, 65]
@@ -43,4 +45,4 @@ def test_gpt2_bpe_from_files(test_data, tmp_path):
 
 def test_gpt2_folder_without_files_fails_clearly(tmp_path):
   with pytest.raises(UserError, match="vocab.bpe"):
-    tokenizer.GPT2Tokenizer(str(tmp_path))
+    GPT2Tokenizer(str(tmp_path))

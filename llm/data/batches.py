@@ -193,18 +193,6 @@ def take_rows(arrays: dict):
   return lambda idx, _: {k: v[idx] for k, v in arrays.items()}
 
 
-def pad(rows: list[list[int]], length: int, pad_id: int,
-        left: bool = False) -> tuple[np.ndarray, np.ndarray]:
-  """Rows of ids padded to `length`, on the right (or the `left`: prompts to continue, every
-  one ending at the same slot): (tokens [N, length] int32, valid [N, length])."""
-  tokens = np.full((len(rows), length), pad_id, np.int32)
-  valid = np.zeros((len(rows), length), bool)
-  for r, ids in enumerate(rows):
-    where = slice(length - len(ids), length) if left else slice(0, len(ids))
-    tokens[r, where], valid[r, where] = ids, True
-  return tokens, valid
-
-
 def split_indices(num: int, val_fraction: float, test_fraction: float, seed: int,
                   what: str = "examples") -> dict[str, np.ndarray]:
   """A seeded shuffle of 0..num-1 cut into train / eval (validation) / test."""

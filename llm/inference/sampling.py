@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm.data import batches
+from llm import model as model_lib
 from llm.errors import UserError
-from llm.text import prompts as prompts_lib
+from llm.text import prompts as prompts_lib, tokenizer as tokenizer_lib
 from llm.training import sharding
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ class Generator:
     workdir = run.workdir or "this run"
     if run.task.produces == "classes":
       raise UserError(f"{workdir} is a classifier; use python -m llm.classify --workdir={workdir}")
-    if run.cfg.model.kind != "gpt":
+    if not model_lib.family(run.cfg.model.kind).causal:
       raise UserError(f"{workdir} holds a {run.cfg.model.kind.upper()} encoder, which does not "
                       f"generate text; use python -m llm.embed or fine-tune a classifier")
     self.cfg, self.tokenizer = run.cfg, run.tokenizer
@@ -152,7 +152,7 @@ class Generator:
                       f"more than the model's context of {context} tokens; ask for at most "
                       f"{max(context - longest, 0)} new tokens")
     rows = [ids for ids in encoded for _ in range(num_samples)]
-    prompt, valid = batches.pad(rows, longest, 0, left=True)
+    prompt, valid = tokenizer_lib.pad(rows, longest, 0, left=True)
     with sharding.activate(self.mesh, self.mesh_cfg):
       new = generate_tokens(self.model, self.params, prompt, valid, jax.random.PRNGKey(seed),
                       self.stop_ids, max_new_tokens=max_new_tokens,

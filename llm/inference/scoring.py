@@ -13,9 +13,8 @@ import dataclasses
 import jax
 import numpy as np
 
-from llm.data import batches
 from llm.errors import UserError
-from llm.text import prompts as prompts_lib
+from llm.text import prompts as prompts_lib, tokenizer as tokenizer_lib
 from llm.training import sharding
 
 
@@ -26,7 +25,7 @@ class Scorer:
     self.run = run
     if run.task.produces != "reward":
       raise UserError(f"{run.workdir} is a {run.cfg.task.kind} run, not a reward model "
-                      "(task.kind=reward)")
+                      f"(task.kind={run.task.kinds_producing('reward')})")
     self.tokenizer, self.max_len = run.tokenizer, run.model.backbone.cfg.max_len
     self._score = jax.jit(lambda params, tokens, valid: run.model.apply(
         {"params": params}, tokens, valid)[:, 0])
@@ -44,7 +43,7 @@ class Scorer:
     padded = rows + rows[:1] * (-len(rows) % batch_size)
     rewards = []
     for start in range(0, len(padded), batch_size):
-      tokens, valid = batches.pad(padded[start:start + batch_size], length, tok.eot_id)
+      tokens, valid = tokenizer_lib.pad(padded[start:start + batch_size], length, tok.eot_id)
       with sharding.activate(self.run.mesh, self.run.mesh_cfg):
         rewards.append(np.asarray(self._score(self.run.params, tokens, valid)))
     return np.concatenate(rewards)[:len(rows)]

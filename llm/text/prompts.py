@@ -17,9 +17,8 @@ they are, the completion ending in end-of-text.
 
 import numpy as np
 
-from llm.data import batches
 from llm.errors import BadRecord, UserError
-from llm.text import chat
+from llm.text import chat, tokenizer as tokenizer_lib
 
 
 def alpaca_prompt(instruction: str, input_text: str = "") -> str:
@@ -234,16 +233,8 @@ def stop_ids(tokenizer) -> list[int]:
   return ids
 
 
-def with_specials(ids: list[int], tokenizer, max_length: int) -> list[int]:
-  """A text's ids as an encoder or classifier reads them: [CLS] ids [SEP] for WordPiece (BERT),
-  else as they are; cut to max_length."""
-  if tokenizer.kind == "wordpiece":
-    return [tokenizer.cls_id] + ids[:max_length - 2] + [tokenizer.sep_id]
-  return ids[:max_length] or [tokenizer.pad_id]
-
-
 def encode_texts(texts: list[str], tokenizer, max_length: int) -> tuple[np.ndarray, np.ndarray]:
   """Texts as a classifier or encoder reads them: right-padded ids [n, L] (L: the longest text,
   at most max_length) and their validity mask."""
-  rows = [with_specials(ids, tokenizer, max_length) for ids in tokenizer.encode_batch(texts)]
-  return batches.pad(rows, max(map(len, rows)), tokenizer.pad_id)
+  rows = [tokenizer.for_encoder(ids, max_length) for ids in tokenizer.encode_batch(texts)]
+  return tokenizer_lib.pad(rows, max(map(len, rows)), tokenizer.pad_id)
