@@ -9,9 +9,12 @@ import re
 
 import ml_collections
 
+from llm import tasks
+from llm import model as model_lib
 from llm.errors import UserError
 from llm.model import attention
 from llm.model.layers import ACTIVATIONS, MLPS, NORMS, POSITIONS, REMAT_POLICIES
+from llm.text import tokenizer as tokenizer_lib
 from llm.training import metrics, optim
 
 # Logical axis name -> mesh axes. A mesh axis is used at most once per array; rules are tried in
@@ -30,8 +33,6 @@ DEFAULT_RULES = (
 )
 
 DATA_FORMATS = ("", "text", "json", "csv", "tsv", "parquet")
-TOKENIZER_KINDS = ("sentencepiece", "gpt2", "wordpiece", "hf")
-MODEL_KINDS = ("gpt", "bert")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -43,38 +44,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ""  # a run directory or Hugging Face folder to start from (fine-tuning)
 
   c.task = ta = ml_collections.ConfigDict()
-  ta.kind = "lm"  # "lm": next-token pre-training; "mlm": BERT's masked LM + next sentence;
-  #                 "classify"; "instruct" (Alpaca records); on preference pairs, "reward"
-  #                 (a reward model) or "dpo" (direct preference optimisation); on
-  #                 prompts, "grpo" or "rloo" (online RL from rewards)
-  ta.mask_rate = 0.15  # mlm: share of tokens selected (80% [MASK], 10% random, 10% kept)
-  ta.mlm_weight = 1.0  # mlm: loss = mlm_weight * MLM + nsp_weight * NSP
-  ta.nsp_weight = 1.0  # mlm: see task.mlm_weight
-  ta.labels = ""  # classify: class names in order, comma-separated; empty: sorted from the data
-  ta.train_on = "assistant"  # instruct: what the loss sees: "assistant" (every assistant turn,
-  #                            a completion, an Alpaca response; with its end of turn),
-  #                            "completion" (a conversation's last assistant turn) or "all"
-  ta.beta = 0.1  # dpo: how far the policy may move from the reference (the rewards' scale)
-  ta.dpo_average = False  # dpo: average the answer's token log-probabilities instead of summing
-  # grpo, rloo (online RL from init_from; llm/tasks/rl.py):
-  ta.rewards = ""  # reward functions, "name[*weight],...": built in exact_match,
-  #                  contains_answer (against the record's output), brevity; or module:function
-  ta.reward_model = ""  # a reward model run directory (task.kind=reward), added to the rewards
-  ta.reward_model_weight = 1.0  # its weight in the sum
-  ta.num_generations = 4  # completions sampled per prompt: the group compared
-  ta.max_new_tokens = 32  # the longest completion
-  ta.temperature = 1.0  # sampling temperature of the completions
-  ta.top_p = 1.0  # nucleus sampling of the completions
-  ta.updates_per_rollout = 1  # optimizer passes over each step's rollout (PPO epochs; GRPO's μ)
-  ta.clip_eps = 0.2  # PPO's clip of the probability ratio: [1 - clip_eps, 1 + clip_eps_high]
-  ta.clip_eps_high = 0.0  # the upper clip (DAPO's clip-higher); 0: clip_eps
-  ta.kl_coef = 0.04  # the KL penalty to the reference (k3 estimator); 0: none
-  ta.scale_rewards = True  # grpo: divide the advantages by the group's std (False: Dr. GRPO)
-  ta.loss_norm = "token"  # "token" (DAPO), "sequence" (GRPO) or "constant" (Dr. GRPO):
-  #                         objectives.NORMALIZATIONS
+  ta.kind = "lm"  # what the run trains, a task of llm/tasks/ (its own keys follow, led by the
+  #                 kinds that read them)
+  for name, (default, _) in tasks.config_keys().items():
+    ta[name] = default
 
   c.model = m = ml_collections.ConfigDict()
-  m.kind = "gpt"  # "gpt" (causal decoder) or "bert" (bidirectional encoder)
+  m.kind = "gpt"  # the family, llm/model/: "gpt" (causal decoder; with the switches below, the
+  #                 Llama family too) or "bert" (bidirectional encoder)
   m.num_layers = 4  # transformer blocks
   m.num_heads = 4  # attention heads per block; d_model must divide by it
   m.d_model = 256  # width of the residual stream
@@ -208,7 +185,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def describe_keys() -> dict[str, str]:
-  """'train.steps' -> its comment in `base_config`, for every key, in order."""
+  """'train.steps' -> its comment in `base_config`, for every key, in order (the tasks' own
+  keys, declared by each task, after task.kind)."""
   import inspect
   sections, described, last = {"c": ""}, {}, None
   for line in inspect.getsource(base_config).splitlines():
@@ -220,7 +198,14 @@ def describe_keys() -> dict[str, str]:
     elif match := re.match(r"\s*#\s*(.*)$", line):
       if last:  # a comment continued on the next line
         described[last] += " " + match.group(1)
-  return described
+  task_keys = {f"task.{name}": meaning for name, (_, meaning) in tasks.config_keys().items()}
+  ordered = {}
+  for key, meaning in described.items():
+    ordered[key] = meaning
+    if key == "task.kind":
+      ordered[key] = f"{meaning}: one of {', '.join(tasks.kinds())}"
+      ordered.update(task_keys)
+  return ordered
 
 
 def describe(cfg: ml_collections.ConfigDict) -> str:
@@ -318,7 +303,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   """Raises UserError naming the first key whose value cannot work (the task's own settings
   are its task's to check: tasks.build)."""
   m, t, d, tr, me = c.model, c.tokenizer, c.data, c.train, c.mesh
-  _check(m.kind in MODEL_KINDS, "model.kind", f"use one of {MODEL_KINDS}", m.kind)
+  _check(m.kind in model_lib.FAMILIES, "model.kind", f"use one of {tuple(model_lib.FAMILIES)}",
+         m.kind)
   for key in ("num_layers", "num_heads", "d_model", "d_ff", "max_len"):
     _check(m[key] >= 1, f"model.{key}", "use a positive integer", m[key])
   _check(m.d_model % m.num_heads == 0, "model.d_model",
@@ -349,7 +335,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(m.remat in REMAT_POLICIES, "model.remat", f"use one of {tuple(REMAT_POLICIES)}", m.remat)
   _check(m.logits_chunk >= 0, "model.logits_chunk", "use 0 (off) or a number of positions",
          m.logits_chunk)
-  _check(t.kind in TOKENIZER_KINDS, "tokenizer.kind", f"use one of {TOKENIZER_KINDS}", t.kind)
+  _check(t.kind in tokenizer_lib.kinds(), "tokenizer.kind",
+         f"use one of {tokenizer_lib.kinds()}", t.kind)
   _check(t.vocab_size >= 260, "tokenizer.vocab_size",
          "use at least 260 (256 byte pieces + specials)", t.vocab_size)
   _check(not (d.path and d.hf_name), "data.hf_name", "set data.path or data.hf_name, not both",
@@ -369,8 +356,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "read prepared shards (data.prepared) or a stream, not both", d.streaming)
   _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", "use 0 (no shuffle) or a number of "
          "windows", d.shuffle_buffer)
-  _check(m.kind != "bert" or t.kind == "wordpiece", "tokenizer.kind",
-         "BERT needs the wordpiece tokenizer ([CLS], [SEP], [MASK])", t.kind)
+  _check(not model_lib.family(m.kind).needs_bert_specials
+         or tokenizer_lib.get(t.kind).bert_specials, "tokenizer.kind",
+         f"model.kind={m.kind} needs [CLS], [SEP] and [MASK]: use tokenizer.kind="
+         f"{' or '.join(k for k in tokenizer_lib.kinds() if tokenizer_lib.get(k).bert_specials)}",
+         t.kind)
   _check(tr.trainable in ("all", "head") or (
       tr.trainable.startswith("last:") and tr.trainable[5:].isdigit()), "train.trainable",
          'use "all", "head" or "last:K" (K blocks, the final norm and the head)', tr.trainable)

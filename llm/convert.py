@@ -29,10 +29,8 @@ def from_hf(name_or_path: str, workdir: str, allow_torch_bin: bool = False) -> N
   model_values, tokenizer, params = hf.load(name_or_path, allow_torch_bin)
   cfg = config_lib.base_config()
   cfg.model.update(model_values)
-  cfg.tokenizer.kind = tokenizer.kind
-  if tokenizer.kind == "wordpiece":
-    cfg.tokenizer.lowercase = tokenizer.lowercase
-  cfg.task.kind = tasks.PRETRAINING[cfg.model.kind]
+  cfg.tokenizer.update(tokenizer.config_values())
+  cfg.task.kind = tasks.pretraining(cfg.model.kind)
   cfg.data.max_length = cfg.data.stride = min(cfg.data.max_length, cfg.model.max_len)
   rundir.write(workdir, cfg, tokenizer, params)
   print(f"wrote {workdir}: {cfg.model.kind.upper()} with {params_lib.count(params):,} parameters "

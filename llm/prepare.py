@@ -37,8 +37,9 @@ def prepare(cfg, out: str = "", documents_per_shard: int = shards.DOCUMENTS_PER_
   """The shards of `cfg`'s corpus and tokenizer, in `out` or the cache folder."""
   if (not tasks.get(cfg.task.kind).reads_token_stream or cfg.data.prepared
       or cfg.data.streaming):
-    raise UserError("llm.prepare tokenizes the corpus of a next-token run (task.kind=lm) that "
-                    "reads neither data.prepared nor a stream")
+    readers = " or ".join(tasks.kinds_where(lambda c: c.reads_token_stream))
+    raise UserError(f"llm.prepare tokenizes the corpus of a next-token run (task.kind={readers}) "
+                    "that reads neither data.prepared nor a stream")
   if documents_per_shard < 1:
     raise UserError(f"--documents_per_shard={documents_per_shard}: use a positive number")
   s = startup.setup(cfg)  # the corpus as a stream: no copy of it first, whatever its size

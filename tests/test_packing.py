@@ -87,9 +87,9 @@ def test_packed_pairs_equal_padded_pairs(kind):
   params = model.init(jax.random.PRNGKey(1), examples["tokens"][:1, 0])["params"]
   if kind == "dpo":
     examples["reference"] = np.random.default_rng(0).normal(-40, 5, (len(RECORDS), 2))
-    objective = objectives.dpo(model, beta=0.1, average=False)
+    objective = preference.dpo(model, beta=0.1, average=False)
   else:
-    objective = objectives.reward(model)
+    objective = preference.reward(model)
   packed = packing.pack_pairs(examples, lengths, length=800)
   assert len(packed["tokens"]) < len(RECORDS) and packed["weights"].sum() == len(RECORDS)
   results = {}
@@ -105,7 +105,7 @@ def test_packed_pairs_equal_padded_pairs(kind):
   _grads_close(results["packed"][1], results["padded"][1])
   if kind == "dpo":  # each pair's log-probabilities, also averaged
     for average in (False, True):
-      logps = jax.jit(lambda p, b: objectives.sequence_logps(model, p, b, average))
+      logps = jax.jit(lambda p, b: preference.sequence_logps(model, p, b, average))
       alone, together = (np.asarray(logps(params, b)) for b in (examples, packed))
       bins = packing.best_fit_decreasing([int(a + b) for a, b in lengths],
                                          packed["tokens"].shape[-1])

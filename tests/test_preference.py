@@ -17,8 +17,9 @@ from llm.evals import splits
 from llm.inference.scoring import Scorer
 from llm.runs import loading, rundir
 from llm.runs.trainer import train, Trainer
+from llm.tasks import preference
 from llm.text.prompts import alpaca_prompt
-from llm.training import objectives, preemption
+from llm.training import preemption
 
 # Its tests share module fixtures: one pytest-xdist worker runs them all.
 pytestmark = pytest.mark.xdist_group("preference")
@@ -64,14 +65,14 @@ def test_dpo_starts_at_ln2_and_equals_the_formula(tmp_path, base_run, records):
     logps = _np_logps(logits, tokens, response, average).reshape(B, 2)
     rewards = 0.1 * (logps - batch["reference"])
     margin = rewards[:, 0] - rewards[:, 1]
-    sums = jax.device_get(objectives.dpo(model, 0.1, average).loss(params, batch, None, False))
+    sums = jax.device_get(preference.dpo(model, 0.1, average).loss(params, batch, None, False))
     np.testing.assert_allclose(sums["loss"], np.sum(np.log1p(np.exp(-margin)) * w), rtol=1e-4)
     np.testing.assert_allclose(sums["chosen"], np.sum(rewards[:, 0] * w), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(sums["correct"], np.sum((margin > 0) * w))
     # Padding changes nothing: other tokens there give the same log-probabilities.
     padded = dict(batch, tokens=np.where(batch["valid"], batch["tokens"], 7))
     assert (padded["tokens"] != batch["tokens"]).any()
-    again = jax.device_get(objectives.sequence_logps(model, params, padded, average))
+    again = jax.device_get(preference.sequence_logps(model, params, padded, average))
     np.testing.assert_allclose(again, logps, rtol=1e-5)
   # Only the answers count: the prompt's tokens are outside the response mask.
   record = _record(records, trainer.data.splits["eval"][0])
@@ -112,7 +113,7 @@ def test_dpo_raises_the_reward_margin_and_resumes_bit_exactly(dpo_runs):
 
 def test_ctrl_c_in_the_dpo_reference_pass_exits_75_and_the_rerun_trains_the_same(
     tmp_path, dpo_runs, base_run, records):
-  config = config_file(tmp_path, {}, [("llm.training.objectives:sequence_logps", "SIGINT")],
+  config = config_file(tmp_path, {}, [("llm.tasks.preference:sequence_logps", "SIGINT")],
                        make=("preference_config", base_run, records, "dpo"))
   workdir = tmp_path / "run"
   process = subprocess.run([sys.executable, "-m", "llm.train", f"--config={config}",
@@ -182,7 +183,7 @@ def test_reward_model_loss_is_bradley_terry_and_it_learns(reward_run, records):
   task, _ = run.task.data_for(run.model, startup.run_context(run))
   # It ranks the training pairs right (chance: half of them).
   train_pairs = task.batches.take(np.arange(len(task.batches)), None)
-  sums = objectives.reward(run.model).loss(run.params, train_pairs, None, False)
+  sums = preference.reward(run.model).loss(run.params, train_pairs, None, False)
   assert float(sums["correct"]) / float(sums["weight"]) > 0.7  # 17 of 24 by chance: p < 0.04
   # The loss of a batch, by hand from the two scores of each pair.
   batch = task.evals["eval"][0]
@@ -190,7 +191,7 @@ def test_reward_model_loss_is_bradley_terry_and_it_learns(reward_run, records):
   scores = np.asarray(run.model.apply({"params": run.params}, batch["tokens"].reshape(2 * B, T),
                                       batch["valid"].reshape(2 * B, T)))[:, 0].reshape(B, 2)
   delta = scores[:, 0] - scores[:, 1]
-  sums = objectives.reward(run.model).loss(run.params, batch, None, False)
+  sums = preference.reward(run.model).loss(run.params, batch, None, False)
   np.testing.assert_allclose(float(sums["loss"]), np.sum(-np.log(1 / (1 + np.exp(-delta)))
                                                          * batch["weights"]), rtol=1e-5)
   # The scorer gives a pair what the objective does.

@@ -16,7 +16,6 @@ from llm.errors import UserError
 from llm.runs import loading, startup
 from llm.runs.trainer import train, Trainer
 from llm.tasks import rl
-from llm.training import objectives
 
 pytestmark = pytest.mark.xdist_group("preference")  # shares the base run's fixtures
 
@@ -45,7 +44,7 @@ def _np_log_softmax(x):
   return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-@pytest.mark.parametrize("normalize", list(objectives.NORMALIZATIONS))
+@pytest.mark.parametrize("normalize", list(rl.NORMALIZATIONS))
 @pytest.mark.parametrize("clipping", [False, True])
 def test_policy_gradient_loss_equals_numpy(normalize, clipping):
   model, params, rng = _tiny_model(0)
@@ -67,7 +66,7 @@ def test_policy_gradient_loss_equals_numpy(normalize, clipping):
            "old_logps": old.astype(np.float32), "ref_logps": ref.astype(np.float32),
            "advantages": adv.astype(np.float32), "rewards": adv.astype(np.float32),
            "no_signal": np.zeros(M, np.float32), "weights": np.ones(M, np.float32)}
-  objective = objectives.policy_gradient(model, 0.2, 0.28, 0.05, normalize, T - P)
+  objective = rl.policy_gradient(model, 0.2, 0.28, 0.05, normalize, T - P)
   sums = objective.loss(params, batch, None, False)
   got = float(objective.total(sums, objective.counts(batch)))
 
@@ -94,17 +93,17 @@ def test_one_update_per_rollout_is_reinforce_with_the_group_baseline():
   mask[:, P:] = 1.0
   rewards = rng.normal(0, 1, M)
   adv = rl.advantages(rewards, 4, "grpo", scale=False)
-  logps = objectives.token_logps(model, params, tokens, positions, valid)
+  logps = rl.token_logps(model, params, tokens, positions, valid)
   batch = {"tokens": tokens, "positions": positions, "valid": valid, "mask": mask,
            "old_logps": np.asarray(logps), "ref_logps": np.asarray(logps),
            "advantages": adv.astype(np.float32), "rewards": rewards.astype(np.float32),
            "no_signal": np.zeros(M, np.float32), "weights": np.ones(M, np.float32)}
-  objective = objectives.policy_gradient(model, 0.2, 0.2, 0.0, "token", T - P)
+  objective = rl.policy_gradient(model, 0.2, 0.2, 0.0, "token", T - P)
   ppo = jax.grad(lambda p: objective.total(objective.loss(p, batch, None, False),
                                            objective.counts(batch)))(params)
 
   def reinforce(p):  # -Σ_i A_i Σ_t log π(o_it) / Σ|o_i|, A_i = r_i - mean of its group
-    lp = objectives.token_logps(model, p, tokens, positions, valid)
+    lp = rl.token_logps(model, p, tokens, positions, valid)
     return -jnp.sum(adv[:, None] * lp * mask[:, 1:]) / mask[:, 1:].sum()
 
   for a, b in zip(jax.tree.leaves(ppo), jax.tree.leaves(jax.grad(reinforce)(params))):
@@ -190,6 +189,6 @@ def test_the_lora_reference_is_the_base_model(tmp_path, base_run, records):
   valid = np.ones(tokens.shape, bool)
   positions = np.tile(np.arange(12, dtype=np.int32), (2, 1))
   lora_off = rollouts._reference(state["params"], frozen, rollouts.reference)
-  logps = lambda params: objectives.token_logps(trainer.model, params, tokens, positions, valid)
+  logps = lambda params: rl.token_logps(trainer.model, params, tokens, positions, valid)
   np.testing.assert_allclose(logps(lora_off), logps(base), rtol=1e-6)
   assert rollouts.reference is None  # no second copy

@@ -10,9 +10,9 @@ import numpy as np
 
 from llm import config as config_lib
 from llm import model as model_lib
+from llm.bench import torch_reference
 from llm.errors import UserError
 from llm.training import sharding
-from llm.bench import torch_reference
 
 
 def bench_evaluate(cfg, examples: int, context_len: int, choice_len: int, batch_size: int,

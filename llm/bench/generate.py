@@ -12,12 +12,12 @@ import numpy as np
 
 from llm import config as config_lib
 from llm import model as model_lib
+from llm.bench import timing, torch_reference
 from llm.errors import UserError
 from llm.inference.sampling import generate_tokens
 from llm.model import attention
-from llm.training import metrics, sharding
-from llm.bench import timing, torch_reference
 from llm.runs import ahead_of_time
+from llm.training import metrics, sharding
 
 
 def bench_generate(cfg, batch: int, prompt_len: int, new_tokens: int, repeats: int,

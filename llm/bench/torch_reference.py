@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm import model as model_lib
+from llm.bench import timing
 from llm.errors import UserError
 from llm.model import attention, layers
-from llm.bench import timing
 
 
 def torch_train(cfg, steps: int, ours, rounds: int = 5) -> dict:
@@ -29,7 +29,7 @@ def torch_train(cfg, steps: int, ours, rounds: int = 5) -> dict:
     raise UserError("--compare_torch needs torch and transformers "
                     "(pip install torch==2.13.0 transformers)") from None
   m = cfg.model
-  if m.kind != "gpt":
+  if not model_lib.family(m.kind).causal:
     raise UserError("--compare_torch compares a GPT's next-token train step (model.kind=gpt)")
   vocab = max(m.vocab_size, cfg.tokenizer.vocab_size)
   hf_cfg = transformers.GPT2Config(

@@ -10,11 +10,12 @@ import time
 import jax
 import jax.numpy as jnp
 
+from llm import tasks
 from llm import config as config_lib
 from llm.data import batches as data_batches
 from llm.errors import UserError
-from llm.training import metrics, sharding
 from llm.runs import ahead_of_time
+from llm.training import metrics, sharding
 
 
 def state_bytes(state, num_params: int) -> dict:
@@ -110,8 +111,8 @@ def bench_packing(cfg, steps: int) -> dict:
   for layout, packing in (("padded", False), ("packed", True)):
     timed = bench_train(config_lib.replace(cfg, {"data.packing": packing}), steps)
     if "padding_share" not in timed:
-      raise UserError("--compare_packing times fine-tuning on records (task.kind=instruct, "
-                      "reward, dpo)")
+      raise UserError("--compare_packing times fine-tuning on records (task.kind="
+                      f"{', '.join(tasks.kinds_where(lambda c: c.packs))})")
     for key in ("step_ms", "tokens_per_sec", "padding_share", "real_tokens_per_sec"):
       result[f"{layout}_{key}"] = timed[key]
   result["packed_over_padded"] = (result["packed_real_tokens_per_sec"]
@@ -128,7 +129,8 @@ def bench_rl(cfg, steps: int) -> dict:
   with tempfile.TemporaryDirectory() as workdir:  # a run that writes nothing
     trainer = Trainer(cfg, workdir)
   if trainer.data.rollout is None:
-    raise UserError("llm.bench rl times an online RL config (task.kind=grpo or rloo)")
+    raise UserError("llm.bench rl times an online RL config (task.kind="
+                    f"{' or '.join(tasks.kinds_where(lambda c: c.online))})")
   state, frozen = trainer.init_state()
   health, step_fn = new_health(), trainer.jit_train_step()
   passes = trainer.data.updates_per_batch  # task.updates_per_rollout

@@ -23,7 +23,7 @@ class HarnessModel(LM):
     super().__init__()
     if run.task.produces != "text":
       raise UserError(f"{run.workdir} is a {run.cfg.task.kind} run: the harness scores "
-                      "language models (task.kind lm, instruct, dpo, grpo, rloo)")
+                      f"language models (task.kind {run.task.kinds_producing('text')})")
     self.run, self.max_gen_toks = run, max_gen_toks
     self.scorer = loglikelihood.LogLikelihood(run.model, run.tokenizer, run.mesh, run.mesh_cfg,
                                               batch_size)

@@ -105,7 +105,7 @@ def score_benchmarks(run, specs: list[str], data_dir: str, limit: int, num_fewsh
   from tqdm import tqdm
   if run.task.produces != "text":
     raise UserError(f"{run.workdir} is a {run.cfg.task.kind} run: benchmarks score language "
-                    "models")
+                    f"models (task.kind {run.task.kinds_producing('text')})")
   scorer = loglikelihood.LogLikelihood(run.model, run.tokenizer, run.mesh, run.mesh_cfg,
                                        batch_size)
   results = {}

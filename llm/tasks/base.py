@@ -3,11 +3,13 @@
 A task is what a run trains: which records it reads and what text a tokenizer learns from them,
 its model and objective, its batches (and their schema), its evaluation, and how its prompts
 are formatted. The train loop, llm.evaluate, llm.prepare and the inference tools ask the task;
-nothing outside llm/tasks/ compares `task.kind`. A new task is one class in one module:
+nothing outside llm/tasks/ compares `task.kind`. A new task is one class in one module of this
+package (found without a list to edit), with its own config keys and objective:
 
     @register
     class Copy(Task):
       kind = "copy"
+      keys = {"copies": (1, "how many times the prompt is copied")}  # -> task.copies
       def objective(self, model): ...
       def data(self, docs, model, context): ...
 """
@@ -16,9 +18,9 @@ import dataclasses
 from typing import Any, ClassVar
 
 import flax.linen as nn
+import ml_collections
 import numpy as np
 
-from llm import config as config_lib
 from llm import model as model_lib
 from llm.data import batches, sources
 from llm.errors import closest, UserError
@@ -47,6 +49,31 @@ def get(kind: str) -> type["Task"]:
     hint = f"did you mean {close!r}? " if close else ""
     raise UserError(f"config: task.kind={kind!r} is not allowed; {hint}use one of {kinds()}")
   return _REGISTRY[kind]
+
+
+def kinds_where(test) -> tuple[str, ...]:
+  """The kinds whose class passes `test` (for messages that name them)."""
+  return tuple(kind for kind, cls in _REGISTRY.items() if test(cls))
+
+
+def config_keys() -> dict[str, tuple[Any, str]]:
+  """Every task's own config keys, merged under `task.`: name -> (default, meaning), the
+  meaning led by the kinds that read it ("mlm: ..."). Two tasks may share a key only with one
+  default."""
+  merged, readers = {}, {}
+  for kind, cls in _REGISTRY.items():
+    for name, (default, meaning) in cls.keys.items():
+      if name in merged and merged[name][0] != default:
+        raise ValueError(f"task.{name}: {kind} and {readers[name][0]} declare different defaults")
+      merged.setdefault(name, (default, meaning))
+      readers.setdefault(name, []).append(kind)
+  return {name: (default, f"{', '.join(readers[name])}: {meaning}")
+          for name, (default, meaning) in merged.items()}
+
+
+def pretraining(model_kind: str) -> str:
+  """The task.kind that pre-trains a model.kind from scratch (a converted model's)."""
+  return next(kind for kind, cls in _REGISTRY.items() if cls.pretrains == model_kind)
 
 
 def build(cfg) -> "Task":
@@ -132,11 +159,20 @@ class Task:
   # (llm.classify), "reward" (llm.score), "vectors" (llm.embed).
   produces: ClassVar[str] = "text"
   families: ClassVar[tuple[str, ...]] = ("gpt",)  # the model.kind values it trains
+  pretrains: ClassVar[str] = ""  # the model.kind it pre-trains from scratch, if any
+  # Its own config keys, under task.: name -> (default, meaning); `--print_config` lists them.
+  keys: ClassVar[dict[str, tuple[Any, str]]] = {}
   reads_token_stream: ClassVar[bool] = False  # may read data.prepared, a stream, document masks
+  online: ClassVar[bool] = False  # samples its own batches as it trains (TaskData.rollout)
   packs: ClassVar[bool] = False  # implements `pack` (data.packing)
 
   def __init__(self, cfg):
     self.cfg = cfg
+
+  @staticmethod
+  def kinds_producing(produces: str) -> str:
+    """The task kinds whose models give `produces` ("lm, instruct, ..."), for messages."""
+    return ", ".join(kinds_where(lambda cls: cls.produces == produces))
 
   # -- the config ---------------------------------------------------------------------------
 
@@ -147,18 +183,21 @@ class Task:
       source = f" (the model of init_from={c.init_from!r})" if c.init_from else ""
       raise UserError(f"config: task.kind={self.kind!r} is not allowed; it trains model.kind="
                       f"{' or '.join(self.families)}, not {c.model.kind!r}{source}")
-    if c.data.packing and not (self.packs and c.model.kind == "gpt"):
+    if c.data.packing and not (self.packs and model_lib.family(c.model.kind).causal):
+      packers = ", ".join(kinds_where(lambda cls: cls.packs))
       raise UserError(f"config: data.packing=True is not allowed with task.kind={self.kind} and "
-                      f"model.kind={c.model.kind}; instruct, reward and dpo on a decoder pack "
-                      "their records")
+                      f"model.kind={c.model.kind}; {packers} on a decoder pack their records")
     for key in ("prepared", "streaming", "document_masks"):
       if c.data[key] and not self.reads_token_stream:
+        readers = ", ".join(kinds_where(lambda cls: cls.reads_token_stream))
         raise UserError(f"config: data.{key}={c.data[key]!r} is not allowed; only "
-                        "next-token pre-training (task.kind=lm) reads a token stream")
+                        f"task.kind={readers} reads a token stream")
 
   def on_data(self, data_cfg) -> "Task":
     """The same task reading other data (llm.evaluate --data.path)."""
-    return type(self)(config_lib.replace(self.cfg, {f"data.{k}": v for k, v in data_cfg.items()}))
+    cfg = ml_collections.ConfigDict(self.cfg.to_dict())
+    cfg.data.update(dict(data_cfg))
+    return type(self)(ml_collections.FrozenConfigDict(cfg))
 
   # -- records and tokenizer ----------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """Classification (task.kind=classify): a head on the backbone's one vector per sequence,
 trained on text + label records (the book's spam classifier)."""
 
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from llm import model as model_lib
 from llm.errors import UserError
@@ -54,6 +56,7 @@ class Classification(RecordTask):
   kind = "classify"
   produces = "classes"
   families = ("gpt", "bert")
+  keys = {"labels": ("", "class names in order, comma-separated; empty: sorted from the data")}
 
   @property
   def labels(self) -> list[str]:
@@ -72,7 +75,7 @@ class Classification(RecordTask):
     return model_lib.build(self.cfg.model, vocab_size, num_classes=len(self.labels))
 
   def objective(self, model):
-    return objectives.classification(model, self.labels)
+    return classification(model, self.labels)
 
   def examples(self, docs, model, context: Context):
     cfg, d = self.cfg, self.cfg.data
@@ -85,3 +88,38 @@ class Classification(RecordTask):
                                        ids[rows], context.tokenizer, d.max_length)
     counts = np.bincount(examples["labels"], minlength=len(names))
     return examples, rows, ", ".join(f"{n} {c}" for n, c in zip(names, counts))
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective
+
+
+def classification(model, labels: list[str]) -> objectives.Objective:
+  """Cross-entropy over classes; counts a confusion matrix (true x predicted) for the metrics."""
+  num_classes = len(labels)
+
+  def loss(params, batch, dropout_rng, train):
+    logits_BxC = model.apply({"params": params}, batch["tokens"], batch["valid"],
+                             deterministic=not train,
+                             rngs={"dropout": dropout_rng} if train else {})
+    ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"])
+    predicted_B = jnp.argmax(logits_BxC, axis=-1)
+    w_B = batch["weights"]
+    confusion_CxC = jnp.zeros((num_classes, num_classes)).at[batch["labels"], predicted_B].add(w_B)
+    return {"loss": jnp.sum(ce_B * w_B), "weight": jnp.sum(w_B), "confusion": confusion_CxC}
+
+  def summarize(sums):
+    confusion = np.asarray(sums["confusion"])
+    true_C, predicted_C, hit_C = confusion.sum(1), confusion.sum(0), np.diag(confusion)
+    precision = np.divide(hit_C, predicted_C, out=np.zeros(num_classes), where=predicted_C > 0)
+    recall = np.divide(hit_C, true_C, out=np.zeros(num_classes), where=true_C > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(num_classes),
+                   where=precision + recall > 0)
+    return {"loss": float(sums["loss"]) / max(float(sums["weight"]), 1.0),
+            "accuracy": float(hit_C.sum() / max(confusion.sum(), 1.0)),
+            "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f),
+                                 "support": int(n)}
+                          for name, p, r, f, n in zip(labels, precision, recall, f1, true_C)},
+            "confusion": confusion.astype(int).tolist()}
+
+  return objectives.Objective(loss, summarize)

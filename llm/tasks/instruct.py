@@ -4,11 +4,11 @@ format prompts.py reads (conversations, prompt/completion, Alpaca), the loss on 
 
 import numpy as np
 
-from llm.data import batches, packing, sources
+from llm.data import packing, sources
 from llm.errors import BadRecord, UserError
 from llm.evals import splits
 from llm.tasks.base import Context, EvalOptions, RecordTask, register
-from llm.text import prompts
+from llm.text import prompts, tokenizer as tokenizer_lib
 from llm.training import objectives
 
 TRAIN_ON = ("assistant", "completion", "all")
@@ -31,7 +31,7 @@ def instruction_examples(records, tokenizer, max_length: int, train_on: str = "a
 
   encoded, kept = prompts.encode_records(records, encode, skip_bad)
   length = max(len(ids) for ids, _ in encoded) - 1
-  seq, _ = batches.pad([ids for ids, _ in encoded], length + 1, tokenizer.eot_id)
+  seq, _ = tokenizer_lib.pad([ids for ids, _ in encoded], length + 1, tokenizer.eot_id)
   weights = np.zeros((len(encoded), length), np.float32)
   for i, (ids, trained) in enumerate(encoded):
     weights[i, :len(ids) - 1] = trained[1:]  # the target at t is token t + 1
@@ -43,6 +43,9 @@ def instruction_examples(records, tokenizer, max_length: int, train_on: str = "a
 @register
 class InstructionTuning(RecordTask):
   kind = "instruct"
+  keys = {"train_on": ("assistant", 'what the loss sees: "assistant" (every assistant turn, a '
+                       "completion, an Alpaca response; with its end of turn), \"completion\" "
+                       '(a conversation\'s last assistant turn) or "all"')}
   answer_fields = ("output",)  # what follows an Alpaca instruction
   packs = True
 

@@ -16,6 +16,7 @@ from llm.training import objectives
 @register
 class LanguageModeling(Task):
   kind = "lm"
+  pretrains = "gpt"
   reads_token_stream = True
 
   def load(self):

@@ -6,13 +6,17 @@ selected; of those 80% [MASK], 10% a random token, 10% kept), both drawn from th
 resumed run sees the same pairs.
 """
 
+import math
 import re
 
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from llm.data import batches, sources
 from llm.errors import UserError
 from llm.tasks.base import Context, register, Schema, Task, TaskData
+from llm.text import tokenizer as tokenizer_lib
 from llm.training import objectives
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -80,7 +84,7 @@ class SentencePairs:
         (a if len(a) >= len(b) else b).pop()
       rows.append(([tok.cls_id] + a + [tok.sep_id] + b + [tok.sep_id], len(a) + 2))
       labels.append(label)
-    tokens, valid = batches.pad([r for r, _ in rows], L, tok.pad_id)
+    tokens, valid = tokenizer_lib.pad([r for r, _ in rows], L, tok.pad_id)
     segments = (np.arange(L)[None, :] >= np.array([n for _, n in rows])[:, None]) & valid
     return {"tokens": tokens, "segments": segments.astype(np.int32), "valid": valid,
             "nsp_labels": np.array(labels, np.int32), "weights": np.ones(len(rows), np.float32)}
@@ -123,6 +127,12 @@ class MaskedLM(Task):
   kind = "mlm"
   produces = "vectors"
   families = ("bert",)
+  pretrains = "bert"
+  keys = {
+      "mask_rate": (0.15, "share of tokens selected (80% [MASK], 10% random, 10% kept)"),
+      "mlm_weight": (1.0, "loss = mlm_weight * MLM + nsp_weight * NSP"),
+      "nsp_weight": (1.0, "see task.mlm_weight"),
+  }
 
   def load(self):
     return sources.open_documents(self.cfg.data)  # a document without text is none
@@ -134,7 +144,7 @@ class MaskedLM(Task):
                       "a value in (0, 1)")
 
   def objective(self, model):
-    return objectives.mlm_nsp(model, self.cfg.task.mlm_weight, self.cfg.task.nsp_weight)
+    return mlm_nsp(model, self.cfg.task.mlm_weight, self.cfg.task.nsp_weight)
 
   def data(self, docs, model, context: Context) -> TaskData:
     cfg, d, tr, tokenizer = self.cfg, self.cfg.data, self.cfg.train, context.tokenizer
@@ -155,3 +165,37 @@ class MaskedLM(Task):
     return TaskData(train, evals, Schema.of(train.example(), d.max_length),
                     f"{len(train):,} training sentence pairs (a new partner and mask every "
                     f"epoch), {len(pairs['eval']):,} for validation")
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective
+
+
+def mlm_nsp(model, mlm_weight: float = 1.0, nsp_weight: float = 1.0) -> objectives.Objective:
+  """BERT's pre-training loss: masked-token cross-entropy (mean over the selected tokens) plus
+  next-sentence cross-entropy (mean over pairs), each with its weight."""
+
+  def loss(params, batch, dropout_rng, train):
+    mlm_BxPxV, nsp_Bx2 = model.apply(
+        {"params": params}, batch["tokens"], batch["segments"], batch["valid"],
+        batch["mlm_positions"], deterministic=not train,
+        rngs={"dropout": dropout_rng} if train else {})
+    mlm_w, nsp_w = batch["mlm_weights"], batch["weights"]
+    mlm_ce = optax.softmax_cross_entropy_with_integer_labels(mlm_BxPxV, batch["mlm_ids"])
+    nsp_ce = optax.softmax_cross_entropy_with_integer_labels(nsp_Bx2, batch["nsp_labels"])
+    hit = lambda logits, labels: (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return {"mlm_loss": jnp.sum(mlm_ce * mlm_w), "mlm_weight": jnp.sum(mlm_w),
+            "mlm_correct": jnp.sum(hit(mlm_BxPxV, batch["mlm_ids"]) * mlm_w),
+            "nsp_loss": jnp.sum(nsp_ce * nsp_w), "nsp_weight": jnp.sum(nsp_w),
+            "nsp_correct": jnp.sum(hit(nsp_Bx2, batch["nsp_labels"]) * nsp_w)}
+
+  def summarize(sums):
+    mean = lambda key, weight: float(sums[key]) / max(float(sums[weight]), 1.0)
+    mlm, nsp = mean("mlm_loss", "mlm_weight"), mean("nsp_loss", "nsp_weight")
+    return {"loss": mlm_weight * mlm + nsp_weight * nsp, "mlm_loss": mlm,
+            "mlm_accuracy": mean("mlm_correct", "mlm_weight"),
+            "perplexity": math.exp(min(mlm, 80.0)),  # of the masked tokens
+            "nsp_loss": nsp, "nsp_accuracy": mean("nsp_correct", "nsp_weight")}
+
+  return objectives.Objective(loss, summarize, terms=(("mlm_loss", "mlm_weights", mlm_weight),
+                                           ("nsp_loss", "weights", nsp_weight)))

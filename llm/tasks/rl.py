@@ -6,7 +6,7 @@ copy of the weights, no separate inference engine); rewards score them (a reward
 Python function, or a weighted sum of several); the completions' advantages are their rewards
 against the other completions of the same prompt; and the policy takes task.updates_per_rollout
 optimizer steps on PPO's clipped surrogate with a KL penalty to the reference
-(objectives.policy_gradient), each a pass over the whole rollout.
+(policy_gradient), each a pass over the whole rollout.
 
 - grpo: A = (r - mean of the group) / (std of the group + 1e-4), without the division when
   task.scale_rewards is False (Dr. GRPO).
@@ -21,19 +21,20 @@ off (no second copy), otherwise a frozen copy of the init_from weights.
 """
 
 import importlib
+import math
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 
-from llm.data import batches
 from llm.errors import UserError
 from llm.evals import splits
 from llm.inference import sampling, scoring
 from llm.tasks.base import Context, RecordTask, register, TaskData
-from llm.text import prompts as prompts_lib
+from llm.text import prompts as prompts_lib, tokenizer as tokenizer_lib
 from llm.training import objectives, sharding, params as params_lib
 
 
@@ -137,6 +138,28 @@ class PolicyOptimization(RecordTask):
   kind = algorithm = "grpo"  # how advantages are made: see `advantages`
   produces = "text"
   families = ("gpt",)
+  online = True
+  keys = {
+      "rewards": ("", 'reward functions, "name[*weight],...": built in exact_match, '
+                  "contains_answer (against the record's output), brevity; or module:function"),
+      "reward_model": ("", "a reward model run directory (a task.kind=reward run), added to "
+                       "the rewards"),
+      "reward_model_weight": (1.0, "its weight in the sum"),
+      "num_generations": (4, "completions sampled per prompt: the group compared"),
+      "max_new_tokens": (32, "the longest completion"),
+      "temperature": (1.0, "sampling temperature of the completions"),
+      "top_p": (1.0, "nucleus sampling of the completions"),
+      "updates_per_rollout": (1, "optimizer passes over each step's rollout (PPO epochs; "
+                              "GRPO's μ)"),
+      "clip_eps": (0.2, "PPO's clip of the probability ratio: [1 - clip_eps, 1 + "
+                   "clip_eps_high]"),
+      "clip_eps_high": (0.0, "the upper clip (DAPO's clip-higher); 0: clip_eps"),
+      "kl_coef": (0.04, "the KL penalty to the reference (k3 estimator); 0: none"),
+      "scale_rewards": (True, "divide the advantages by the group's std (grpo; False: Dr. GRPO; "
+                        "rloo's leave-one-out baseline is never scaled)"),
+      "loss_norm": ("token", '"token" (DAPO), "sequence" (GRPO) or "constant" (Dr. GRPO): '
+                    "see NORMALIZATIONS"),
+  }
 
   def fields(self):
     return lambda columns: prompts_lib.record_fields(columns)[:1]  # the prompt's
@@ -152,9 +175,9 @@ class PolicyOptimization(RecordTask):
     if t.num_generations < 2:
       raise UserError(f"task.num_generations={t.num_generations}: a group needs at least 2 "
                       "completions to compare")
-    if t.loss_norm not in objectives.NORMALIZATIONS:
+    if t.loss_norm not in NORMALIZATIONS:
       raise UserError(f"task.loss_norm={t.loss_norm!r}: use one of "
-                      f"{', '.join(objectives.NORMALIZATIONS)}")
+                      f"{', '.join(NORMALIZATIONS)}")
     if t.max_new_tokens < 1 or t.temperature <= 0 or not 0 < t.top_p <= 1:
       raise UserError("task: use max_new_tokens >= 1, temperature > 0 and 0 < top_p <= 1")
 
@@ -166,7 +189,7 @@ class PolicyOptimization(RecordTask):
 
   def objective(self, model):
     t = self.cfg.task
-    return objectives.policy_gradient(model, t.clip_eps, t.clip_eps_high or t.clip_eps,
+    return policy_gradient(model, t.clip_eps, t.clip_eps_high or t.clip_eps,
                                       t.kl_coef, t.loss_norm, t.max_new_tokens)
 
   def examples(self, docs, model, context: Context):
@@ -179,7 +202,7 @@ class PolicyOptimization(RecordTask):
     if not kept:
       raise UserError(f"no prompt fits the model's context of {model.cfg.max_len} tokens with "
                       f"task.max_new_tokens={t.max_new_tokens}")
-    prompt, valid = batches.pad([ids[i] for i in kept], max(len(ids[i]) for i in kept),
+    prompt, valid = tokenizer_lib.pad([ids[i] for i in kept], max(len(ids[i]) for i in kept),
                                 tokenizer.eot_id, left=True)
     return ({"prompt": prompt, "prompt_valid": valid, "record": np.asarray(kept, np.int32),
              "weights": np.ones(len(kept), np.float32)}, np.asarray(kept),
@@ -267,7 +290,7 @@ class Rollouts:
     tokens_RxT = jnp.concatenate([prompt_RxP, new_RxN], axis=1)
     valid_RxT = jnp.concatenate([valid_RxP, jnp.ones(new_RxN.shape, bool)], axis=1)
     positions_RxT = jnp.maximum(jnp.cumsum(valid_RxT, axis=1) - 1, 0)
-    logps = lambda p: objectives.token_logps(self.model, p, tokens_RxT, positions_RxT,
+    logps = lambda p: token_logps(self.model, p, tokens_RxT, positions_RxT,
                                              valid_RxT)
     return (new_RxN, tokens_RxT, positions_RxT, valid_RxT, mask_RxT, logps(params),
             logps(self._reference(trainable, frozen, reference)))
@@ -322,7 +345,7 @@ class Rollouts:
     records = [self.records[i] for i in self.held_out]
     texts = [prompts_lib.prompt_text(r, self.tokenizer) for r in records]
     ids = prompts_lib.encode_prompts(self.tokenizer, texts)
-    prompt, valid = batches.pad(ids, max(map(len, ids)), self.tokenizer.eot_id, left=True)
+    prompt, valid = tokenizer_lib.pad(ids, max(map(len, ids)), self.tokenizer.eot_id, left=True)
     with sharding.activate(self.mesh, self.cfg.mesh):
       greedy = self._greedy(params, prompt, valid)
       sampled = self._sampled(params, np.repeat(prompt, self.group, axis=0),
@@ -353,3 +376,78 @@ def _process_share(rows: int) -> slice:
   """This process's rows of a global batch's row axis (processes hold contiguous shares)."""
   share = rows // jax.process_count()
   return slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective
+
+
+# The normalisations of the policy-gradient loss (the per-token loss l summed over completion
+# tokens t of sequences i; |o_i| a completion's length, G·B sequences, N = task.max_new_tokens):
+NORMALIZATIONS = {
+    "token": "Σ l / Σ|o_i|: every completion token weighs the same (DAPO)",
+    "sequence": "mean over sequences of Σ_t l / |o_i| (GRPO as published)",
+    "constant": "Σ l / (G·B·N): no length bias either way (Dr. GRPO)",
+}
+
+
+def token_logps(model, params, tokens_MxT, positions_MxT, valid_MxT, with_logits=False):
+  """log π(token t + 1 | the tokens up to t), [M, T - 1] (and the logits they come from)."""
+  logits_MxLxV = model.apply({"params": params}, tokens_MxT[:, :-1], positions_MxT[:, :-1],
+                             valid_MxT[:, :-1])
+  logps_MxL = -optax.softmax_cross_entropy_with_integer_labels(logits_MxLxV, tokens_MxT[:, 1:])
+  return (logps_MxL, logits_MxLxV) if with_logits else logps_MxL
+
+
+def policy_gradient(model, clip_low: float, clip_high: float, kl_coef: float,
+                    normalize: str, max_new_tokens: int) -> objectives.Objective:
+  """PPO's clipped surrogate on sampled completions, with a KL penalty to a reference: per
+  completion token, l = -min(ρ A, clip(ρ, 1 - clip_low, 1 + clip_high) A) + kl_coef · k3, where
+  ρ = π(token) / π_old(token), π_old the policy that sampled (log-probabilities in the batch,
+  `old_logps`), A the completion's advantage, and k3 = π_ref/π - log(π_ref/π) - 1 (Schulman's
+  unbiased, positive KL estimator; the reference's log-probabilities `ref_logps`). With one
+  update per rollout ρ = 1 and the gradient is REINFORCE's with the advantage's baseline.
+  `normalize`: see NORMALIZATIONS."""
+
+  def loss(params, batch, dropout_rng, train):
+    logps_MxL, logits_MxLxV = token_logps(model, params, batch["tokens"], batch["positions"],
+                                          batch["valid"], with_logits=True)
+    mask_MxL = batch["mask"][:, 1:]  # the token at t + 1 is predicted at t
+    ratio_MxL = jnp.exp(logps_MxL - batch["old_logps"])
+    advantage_Mx1 = batch["advantages"][:, None]
+    clipped_MxL = jnp.clip(ratio_MxL, 1.0 - clip_low, 1.0 + clip_high)
+    surrogate_MxL = jnp.minimum(ratio_MxL * advantage_Mx1, clipped_MxL * advantage_Mx1)
+    log_ref_ratio_MxL = batch["ref_logps"] - logps_MxL
+    kl_MxL = jnp.exp(log_ref_ratio_MxL) - log_ref_ratio_MxL - 1.0
+    per_token_MxL = (-surrogate_MxL + kl_coef * kl_MxL) * mask_MxL
+    lengths_M = jnp.sum(mask_MxL, axis=-1)
+    if normalize == "sequence":
+      loss_sum = jnp.sum(jnp.sum(per_token_MxL, -1) / jnp.maximum(lengths_M, 1.0))
+    elif normalize == "constant":
+      loss_sum = jnp.sum(per_token_MxL) / max_new_tokens
+    else:
+      loss_sum = jnp.sum(per_token_MxL)
+    probs_MxLxV = jax.nn.softmax(logits_MxLxV)
+    entropy_MxL = -jnp.sum(probs_MxLxV * jax.nn.log_softmax(logits_MxLxV), axis=-1)
+    w_M = batch["weights"]
+    was_clipped = (ratio_MxL * advantage_Mx1 != surrogate_MxL)
+    return {"loss": loss_sum, "tokens": jnp.sum(mask_MxL), "sequences": jnp.sum(w_M),
+            "kl": jnp.sum(kl_MxL * mask_MxL), "clipped": jnp.sum(was_clipped * mask_MxL),
+            "entropy": jnp.sum(entropy_MxL * mask_MxL),
+            "reward": jnp.sum(batch["rewards"] * w_M),
+            "reward_sq": jnp.sum(batch["rewards"] ** 2 * w_M),
+            "no_signal": jnp.sum(batch["no_signal"] * w_M)}
+
+  def summarize(sums):
+    per = lambda key, by: float(sums[key]) / max(float(sums[by]), 1.0)
+    mean = per("reward", "sequences")
+    return {"loss": per("loss", "tokens" if normalize == "token" else "sequences"),
+            "reward": mean, "reward_std": math.sqrt(max(per("reward_sq", "sequences") - mean ** 2,
+                                                        0.0)),
+            "kl": per("kl", "tokens"), "clip_fraction": per("clipped", "tokens"),
+            "entropy": per("entropy", "tokens"),
+            "completion_length": per("tokens", "sequences"),
+            "no_signal_groups": per("no_signal", "sequences")}
+
+  weights = "mask" if normalize == "token" else "weights"
+  return objectives.Objective(loss, summarize, terms=(("loss", weights, 1.0),))
