@@ -1,4 +1,8 @@
-"""Flax linen models. Nothing here knows about data, tasks or training."""
+"""Flax linen models. Nothing here knows about data, tasks or training.
+
+The families (model.kind) are registered in FAMILIES; each says what differs about it (`causal`,
+`needs_bert_specials`), so nothing outside this package compares model.kind.
+"""
 
 import dataclasses
 
@@ -9,7 +13,12 @@ from llm.model.gpt import GPT
 from llm.model.heads import Classifier
 from llm.model.layers import TransformerConfig
 
-FAMILIES = {"gpt": GPT, "bert": BERT}
+FAMILIES = {family.kind: family for family in (GPT, BERT)}
+
+
+def family(kind: str):
+  """The model class of model.kind (validated by config.validate)."""
+  return FAMILIES[kind]
 
 
 def transformer_config(model_cfg, vocab_size: int) -> TransformerConfig:

@@ -10,6 +10,8 @@ plus a bias of its own) read only at the selected positions; the NSP head on the
 Layers are the GPT's (llm/model/layers.py).
 """
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -19,6 +21,9 @@ from llm.model.layers import (ACTIVATIONS, Dense, TransformerConfig, dense_init,
 
 class BERT(nn.Module):
   cfg: TransformerConfig
+  kind: ClassVar[str] = "bert"  # model.kind
+  causal: ClassVar[bool] = False  # an encoder: it reads both ways and generates nothing
+  needs_bert_specials: ClassVar[bool] = True  # its tokenizer needs [CLS], [SEP], [MASK]
 
   def setup(self):
     cfg = self.cfg

@@ -10,6 +10,8 @@ attention; see layers.py).
 token attends only to tokens of its own document, and `positions_BxL` restart in each.
 """
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -19,6 +21,9 @@ from llm.model.layers import (Dense, TransformerConfig, dense_init, make_blocks,
 
 class GPT(nn.Module):
   cfg: TransformerConfig
+  kind: ClassVar[str] = "gpt"  # model.kind
+  causal: ClassVar[bool] = True  # a decoder: it generates text
+  needs_bert_specials: ClassVar[bool] = False  # its tokenizer needs [CLS], [SEP], [MASK]
 
   def setup(self):
     cfg = self.cfg

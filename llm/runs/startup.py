@@ -68,7 +68,7 @@ def choose_tokenizer(task: tasks.Task, docs, workdir: str = "",
   elif cfg.data.prepared:
     tokenizer = shards.saved_tokenizer(cfg.data.prepared)
   else:
-    trains = not cfg.tokenizer.path and cfg.tokenizer.kind in ("sentencepiece", "wordpiece")
+    trains = not cfg.tokenizer.path and tokenizer_lib.get(cfg.tokenizer.kind).learns_from_text
     with tempfile.TemporaryDirectory() as tmp:
       tokenizer = tokenizer_lib.build(cfg, task.tokenizer_texts(docs) if trains else None, tmp)
   if cfg.tokenizer.chat_template:  # the config's template over the one the files ship

@@ -41,8 +41,21 @@ class Trainer:
     self.batches, self.schema = self.data.batches, self.data.schema
     self.trainable = params_lib.is_trainable(cfg, model_lib.shape_of(self.model).num_layers)
     self.assemble = functools.partial(params_lib.assemble, cfg)
-    self.tx = None  # the optimizer: built by init_state or abstract_state, which know the
-    #                 parameters' axis names (Muon routes by them)
+    # The parameters' shapes and logical axis names (Muon routes by them), nothing computed:
+    # the optimizer, the state's shardings and the counts are known before any array exists.
+    shapes, shardings = params_lib.abstract(cfg, self.model, self.mesh, cfg.mesh)
+    self.boxed_trainable, boxed_frozen = params_lib.split(shapes, self.trainable)
+    if not jax.tree.leaves(self.boxed_trainable):
+      raise UserError(f"train.trainable={cfg.train.trainable!r} leaves nothing to train in this "
+                      "model")
+    self.frozen_shapes = params_lib.values(boxed_frozen)
+    self.frozen_shardings = params_lib.split(shardings, self.trainable)[1]
+    self.tx = optim.build(cfg.train, self.boxed_trainable, self.data.updates_per_batch)
+    with sharding.activate(self.mesh, cfg.mesh):
+      self.state_shardings = sharding.logical_shardings(
+          jax.eval_shape(self.new_state, self.boxed_trainable), self.mesh, cfg.mesh)
+    self.num_params = params_lib.count(params_lib.values(shapes))
+    self.num_trainable = params_lib.count(params_lib.values(self.boxed_trainable))
     self.benchmarks = self.load_benchmarks()
     if self.is_main:
       print(f"{self.data.summary}; {jax.device_count()} devices as mesh {dict(self.mesh.shape)}")
@@ -51,31 +64,22 @@ class Trainer:
     """train.evals' benchmarks: name -> its first train.eval_examples examples."""
     tr = self.cfg.train
     specs = [s.strip() for s in tr.evals.split(",") if s.strip()]
-    if specs and (self.task.produces != "text" or self.cfg.model.kind != "gpt"):
+    if specs and (self.task.produces != "text"
+                  or not model_lib.family(self.cfg.model.kind).causal):
       raise UserError(f"train.evals scores language models; task.kind={self.cfg.task.kind} "
                       f"with model.kind={self.cfg.model.kind} is not one")
     return dict(benchmarks.load(spec, tr.benchmark_dir, tr.eval_examples) for spec in specs)
 
   def init_state(self):
-    """(train state, frozen parameters), created sharded; their shardings are kept on self.
+    """(train state, frozen parameters), created sharded.
 
     The state holds the trainable parameters and their optimizer state; frozen parameters are
     an input of every step, never saved.
     """
-    cfg = self.cfg
-    params, param_shardings, boxed = self.context.start.init(self.model)
+    params = self.context.start.init(self.model)[0]
     trainable, frozen = params_lib.split(params, self.trainable)
-    boxed_trainable = params_lib.split(boxed, self.trainable)[0]
-    if not jax.tree.leaves(trainable):
-      raise UserError(f"train.trainable={cfg.train.trainable!r} leaves nothing to train in this "
-                      "model")
-    self.frozen_shardings = params_lib.split(param_shardings, self.trainable)[1]
-    self.tx = optim.build(cfg.train, boxed_trainable, self.data.updates_per_batch)
-    with sharding.activate(self.mesh, cfg.mesh):
-      self.state_shardings = sharding.logical_shardings(
-          jax.eval_shape(self.new_state, boxed_trainable), self.mesh, cfg.mesh)
+    with sharding.activate(self.mesh, self.cfg.mesh):
       state = jax.jit(self.new_state, out_shardings=self.state_shardings)(trainable)
-    self.num_params, self.num_trainable = params_lib.count(params), params_lib.count(trainable)
     return state, frozen
 
   def new_state(self, params) -> dict:
@@ -96,19 +100,11 @@ class Trainer:
   def abstract_state(self):
     """(train state, frozen parameters) as shapes and dtypes with their shardings, nothing
     computed: what the train step compiles for ahead of time (llm.bench --topology)."""
-    shapes, shardings = params_lib.abstract(self.cfg, self.model, self.mesh, self.cfg.mesh)
-    trainable, frozen = params_lib.split(shapes, self.trainable)
-    self.frozen_shardings = params_lib.split(shardings, self.trainable)[1]
-    self.tx = optim.build(self.cfg.train, trainable, self.data.updates_per_batch)
     with sharding.activate(self.mesh, self.cfg.mesh):
-      self.state_shardings = sharding.logical_shardings(
-          jax.eval_shape(self.new_state, trainable), self.mesh, self.cfg.mesh)
-      state = jax.eval_shape(self.new_state, params_lib.values(trainable))
+      state = jax.eval_shape(self.new_state, params_lib.values(self.boxed_trainable))
     with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    self.num_params = params_lib.count(params_lib.values(shapes))
-    self.num_trainable = params_lib.count(params_lib.values(trainable))
     return (jax.tree.map(with_sharding, state, self.state_shardings),
-            jax.tree.map(with_sharding, params_lib.values(frozen), self.frozen_shardings))
+            jax.tree.map(with_sharding, self.frozen_shapes, self.frozen_shardings))
 
   def jit_train_step(self):
     """The train step, compiled for the state's shardings, with the old state donated."""
@@ -166,7 +162,7 @@ class Trainer:
     return self.cfg.train.batch_size * self.schema.tokens
 
   def throughput(self) -> metrics.Throughput:
-    """Tokens/s and MFU of timed steps (after init_state, which counts the parameters)."""
+    """Tokens/s and MFU of timed steps."""
     m = model_lib.shape_of(self.model)
     non_embedding = self.num_params - (  # learned position embeddings do no matmul
         m.max_len * m.d_model if m.positions == "learned" else 0)
