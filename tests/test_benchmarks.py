@@ -125,6 +125,7 @@ def _answers(results, task):
   return [s["resps"] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
 
 
+@pytest.mark.slow
 def test_the_adapter_answers_every_request_as_the_harness_hf_model(harness_runs):
   theirs, ours, _ = harness_runs
   for task in ("tiny_arc", "tiny_lambada"):  # (log-likelihood, greedy) per request
@@ -142,6 +143,7 @@ def test_the_adapter_answers_every_request_as_the_harness_hf_model(harness_runs)
         assert ours["results"][task][metric] == pytest.approx(value, rel=1e-4), (task, metric)
 
 
+@pytest.mark.slow
 def test_the_in_process_scorer_gives_the_harness_numbers(harness_runs):
   theirs, _, run_dir = harness_runs
   run = loading.load(run_dir)
@@ -279,6 +281,7 @@ def test_every_benchmark_is_fetched_and_checked(tmp_path, monkeypatch):
     server.shutdown()
 
 
+@pytest.mark.slow
 def test_benchmarks_while_training_compile_once_survive_a_resume_and_are_drawn(tmp_path,
                                                                                monkeypatch):
   from conftest import read_metrics, tiny_config

@@ -85,6 +85,7 @@ def test_masking_rates_specials_and_nsp_balance(wordpiece):
   assert (later["mlm_positions"] != masked["mlm_positions"][:50]).any()
 
 
+@pytest.mark.slow
 def test_tiny_bert_learns_mlm_and_nsp(tmp_path, capsys):
   from llm.runs.trainer import train
   cfg = tiny_config(tmp_path, **{
@@ -113,6 +114,7 @@ def test_tiny_bert_learns_mlm_and_nsp(tmp_path, capsys):
          f"mlm_accuracy {last['mlm_accuracy']:.4f}, nsp_accuracy" in shown.out + shown.err
 
 
+@pytest.mark.slow
 def test_bert_resume_is_bit_exact_across_epochs(tmp_path):
   """Pairs and masks come from (seed, epoch, example): a run stopped at step 3 and resumed
   draws the same ones as a run that never stopped, also in the epochs after the restart."""

@@ -173,6 +173,7 @@ def test_a_stream_resumes_exactly_and_keeps_the_stream_order(tmp_path, gpt2):
   resumed.windows.close()
 
 
+@pytest.mark.slow
 def test_a_streamed_run_with_document_masks_resumes_exactly(tmp_path):
   from llm.runs.trainer import train
   cfg = tiny_config(tmp_path, **{"data.streaming": True, "data.document_masks": True,

@@ -19,7 +19,7 @@ from llm.runs.trainer import train
 from llm.training import preemption
 
 # Its tests share module fixtures: one pytest-xdist worker runs them all.
-pytestmark = pytest.mark.xdist_group("faults")
+pytestmark = [pytest.mark.xdist_group("faults"), pytest.mark.slow]
 
 
 # Dropout and gradient accumulation on: a resumed run must draw the same masks and micro-batches.

@@ -176,6 +176,7 @@ def _params(workdir):
   return traverse_util.flatten_dict(jax.device_get(loading.load(workdir).params), sep="/")
 
 
+@pytest.mark.slow
 def test_instruction_lora_freezes_the_base_and_merges(tmp_path, base_run, test_data):
   from llm import convert
   from llm.runs import rundir
@@ -239,6 +240,7 @@ def test_instruction_lora_freezes_the_base_and_merges(tmp_path, base_run, test_d
   assert "### Response" not in proc.stdout and "Below is" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_last_block_finetuning_changes_only_the_top(tmp_path, base_run, test_data):
   from llm.runs.trainer import train
   cfg = finetune_config(tmp_path, base_run, "finetune_instruct.py", **{
@@ -266,6 +268,7 @@ def _separable_csv(path, n=160, seed=0):
   path.write_text("\n".join(rows) + "\n")
 
 
+@pytest.mark.slow
 def test_classifier_learns_a_separable_task(tmp_path, base_run):
   from llm.classify import TextClassifier
   from llm.evals import splits
@@ -292,6 +295,7 @@ def test_classifier_learns_a_separable_task(tmp_path, base_run):
   assert label == "good" and 0.5 < prob <= 1.0
 
 
+@pytest.mark.slow
 def test_bad_fine_tuning_data_fails_clearly(tmp_path, base_run):
   from llm.runs.trainer import train
   csv = tmp_path / "data.csv"

@@ -64,6 +64,7 @@ def test_print_config_lists_every_key_with_its_meaning():
   assert "train.steps = 7" in result.stdout and "# optimizer steps" in result.stdout
 
 
+@pytest.mark.slow
 def test_no_test_or_module_reads_outside_the_repository(tmp_path):
   """The suite's data lives in tests/data: a copy of the repository with nothing beside it
   collects every test and passes the tests that read data files."""
@@ -242,6 +243,7 @@ def test_chatter_of_xla_and_gloo_is_hidden_and_the_rest_passes():
                    "step 2: eval loss 7.5\n")
 
 
+@pytest.mark.slow
 def test_training_needs_no_compiler(tmp_path):
   """A machine without a C++ compiler trains: the run's PATH holds Python and, in place of
   every compiler, a script that records being called and fails. None is called."""

@@ -137,6 +137,7 @@ def test_adamw_is_optax_adamw_bit_for_bit_and_a_skipped_step_moves_nothing():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_optimizers_equal_optax_under_the_default_xla_flags():
   # The suite compiles without XLA's LLVM optimisations (conftest.py); users run with the
   # defaults. The same comparisons, in a process that keeps XLA's defaults.
@@ -220,6 +221,7 @@ def test_schedules_at_warmup_end_mid_run_and_last_step():
   assert value(220, **extended) == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_ema_precision_and_z_loss_through_a_run(tmp_path):
   """EMA by hand over the steps and after a resume; --use_ema evaluates the average; bfloat16
   parameters train with a float32 loss; z-loss adds log(Z)^2 to what is minimised."""
@@ -269,6 +271,7 @@ def test_ema_precision_and_z_loss_through_a_run(tmp_path):
   assert np.abs(logits(plain) - logits(averaged)).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_profile_and_offline_wandb_write_their_files(tmp_path):
   """In a process of its own: the profiler crashes in one where libtpu was loaded for an
   ahead-of-time TPU compile (test_tpu_compile.py may run in this worker)."""
@@ -294,6 +297,7 @@ def test_profile_and_offline_wandb_write_their_files(tmp_path):
   assert [m["step"] for m in read_metrics(str(workdir)) if m["split"] == "train"] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_every_optimizer_resumes_bit_exactly_on_a_mesh(tmp_path):
   """Saved after two steps and restored, every optimizer's next two steps (state, EMA and all)
   equal the uninterrupted ones bit for bit on a 2x2x2 mesh whose fsdp axis shards the optimizer

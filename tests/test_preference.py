@@ -22,7 +22,7 @@ from llm.text.prompts import alpaca_prompt
 from llm.training import preemption
 
 # Its tests share module fixtures: one pytest-xdist worker runs them all.
-pytestmark = pytest.mark.xdist_group("preference")
+pytestmark = [pytest.mark.xdist_group("preference"), pytest.mark.slow]
 
 
 def _np_logps(logits_MxLxV, tokens_MxT, response_MxT, average):

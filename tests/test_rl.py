@@ -128,6 +128,7 @@ def test_completion_masks_stop_after_the_end_of_text():
                                 [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
 
 
+@pytest.mark.slow
 def test_a_reward_that_fails_is_named(tmp_path, base_run, records):
   rewards = rl.Rewards(rl_config(tmp_path, base_run, records,
                                  **{"task.rewards": "brevity,test_rl:wrong_count*0.5"}), None)
@@ -159,6 +160,7 @@ def rl_runs(tmp_path_factory, base_run, records):
   return straight, resumed
 
 
+@pytest.mark.slow
 def test_grpo_raises_the_reward_and_resumes_bit_exactly(rl_runs):
   straight, resumed = rl_runs
   lines = [m for m in read_metrics(straight) if m["split"] == "train"]
@@ -179,6 +181,7 @@ def test_grpo_raises_the_reward_and_resumes_bit_exactly(rl_runs):
   assert same(resumed) == same(straight)
 
 
+@pytest.mark.slow
 def test_the_lora_reference_is_the_base_model(tmp_path, base_run, records):
   trainer = Trainer(rl_config(tmp_path, base_run, records, **{"lora.rank": 4}),
                     str(tmp_path / "lora"))

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, read_metrics
 
 # Its tests share module fixtures: one pytest-xdist worker runs them all.
-pytestmark = pytest.mark.xdist_group("sharding")
+pytestmark = [pytest.mark.xdist_group("sharding"), pytest.mark.slow]
 
 
 HELPER = os.path.join(ROOT, "tests", "mesh_runs.py")

@@ -62,6 +62,7 @@ def _copy_config(tmp_path, **overrides):
                                   "data.test_fraction": 0.1, **overrides})
 
 
+@pytest.mark.slow
 def test_a_task_defined_in_one_file_trains_evaluates_and_resumes(tmp_path, capsys):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   train(_copy_config(tmp_path), straight)

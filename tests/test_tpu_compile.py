@@ -9,7 +9,7 @@ from llm.bench import generate
 from llm.runs import ahead_of_time
 from llm.training import metrics
 
-pytestmark = pytest.mark.xdist_group("tpu")
+pytestmark = [pytest.mark.xdist_group("tpu"), pytest.mark.slow]
 
 
 def _config(tmp_path, data, fsdp, tensor):
