@@ -129,7 +129,8 @@ def base_config() -> ml_collections.ConfigDict:
   tr.steps = 1000  # optimizer steps
   tr.batch_size = 32  # global, in sequences, per optimizer step
   tr.grad_accum = 1  # micro-batches per step; batch_size must divide by it
-  tr.optimizer = "adamw"  # adamw, muon, lion, adafactor, sgd or schedule_free (llm/training/optim.py)
+  tr.optimizer = "adamw"  # adamw, muon, lion, adafactor, sgd or schedule_free
+  #                         (llm/training/optim.py)
   tr.lr = 3e-4  # peak learning rate (Muon's hidden matrices: train.muon_lr)
   tr.schedule = "cosine"  # after the warmup: cosine, linear (to min_lr), wsd, constant
   tr.min_lr = 3e-5  # where the schedule's decay ends
@@ -201,10 +202,11 @@ def describe_keys() -> dict[str, str]:
   task_keys = {f"task.{name}": meaning for name, (_, meaning) in tasks.config_keys().items()}
   ordered = {}
   for key, meaning in described.items():
-    ordered[key] = meaning
     if key == "task.kind":
       ordered[key] = f"{meaning}: one of {', '.join(tasks.kinds())}"
       ordered.update(task_keys)
+    else:
+      ordered[key] = meaning
   return ordered
 
 

@@ -60,7 +60,7 @@ def main(argv):
   run = loading.load(FLAGS.workdir, use_ema=FLAGS.use_ema)
   if FLAGS.benchmark:
     splits.score_benchmarks(run, FLAGS.benchmark, FLAGS.benchmark_dir, FLAGS.limit,
-                                FLAGS.num_fewshot, FLAGS.batch_size)
+                            FLAGS.num_fewshot, FLAGS.batch_size)
     return
   options = tasks.EvalOptions(FLAGS["data.path"].value or "", FLAGS["data.text_field"].value,
                               FLAGS.max_length, FLAGS.batch_size, FLAGS.output or "",

@@ -11,9 +11,9 @@ def written(path):
   """Yields a temporary path beside `path` (local or a bucket's) to write, a file or a folder;
   it becomes `path`
   when the block ends, and is removed if the block raises or a signal stops it (see
-  llm/training/preemption.py), so that a reader never sees half a file and nothing is left behind. The
-  name carries the writer's process id: `remove_stale` tells a killed writer's from a live
-  one's."""
+  llm/training/preemption.py), so that a reader never sees half a file and nothing is left
+  behind. The name carries the writer's process id: `remove_stale` tells a killed writer's from
+  a live one's."""
   path = epath.Path(path)
   tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
   try:

@@ -34,7 +34,8 @@ def main(argv):
                     "(or --prompt=TEXT) --response=TEXT [--response=TEXT ...]")
   prompt = (alpaca_prompt(FLAGS.instruction, FLAGS.input) if FLAGS.instruction is not None
             else FLAGS.prompt)
-  rewards = Scorer(loading.load(FLAGS.workdir)).score([prompt] * len(FLAGS.response), FLAGS.response)
+  scorer = Scorer(loading.load(FLAGS.workdir))
+  rewards = scorer.score([prompt] * len(FLAGS.response), FLAGS.response)
   for reward, response in zip(rewards, FLAGS.response):
     print(f"{reward:+.4f}  {response}")
 

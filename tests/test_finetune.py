@@ -224,7 +224,7 @@ def test_instruction_lora_freezes_the_base_and_merges(tmp_path, base_run, test_d
   run = loading.load(workdir)
   data, docs = run.task.data_for(run.model, startup.run_context(run))
   written = splits.write_responses(run, data, docs, str(out), max_new_tokens=3,
-                                      batch_size=8)
+                                   batch_size=8)
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert rows == written and len(rows) == 20
   assert set(rows[0]) == {"instruction", "input", "output", "response"}
@@ -289,7 +289,7 @@ def test_classifier_learns_a_separable_task(tmp_path, base_run):
 
   run = loading.load(workdir)
   results = splits.evaluate_splits(run, run.task.data_for(run.model,
-                                                              startup.run_context(run))[0])
+                                                          startup.run_context(run))[0])
   assert results["test"]["confusion"] == test["confusion"]
   [(label, prob)] = TextClassifier(workdir).classify(["sunny warm happy calm bright sunny"])
   assert label == "good" and 0.5 < prob <= 1.0

@@ -198,7 +198,7 @@ def test_reward_model_loss_is_bradley_terry_and_it_learns(reward_run, records):
   record = _record(records, task.splits["eval"][0])
   prompt = alpaca_prompt(record["instruction"], record.get("input") or "")
   got = Scorer(loading.load(reward_run)).score([prompt, prompt],
-                                            [record["chosen"], record["rejected"]])
+                                               [record["chosen"], record["rejected"]])
   np.testing.assert_allclose(got, scores[0], rtol=1e-5, atol=1e-5)
 
 

@@ -44,7 +44,7 @@ def test_the_train_step_with_splash_attention_compiles_for_a_v5e_slice(tmp_path)
 
 def test_the_kv_cache_decoding_compiles_for_the_same_slice(tmp_path):
   report = generate.bench_generate_for(_config(tmp_path, 1, 1, 4), "v5e:2x2", batch=4,
-                                    prompt_len=16, new_tokens=32)
+                                       prompt_len=16, new_tokens=32)
   assert report["device"] == "4 x TPU v5 lite" and report["fits"]
   assert report["kv_cache_gb_all_devices"] > 0 and report["params_gb"] > 0
   per_token_s = ((report["params_gb"] + report["kv_cache_gb_all_devices"] / 4) * 1e9

@@ -99,24 +99,26 @@ def main(argv):
   elif argv[1] == "train":
     against = None
     if FLAGS.compare_torch:
-      against = lambda ours: {**torch_reference.torch_train(FLAGS.config, max(FLAGS.steps, 1), ours),
-                              **torch_reference.bench_block(FLAGS.config), **torch_reference.bench_attention(FLAGS.config),
+      steps = max(FLAGS.steps, 1)
+      against = lambda ours: {**torch_reference.torch_train(FLAGS.config, steps, ours),
+                              **torch_reference.bench_block(FLAGS.config),
+                              **torch_reference.bench_attention(FLAGS.config),
                               **torch_reference.bench_matmuls(FLAGS.config)}
     result = train.bench_train(FLAGS.config, FLAGS.steps, FLAGS.profile, against)
   elif argv[1] == "rl":
     result = train.bench_rl(FLAGS.config, max(FLAGS.steps, 1))
   elif argv[1] == "evaluate":
-    result = evaluate.bench_evaluate(FLAGS.config, FLAGS.examples, FLAGS.context_len, FLAGS.choice_len,
-                            FLAGS.requests_per_batch, FLAGS.compare_hf)
+    result = evaluate.bench_evaluate(FLAGS.config, FLAGS.examples, FLAGS.context_len,
+                                     FLAGS.choice_len, FLAGS.requests_per_batch, FLAGS.compare_hf)
   elif argv[1] == "data":
     result = data.bench_data(FLAGS.config, [int(mb) for mb in FLAGS.corpus_mb], FLAGS.corpus_dir)
   elif FLAGS.topology:
-    result = generate.bench_generate_for(FLAGS.config, FLAGS.topology, FLAGS.batch, FLAGS.prompt_len,
-                                FLAGS.new_tokens)
+    result = generate.bench_generate_for(FLAGS.config, FLAGS.topology, FLAGS.batch,
+                                         FLAGS.prompt_len, FLAGS.new_tokens)
     device = result.pop("device") + f" ({FLAGS.topology}, compiled ahead of time; estimates)"
   else:
-    result = generate.bench_generate(FLAGS.config, FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens,
-                            FLAGS.repeats, FLAGS.compare_hf)
+    result = generate.bench_generate(FLAGS.config, FLAGS.batch, FLAGS.prompt_len,
+                                     FLAGS.new_tokens, FLAGS.repeats, FLAGS.compare_hf)
   print(f"{argv[1]} on {device}:")
   for key, value in result.items():
     print(f"  {key}: {'n/a' if value is None else value if isinstance(value, bool) else f'{value:,.4g}'}")

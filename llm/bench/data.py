@@ -2,6 +2,7 @@
 the tokenizer's batch throughput, `llm.prepare`'s throughput, wall time and peak memory per corpus
 size, and the time from starting `llm.train` on prepared shards to its first step."""
 
+import glob
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import time
 from llm import config as config_lib
 from llm.data import shards, sources
 from llm.errors import UserError
+from llm.text import tokenizer as tokenizer_lib
 
 
 def make_corpus(path: str, megabytes: int) -> str:
@@ -21,7 +23,6 @@ def make_corpus(path: str, megabytes: int) -> str:
   library's sources, again and again."""
   if os.path.exists(path):
     return path
-  import glob
   stdlib = os.path.dirname(os.__file__)
   texts = list(sources.embedded_corpus()["text"])
   for file in sorted(glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)):
@@ -60,7 +61,6 @@ def _config_flags() -> list[str]:
 
 
 def bench_data(cfg, sizes_mb: list[int], workdir: str) -> dict:
-  from llm.text import tokenizer as tokenizer_lib
   os.makedirs(workdir, exist_ok=True)
   cfg = config_lib.resolve(cfg)
   with tempfile.TemporaryDirectory() as tmp:

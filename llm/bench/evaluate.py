@@ -2,6 +2,7 @@
 lm-evaluation-harness's Hugging Face backend beside it)."""
 
 import time
+import types
 
 import flax.linen as nn
 import jax
@@ -12,6 +13,7 @@ from llm import config as config_lib
 from llm import model as model_lib
 from llm.bench import torch_reference
 from llm.errors import UserError
+from llm.evals import loglikelihood
 from llm.training import sharding
 
 
@@ -22,8 +24,6 @@ def bench_evaluate(cfg, examples: int, context_len: int, choice_len: int, batch_
   through loglikelihood.LogLikelihood after one untimed pass (which compiles); examples/s.
   With `compare_hf`, lm-evaluation-harness's Hugging Face backend on transformers' GPT-2 of the
   same shape, on the same token ids, in the same process."""
-  import types
-  from llm.evals import loglikelihood
   config_lib.validate(cfg)
   model = model_lib.build(cfg.model, cfg.tokenizer.vocab_size)
   if context_len + choice_len > model.cfg.max_len + 1:

@@ -18,6 +18,7 @@ from llm.inference.sampling import generate_tokens
 from llm.model import attention
 from llm.runs import ahead_of_time
 from llm.training import metrics, sharding
+from llm.training import params as params_lib
 
 
 def bench_generate(cfg, batch: int, prompt_len: int, new_tokens: int, repeats: int,
@@ -63,7 +64,6 @@ def bench_generate_for(cfg, topology: str, batch: int, prompt_len: int,
   (parameters split by the config's mesh rules; nothing is made): per device, the parameters',
   the KV cache's and XLA's temporary bytes against the chip's memory, and the decode rate that
   reading the parameters and the cache once per token at the memory's bandwidth allows."""
-  from llm.training import params as params_lib
   config_lib.validate(cfg)
   devices = ahead_of_time.topology_devices(topology)
   mesh = sharding.make_mesh(cfg.mesh, devices)

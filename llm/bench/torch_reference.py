@@ -144,7 +144,8 @@ def bench_matmuls(cfg, repeats: int = 20) -> dict:
     jax_lhs, jax_rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     torch_lhs, torch_rhs = torch.from_numpy(lhs), torch.from_numpy(rhs)
     jax_s = float(np.median(timing.times(lambda: product(jax_lhs, jax_rhs), repeats)))
-    torch_s = float(np.median(timing.times(lambda: torch.einsum(spec, torch_lhs, torch_rhs), repeats)))
+    torch_s = float(np.median(timing.times(lambda: torch.einsum(spec, torch_lhs, torch_rhs),
+                                           repeats)))
     out_shape = jax.eval_shape(product, jax_lhs, jax_rhs).shape
     contracted = lhs.size // math.prod(out_shape[:-1])  # the summed dim's size
     flops = 2 * math.prod(out_shape) * contracted

@@ -15,6 +15,7 @@ from llm import config as config_lib
 from llm.data import batches as data_batches
 from llm.errors import UserError
 from llm.runs import ahead_of_time
+from llm.runs.trainer import new_health, Trainer
 from llm.training import metrics, sharding
 
 
@@ -31,8 +32,6 @@ def bench_train(cfg, steps: int, profile: str = "", against=None) -> dict:
   config's train step, on its own data; with `profile` (a folder) a jax.profiler trace of the
   timed steps. `against(ours)` adds its own results, given `ours(n)`, which runs n more of these
   steps."""
-  import tempfile
-  from llm.runs.trainer import new_health, Trainer
   with tempfile.TemporaryDirectory() as workdir:  # a run that writes nothing
     trainer = Trainer(cfg, workdir)
   state, frozen = trainer.init_state()
@@ -125,7 +124,6 @@ def bench_rl(cfg, steps: int) -> dict:
   compiles): the rollout (sampling, scoring, the policy's and the reference's log-probabilities;
   the host waits for it) and the update (task.updates_per_rollout passes); tokens/s of each
   and the share of a step spent sampling."""
-  from llm.runs.trainer import new_health, Trainer
   with tempfile.TemporaryDirectory() as workdir:  # a run that writes nothing
     trainer = Trainer(cfg, workdir)
   if trainer.data.rollout is None:

@@ -1,6 +1,6 @@
 """Log-likelihoods of continuations given contexts, tokenized and cut exactly as
-lm-evaluation-harness does it: what benchmark scoring (llm/evals/benchmarks.py) and the harness's model
-(llm/evals/harness.py) are made of.
+lm-evaluation-harness does it: what benchmark scoring (llm/evals/benchmarks.py) and the
+harness's model (llm/evals/harness.py) are made of.
 
     scorer = LogLikelihood(run.model, run.tokenizer, run.mesh, run.mesh_cfg)
     [(logp, greedy)] = scorer(run.params, [scorer.encode("The capital of France is", " Paris")])

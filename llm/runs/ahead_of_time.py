@@ -15,6 +15,7 @@ from llm import config as config_lib
 from llm import model as model_lib
 from llm.errors import UserError
 from llm.model import attention
+from llm.runs.trainer import new_health, Trainer
 from llm.training import metrics, sharding
 
 
@@ -42,11 +43,10 @@ class CompiledStep:
 
 
 def compile_for(cfg, topology: str) -> CompiledStep:
-  """The train step compiled for a TPU topology: see train.bench_compile_for. The step is compiled
-  for one micro-batch (grad_accum=1):
-  XLA's cost model counts a loop's body about once, whatever its trip count, and the memory
-  is a micro-batch's either way."""
-  from llm.runs.trainer import new_health, Trainer
+  """The config's real train step (the Trainer's model, shardings and mesh rules) compiled for
+  a TPU topology, its state abstract (shapes and shardings; nothing is made). The step is
+  compiled for one micro-batch (grad_accum=1): XLA's cost model counts a loop's body about
+  once, whatever its trip count, and the memory is a micro-batch's either way."""
   tr = cfg.train
   cfg = config_lib.replace(cfg, {"train.batch_size": tr.batch_size // tr.grad_accum,
                                  "train.grad_accum": 1})

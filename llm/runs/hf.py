@@ -110,7 +110,7 @@ def _load_tokenizer(directory: str, hf: dict) -> tokenizer_lib.Tokenizer:
         settings) else True
     if os.path.isfile(os.path.join(directory, "vocab.txt")):
       return huggingface.WordPieceTokenizer.from_file(os.path.join(directory, "vocab.txt"),
-                                                        lowercase)
+                                                      lowercase)
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(path):
       raise UserError(f"{directory} has neither vocab.txt nor tokenizer.json")

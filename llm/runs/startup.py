@@ -83,11 +83,13 @@ def context(s: Setup, mesh, workdir: str = "") -> tasks.Context:
   """What the task's data is made with, for this process of a run in `workdir` on `mesh`."""
   return tasks.Context(s.tokenizer, jax.process_index(), jax.process_count(),
                        task_data=rundir.path(workdir, rundir.TASK_DATA) if workdir else "",
-                       start=loading.Start(s.cfg, mesh, s.cfg.mesh, s.source), open_run=loading.load)
+                       start=loading.Start(s.cfg, mesh, s.cfg.mesh, s.source),
+                       open_run=loading.load)
 
 
 def run_context(run: loading.Run) -> tasks.Context:
   """The context of an opened run's task data: its tokenizer, its kept task data, the model it
   started from."""
   return tasks.Context(run.tokenizer, task_data=rundir.path(run.workdir, rundir.TASK_DATA),
-                       start=loading.Start(run.cfg, run.mesh, run.mesh_cfg), open_run=loading.load)
+                       start=loading.Start(run.cfg, run.mesh, run.mesh_cfg),
+                       open_run=loading.load)

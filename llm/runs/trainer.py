@@ -214,7 +214,7 @@ def make_train_step(objective: objectives.Objective, tx: optax.GradientTransform
     loss, grad_norm = objective.total(sums, counts), optax.tree.norm(grads)
     # Finite gradients give every optimizer here finite updates (its state is finite: a bad
     # step is never applied), so a step is known good or bad before the optimizer runs, and the
-    # optimizer skips a bad one within its own pass over the parameters.
+    # optimizer skips a bad one in its update (optim.skippable).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     going = health["stopped_at"] == 0
     apply = finite & going

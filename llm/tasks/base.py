@@ -141,7 +141,7 @@ class Context:
 
 @dataclasses.dataclass
 class EvalOptions:
-  """What llm.evaluate's flags ask of a task's splits."""
+  """What llm.evaluate's flags ask of a task's evaluation."""
   data_path: str = ""  # other data than the run's own
   text_field: str = "text"
   max_length: int = 0

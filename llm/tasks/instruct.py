@@ -86,5 +86,5 @@ class InstructionTuning(RecordTask):
     records (DIR/test_responses.jsonl) and judged (splits.judge)."""
     results, data, docs = self.evaluate_splits(run, context, options)
     results["test_responses"] = splits.write_test_responses(run, data, docs, options,
-                                                                open_run=context.open_run)
+                                                            open_run=context.open_run)
     return results

@@ -168,7 +168,7 @@ class DirectPreference(PreferencePairs):
     results, data, docs = self.evaluate_splits(run, context, options)
     reference = dataclasses.replace(run, params=context.start.params(run.model))
     results["test_responses"] = splits.write_test_responses(run, data, docs, options,
-                                                                reference, context.open_run)
+                                                            reference, context.open_run)
     return results
 
 

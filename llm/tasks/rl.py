@@ -203,7 +203,7 @@ class PolicyOptimization(RecordTask):
       raise UserError(f"no prompt fits the model's context of {model.cfg.max_len} tokens with "
                       f"task.max_new_tokens={t.max_new_tokens}")
     prompt, valid = tokenizer_lib.pad([ids[i] for i in kept], max(len(ids[i]) for i in kept),
-                                tokenizer.eot_id, left=True)
+                                      tokenizer.eot_id, left=True)
     return ({"prompt": prompt, "prompt_valid": valid, "record": np.asarray(kept, np.int32),
              "weights": np.ones(len(kept), np.float32)}, np.asarray(kept),
             f"prompts, {len(docs) - len(kept)} longer than the context leaves")

@@ -7,7 +7,13 @@ import tempfile
 from collections.abc import Iterable
 
 from llm.errors import UserError
-from llm.text.tokenizer import char_index, register, Tokenizer
+from llm.text.tokenizer import register, Tokenizer
+
+
+def _char_index(text: str) -> list[int]:
+  """UTF-8 byte offset -> the index of the character it falls in (and len(text) at the end)."""
+  index = [i for i, c in enumerate(text) for _ in c.encode("utf-8")]
+  return index + [len(text)]
 
 
 @register
@@ -106,7 +112,7 @@ class SentencePieceTokenizer(Tokenizer):
 
   def encode_offsets(self, text):
     pieces = self._sp.encode(text, return_type="proto").pieces
-    char_at = char_index(text)  # sentencepiece counts in UTF-8 bytes
+    char_at = _char_index(text)  # sentencepiece counts in UTF-8 bytes
     return [p.id for p in pieces], [(char_at[p.begin], char_at[p.end]) for p in pieces]
 
   def decode(self, ids):

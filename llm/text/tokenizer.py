@@ -122,12 +122,6 @@ def get(kind: str) -> type[Tokenizer]:
   return _REGISTRY[kind]
 
 
-def char_index(text: str) -> list[int]:
-  """UTF-8 byte offset -> the index of the character it falls in (and len(text) at the end)."""
-  index = [i for i, c in enumerate(text) for _ in c.encode("utf-8")]
-  return index + [len(text)]
-
-
 def pad(rows: list[list[int]], length: int, pad_id: int,
         left: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Rows of ids padded to `length`, on the right (or the `left`: prompts to continue, every
