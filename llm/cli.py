@@ -55,10 +55,10 @@ def _exits_cleanly(main):
       if not stopped_by:
         raise
     gc.collect()  # what the interrupted frames held goes first: a progress bar ends its line
-    if jax.process_index() == 0:
-      print(f"stopped by {stopped_by}; nothing is left half-written; run the same command "
-            "again", file=sys.stderr)
-    sys.exit(preemption.EXIT_PREEMPTED)
+    line = f"stopped by {stopped_by}; nothing is left half-written; run the same command again"
+    # Not sys.exit: XLA may still be compiling in a thread of its own, and an interpreter that
+    # shuts down under it crashes (exit 139). Nothing is left to clean up by now.
+    quit_at_once(preemption.EXIT_PREEMPTED, line if jax.process_index() == 0 else "")
 
   return wrapped
 
@@ -66,7 +66,9 @@ def _exits_cleanly(main):
 def quit_at_once(status: int, line: str) -> None:
   """Ends the process now, without unwinding (a second Ctrl-C), after `line` reached the
   terminal."""
-  print(f"\n{line}", file=sys.stderr, flush=True)
+  if line:
+    print(line, file=sys.stderr, flush=True)
+  sys.stdout.flush()
   for restore in reversed(_restores):  # the chatter filter passes on what it holds
     restore()
   os._exit(status)

@@ -58,6 +58,8 @@ def main(argv):
     raise UserError("usage: python -m llm.generate --workdir=DIR --prompt=TEXT")
   if FLAGS.prompt_file and not os.path.isfile(FLAGS.prompt_file):
     raise UserError(f"--prompt_file: no such file {FLAGS.prompt_file}")
+  if FLAGS.chat or FLAGS.messages:
+    _refuse_with_conversations()
   gen = Generator(loading.load(FLAGS.workdir, use_ema=FLAGS.use_ema))
   if FLAGS.chat or FLAGS.messages:
     _conversations(gen)
@@ -96,29 +98,62 @@ def main(argv):
 
 
 def _read_conversations(path: str) -> list[list[dict]]:
+  """--messages: one JSON value (a conversation, {"messages": conversation}, or a list of
+  either) or JSON lines of them; each checked, or one line naming the conversation."""
   if not os.path.isfile(path):
     raise UserError(f"--messages: no such file {path}")
   with open(path, encoding="utf-8") as f:
     text = f.read()
   try:
-    whole = json.loads(text)
-    return [whole] if whole and isinstance(whole[0], dict) else whole
+    whole = _conversations_in(json.loads(text))
+    found = [(f"conversation {n}", c) for n, c in enumerate(whole, 1)]
   except json.JSONDecodeError:
-    pass
-  conversations = []
-  for n, line in enumerate(text.splitlines(), 1):
-    if line.strip():
-      try:
-        value = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UserError(f"--messages: line {n} of {path} is not JSON ({e.msg})") from None
-      conversations.append(value["messages"] if isinstance(value, dict) else value)
-  return conversations
+    found = []
+    for n, line in enumerate(text.splitlines(), 1):
+      if line.strip():
+        try:
+          found += [(f"line {n}", c) for c in _conversations_in(json.loads(line))]
+        except json.JSONDecodeError as e:
+          raise UserError(f"--messages: line {n} of {path} is not JSON ({e.msg})") from None
+  if not found:
+    raise UserError(f"--messages: {path} holds no conversation")
+  for where, conversation in found:
+    try:
+      chat.check(conversation)
+    except BadRecord as e:
+      raise UserError(f"--messages: {where} of {path}: {e}") from None
+  return [conversation for _, conversation in found]
+
+
+def _conversations_in(value) -> list:
+  """A conversation is a list of messages, or {"messages": [...]}; a list of them is many."""
+  unwrap = lambda c: c["messages"] if isinstance(c, dict) and "messages" in c else c
+  if isinstance(value, list) and value and all(
+      isinstance(unwrap(c), list) for c in value):
+    return [unwrap(c) for c in value]
+  return [] if value == [] else [unwrap(value)]
+
+
+def _refuse_with_conversations() -> None:
+  """--chat and --messages answer each conversation once, from the conversation alone."""
+  mode = "--chat" if FLAGS.chat else "--messages"
+  if FLAGS.chat and FLAGS.messages:
+    raise UserError("--chat and --messages: choose one (the terminal, or a file)")
+  unused = [f"--{name}" for name in ("prompt", "prompt_file", "instruction", "input",
+                                     "reward_model") if FLAGS[name].present]
+  unused += [f"--{name}" for name in ("num_samples", "best_of") if FLAGS[name].value != 1]
+  if unused:
+    raise UserError(f"{mode} answers each conversation once, from its messages: "
+                    f"{', '.join(unused)} would be ignored; leave out {', '.join(unused)}")
 
 
 def _conversations(gen) -> None:
   """--messages: the assistant's next message to each conversation, as JSON lines; --chat: a
   conversation in the terminal, kept turn after turn."""
+  if not gen.tokenizer.chat_template:
+    raise UserError(f"{FLAGS.workdir} has no chat template: --chat and --messages need a run "
+                    "fine-tuned with one (--config.tokenizer.chat_template=chatml; "
+                    "docs/finetuning.md)")
   template = chat.Template.of(gen.tokenizer)
   stop = template.end_of_turn or None  # also where it is several tokens (text after it is cut)
   answer = lambda conversations: [samples[0].strip() for samples in gen.generate(
@@ -127,11 +162,6 @@ def _conversations(gen) -> None:
       stop=stop, use_cache=FLAGS.kv_cache)]
   if FLAGS.messages:
     conversations = _read_conversations(FLAGS.messages)
-    for n, conversation in enumerate(conversations):
-      try:
-        chat.check(conversation)
-      except BadRecord as e:
-        raise UserError(f"--messages: conversation {n + 1} of {FLAGS.messages}: {e}") from None
     for conversation, text in zip(conversations, answer(conversations)):
       print(json.dumps({"messages": conversation + [{"role": "assistant", "content": text}]}))
     return

@@ -81,15 +81,18 @@ def signal_in(target: str, signal_name: str, nth: int = 1, after: bool = False) 
 def config_file(tmp_path, overrides: dict, signals=(), name="fault_config.py",
                 make=("tiny_config",)) -> str:
   """A config file for a command the test starts (`python -m llm.train`), holding
-  make[0](tmp_path, *make[1:], **overrides) (a config function of this file); `signals`: the
-  arguments of `signal_in` calls, so that the command's process sends itself those signals."""
+  make[0](tmp_path, *make[1:], **overrides) (a config function of this file, or "module.function"
+  of the tests' folder); `signals`: the arguments of `signal_in` calls, so that the command's
+  process sends itself those signals."""
   function, *args = make
+  module, _, function = function.rpartition(".")
   path = tmp_path / name
   path.write_text(
       "import sys\n"
       f"sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
       "import pathlib\n"
-      f"from conftest import signal_in, {function}\n"
+      "from conftest import signal_in\n"
+      f"from {module or 'conftest'} import {function}\n"
       + "".join(f"signal_in(*{tuple(spec)!r})\n" for spec in signals) +
       "def get_config(arg=None):\n"
       f"  return {function}(pathlib.Path({str(tmp_path)!r}), *{args!r}, **{overrides!r})\n")

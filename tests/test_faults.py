@@ -243,6 +243,33 @@ def test_skip_mode_skips_bad_steps_and_recovers(tmp_path, monkeypatch):
     train(cfg, str(tmp_path / "run2"))
 
 
+def test_an_evaluation_that_fails_loses_no_training_and_runs_again_on_resume(
+    tmp_path, monkeypatch):
+  from llm.runs.trainer import Trainer
+  cfg = lambda: tiny_config(tmp_path, **{"train.steps": 6, "train.eval_every": 3,
+                                          "train.checkpoint_every": 100})
+  straight = tmp_path / "straight"
+  train(cfg(), str(straight))
+  original = Trainer.evaluators
+
+  def failing(self):
+    evaluators = original(self)
+    def out_of_memory(*args):
+      raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while evaluating")
+    return {**evaluators, "eval": out_of_memory}
+
+  monkeypatch.setattr(Trainer, "evaluators", failing)
+  workdir = tmp_path / "run"
+  with pytest.raises(RuntimeError, match="out of memory"):
+    train(cfg(), str(workdir))
+  assert _latest_step(workdir) == 3  # saved before it was evaluated
+  assert _losses(workdir) == {s: l for s, l in _losses(straight).items() if s <= 3}
+  monkeypatch.setattr(Trainer, "evaluators", original)
+  train(cfg(), str(workdir))  # resumes from step 3, and evaluates step 3 first
+  lines = lambda run: [(m["step"], m["split"], m["loss"]) for m in read_metrics(run)]
+  assert lines(workdir) == lines(straight)  # every step and evaluation once, in order
+
+
 def test_a_second_run_on_a_workdir_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
   workdir = tmp_path / "run"
   workdir.mkdir()
@@ -394,3 +421,43 @@ def test_to_hf_replaces_only_its_own_export_unless_told_to_overwrite(tmp_path, s
   convert.to_hf(str(straight_run), str(out))  # its own export: replaced whole
   assert sorted(os.listdir(out)) == first
   assert _leftovers(tmp_path) == []
+
+
+def test_a_signal_at_random_moments_of_start_up_exits_75_and_the_rerun_resumes(
+    tmp_path, base_run, records):
+  """20 starts signalled at seeded moments from the process's first instant to its first steps:
+  during imports, reading, tokenizing, the reference pass, rollouts and the first compile."""
+  rng = random.Random(0)
+  makes = {"lm": ("tiny_config",), "dpo": ("preference_config", base_run, records, "dpo"),
+           "grpo": ("test_rl.rl_config", base_run, records)}
+  starts = {kind: 0 for kind in makes}
+  deadline = time.time() + 900  # the loop stops by itself
+  for number in range(20):
+    assert time.time() < deadline, f"{number} starts in 15 minutes"
+    kind = ("lm", "dpo", "grpo")[number % 3]
+    overrides = {"train.steps": 10_000, "train.checkpoint_every": 1}  # never ends on its own
+    folder = tmp_path / kind
+    folder.mkdir(exist_ok=True)
+    config = _config_of(folder, overrides, makes[kind])
+    process = _start(config, folder / "run")
+    time.sleep(rng.uniform(0.0, 9.0))
+    process.send_signal(rng.choice([signal.SIGTERM, signal.SIGINT]))
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == preemption.EXIT_PREEMPTED, (kind, err[-3000:])
+    said = err.count("nothing is left half-written") + err.count("preempted at step")
+    assert said == 1 and "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    assert _leftovers(tmp_path) == [], err[-2000:]
+    starts[kind] += 1
+  for kind, make in makes.items():  # the same command, let run: it resumes and ends
+    workdir = tmp_path / kind / "run"
+    saved = _latest_step(workdir) if os.path.isdir(workdir / rundir.CHECKPOINTS) else None
+    config = _config_of(tmp_path / kind, {"train.steps": (saved or 0) + 2}, make, "end.py")
+    finished = _start(config, workdir)
+    _, err = finished.communicate(timeout=300)
+    assert finished.returncode == 0, err[-3000:]
+    steps = [m["step"] for m in read_metrics(workdir) if m["split"] == "train"]
+    assert steps == list(range(1, (saved or 0) + 3)), (kind, steps)  # each step once
+
+
+def _config_of(folder, overrides, make, name="signalled.py"):
+  return config_file(folder, overrides, name=name, make=make)

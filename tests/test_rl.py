@@ -195,3 +195,65 @@ def test_the_lora_reference_is_the_base_model(tmp_path, base_run, records):
   logps = lambda params: rl.token_logps(trainer.model, params, tokens, positions, valid)
   np.testing.assert_allclose(logps(lora_off), logps(base), rtol=1e-6)
   assert rollouts.reference is None  # no second copy
+
+
+def _np_sampling_logps(logits_MxLxV, tokens_MxL, temperature, top_p):
+  """log-probabilities of `tokens` under top-p sampling at `temperature`, by numpy: the nucleus
+  is the smallest set of most likely tokens whose probability reaches top_p."""
+  logp = _np_log_softmax(logits_MxLxV / temperature)
+  order = np.argsort(-logp, axis=-1)
+  sorted_p = np.exp(np.take_along_axis(logp, order, -1))
+  before = np.cumsum(sorted_p, -1) - sorted_p  # the mass of the tokens more likely than each
+  kept = np.zeros(logp.shape, bool)
+  np.put_along_axis(kept, order, before < top_p, -1)
+  mass = np.where(kept, np.exp(logp), 0.0).sum(-1)
+  return np.take_along_axis(logp, tokens_MxL[..., None], -1)[..., 0] - np.log(mass)
+
+
+def test_log_probabilities_and_kl_are_the_sampling_distributions_against_numpy():
+  model, params, rng = _tiny_model(2)
+  _, reference, _ = _tiny_model(3)
+  M, T = 4, 12
+  tokens = rng.integers(0, 40, (M, T)).astype(np.int32)
+  valid, positions = np.ones((M, T), bool), np.tile(np.arange(T, dtype=np.int32), (M, 1))
+  logits = lambda p: np.asarray(model.apply({"params": p}, tokens[:, :-1], positions[:, :-1],
+                                            valid[:, :-1]), np.float64)
+  for temperature, top_p in [(0.7, 1.0), (0.7, 0.9), (1.3, 0.5)]:
+    got = rl.token_logps(model, params, tokens, positions, valid, temperature, top_p)
+    np.testing.assert_allclose(got, _np_sampling_logps(logits(params), tokens[:, 1:],
+                                                       temperature, top_p), atol=2e-5)
+  # The KL penalty at temperature 0.7: k3 between the tempered policy and tempered reference.
+  mask = np.ones((M, T), np.float32)
+  batch = {"tokens": tokens, "positions": positions, "valid": valid, "mask": mask,
+           "ref_logps": np.asarray(rl.token_logps(model, reference, tokens, positions, valid,
+                                                  0.7), np.float32),
+           "advantages": np.zeros(M, np.float32), "rewards": np.zeros(M, np.float32),
+           "no_signal": np.zeros(M, np.float32), "weights": np.ones(M, np.float32)}
+  batch["old_logps"] = np.asarray(rl.token_logps(model, params, tokens, positions, valid, 0.7))
+  objective = rl.policy_gradient(model, 0.2, 0.2, 1.0, "token", T, temperature=0.7)
+  sums = objective.loss(params, batch, None, False)
+  pi = _np_sampling_logps(logits(params), tokens[:, 1:], 0.7, 1.0)
+  ref = _np_sampling_logps(logits(reference), tokens[:, 1:], 0.7, 1.0)
+  kl = np.mean(np.exp(ref - pi) - (ref - pi) - 1)
+  assert float(objective.summarize(sums)["kl"]) == pytest.approx(kl, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_the_ratio_is_one_on_the_first_pass_at_temperature_and_top_p(
+    tmp_path, base_run, records):
+  trainer = Trainer(rl_config(tmp_path, base_run, records, **{
+      "task.temperature": 0.7, "task.top_p": 0.9}), str(tmp_path / "run"))
+  state, frozen = trainer.init_state()
+  batch, _ = trainer.data.rollout(state["params"], frozen, trainer.place(next(trainer.batches)),
+                                  1)
+  batch = jax.tree.map(lambda x: np.asarray(x)[0], batch)  # the one micro-batch
+  logps = rl.token_logps(trainer.model, state["params"], batch["tokens"], batch["positions"],
+                         batch["valid"], 0.7, 0.9)
+  mask = batch["mask"][:, 1:] > 0
+  ratio = np.exp(np.asarray(logps) - batch["old_logps"])[mask]
+  assert mask.sum() > 20 and np.abs(ratio - 1).max() < 1e-5
+  # and π_old is the distribution that sampled: every sampled token lies in its nucleus, so
+  # its probability under the truncated distribution is at least its tempered probability.
+  untruncated = rl.token_logps(trainer.model, state["params"], batch["tokens"],
+                               batch["positions"], batch["valid"], 0.7)
+  assert np.all(batch["old_logps"][mask] >= np.asarray(untruncated)[mask] - 1e-6)

@@ -31,14 +31,18 @@ def sample_logits(logits_BxV, rng, temperature: float, top_k: int, top_p: float)
     kth_B1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
     logits_BxV = jnp.where(logits_BxV < kth_B1, -jnp.inf, logits_BxV)
   if top_p < 1.0:
-    # Keep the smallest set of most likely tokens whose probability reaches top_p.
-    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
-    cum_BxV = jnp.cumsum(jax.nn.softmax(sorted_BxV, axis=-1), axis=-1)
-    num_kept_B1 = jnp.sum(cum_BxV - jax.nn.softmax(sorted_BxV, axis=-1) < top_p, axis=-1,
-                          keepdims=True)
-    cutoff_B1 = jnp.take_along_axis(sorted_BxV, num_kept_B1 - 1, axis=-1)
-    logits_BxV = jnp.where(logits_BxV < cutoff_B1, -jnp.inf, logits_BxV)
+    logits_BxV = jnp.where(nucleus(logits_BxV, top_p), logits_BxV, -jnp.inf)
   return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def nucleus(logits_xV, top_p: float):
+  """Which tokens (True) make the smallest set of most likely ones whose probability reaches
+  top_p: what top-p sampling draws from (over the last axis, any leading ones)."""
+  sorted_xV = jnp.sort(logits_xV, axis=-1)[..., ::-1]
+  probs_xV = jax.nn.softmax(sorted_xV, axis=-1)
+  num_kept_x1 = jnp.sum(jnp.cumsum(probs_xV, axis=-1) - probs_xV < top_p, axis=-1,
+                        keepdims=True)
+  return logits_xV >= jnp.take_along_axis(sorted_xV, num_kept_x1 - 1, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k",

@@ -265,7 +265,19 @@ def _train(trainer: Trainer, ckpt) -> dict:
         checkpoint.abstract_like(state, trainer.state_shardings))
     trainer.batches.restore(data_state)
     health = new_health(data_state.get("skipped", 0))
-  if start >= tr.steps:
+  evaluate = trainer.evaluators()
+
+  def due(step) -> list[str]:
+    """The evaluations of `step`: "eval" and any benchmarks every train.eval_every steps and at
+    the last, and "test" at the last."""
+    if step % tr.eval_every and step != tr.steps:
+      return []
+    return [split for split in evaluate if split != "test" or step == tr.steps]
+
+  # A step is saved before it is evaluated, so that a failed evaluation loses no training: the
+  # evaluations of the step resumed from that did not finish (no line in metrics.jsonl) run now.
+  missed = unlogged(workdir, start, due(start)) if start else []
+  if start >= tr.steps and not missed:
     print(f"{workdir} is already trained to step {start} (train.steps={tr.steps}); "
           f"raise --config.train.steps to train further")
     return {}
@@ -273,21 +285,25 @@ def _train(trainer: Trainer, ckpt) -> dict:
     rundir.start(workdir, cfg, trainer.tokenizer)
     rundir.drop_metrics_after(workdir, start)
   log = Log(trainer, start, ckpt)
-  train_step, evaluate = trainer.jit_train_step(), trainer.evaluators()
-  periodic = [split for split in evaluate if split != "test"]  # "eval" and any benchmarks
+  train_step = trainer.jit_train_step()
   last_eval, sampled = {}, {}
 
-  def evaluated(step, splits, params) -> dict:
-    results = {split: log.evaluated(step, split, evaluate[split](params, frozen))
-               for split in splits}
+  def evaluated(step, splits) -> dict:
+    """The "eval" split's metrics after evaluating `splits` at `step` (the last ones if not)."""
+    if not splits:
+      return last_eval
+    with sharding.activate(mesh, cfg.mesh):
+      params = trainer.evaluation_params(state)
+      results = {split: log.evaluated(step, split, evaluate[split](params, frozen))
+                 for split in splits}
     return results.get("eval", last_eval)
 
   batches = data_batches.Prefetch(trainer.batches, trainer.place)
   profiler = metrics.StepProfiler(tr.profile_steps, rundir.path(workdir, rundir.PROFILE))
-  if start == 0 and tr.eval_at_start:
-    with sharding.activate(mesh, cfg.mesh):
-      evaluated(0, periodic, trainer.evaluation_params(state))
   try:
+    if start == 0 and tr.eval_at_start:
+      evaluated(0, [split for split in evaluate if split != "test"])
+    last_eval = evaluated(start, missed)
     with preemption.Watcher(ckpt, start) as watcher:  # a signal from here on: save the step, stop
       for step in range(start + 1, tr.steps + 1):
         batch = next(batches)
@@ -299,24 +315,32 @@ def _train(trainer: Trainer, ckpt) -> dict:
             state, stats, health = train_step(state, frozen, batch, health)
           profiler.after(step, stats)
           log.trained(step, stats, health, sampled)
-          if step % tr.eval_every == 0 or step == tr.steps:
-            last_eval = evaluated(step, periodic, trainer.evaluation_params(state))
-          if step == tr.steps and "test" in evaluate:
-            evaluated(step, ["test"], trainer.evaluation_params(state))
         preempted = watcher.requested(step)
-        if step % tr.checkpoint_every == 0 or step == tr.steps or preempted:
+        if step % tr.checkpoint_every == 0 or step == tr.steps or preempted or due(step):
           log.phase("saving")
           skipped = log.check(step, health)  # never save a run that diverged
           ckpt.save(step, state, {**batches.state(), "skipped": skipped})
-        if preempted:
+        if preempted:  # the step's evaluations run when the run resumes
           raise preemption.Preempted(f"preempted at step {step}, saved; run the same command to "
                                      "resume")
+        last_eval = evaluated(step, due(step))
         log.phase("train")
   finally:
     profiler.stop()
     batches.close()
     log.close()
   return last_eval
+
+
+def unlogged(workdir: str, step: int, splits: list[str]) -> list[str]:
+  """Of `splits`, those the run being resumed has no line of at `step`, as the main process
+  reads its metrics.jsonl (the processes must agree: an evaluation is collective)."""
+  logged = rundir.logged_splits(workdir, step) if jax.process_index() == 0 else set()
+  missing = np.array([split not in logged for split in splits])
+  if jax.process_count() > 1 and splits:
+    from jax.experimental import multihost_utils
+    missing = multihost_utils.broadcast_one_to_all(missing)
+  return [split for split, flag in zip(splits, missing) if flag]
 
 
 class Log:

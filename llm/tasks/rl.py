@@ -189,8 +189,8 @@ class PolicyOptimization(RecordTask):
 
   def objective(self, model):
     t = self.cfg.task
-    return policy_gradient(model, t.clip_eps, t.clip_eps_high or t.clip_eps,
-                                      t.kl_coef, t.loss_norm, t.max_new_tokens)
+    return policy_gradient(model, t.clip_eps, t.clip_eps_high or t.clip_eps, t.kl_coef,
+                           t.loss_norm, t.max_new_tokens, t.temperature, t.top_p)
 
   def examples(self, docs, model, context: Context):
     """Left-padded prompts (the instruction template), room left for max_new_tokens."""
@@ -290,8 +290,8 @@ class Rollouts:
     tokens_RxT = jnp.concatenate([prompt_RxP, new_RxN], axis=1)
     valid_RxT = jnp.concatenate([valid_RxP, jnp.ones(new_RxN.shape, bool)], axis=1)
     positions_RxT = jnp.maximum(jnp.cumsum(valid_RxT, axis=1) - 1, 0)
-    logps = lambda p: token_logps(self.model, p, tokens_RxT, positions_RxT,
-                                             valid_RxT)
+    logps = lambda p: token_logps(self.model, p, tokens_RxT, positions_RxT, valid_RxT,
+                                  float(self.cfg.task.temperature), float(self.cfg.task.top_p))
     return (new_RxN, tokens_RxT, positions_RxT, valid_RxT, mask_RxT, logps(params),
             logps(self._reference(trainable, frozen, reference)))
 
@@ -391,27 +391,37 @@ NORMALIZATIONS = {
 }
 
 
-def token_logps(model, params, tokens_MxT, positions_MxT, valid_MxT, with_logits=False):
-  """log π(token t + 1 | the tokens up to t), [M, T - 1] (and the logits they come from)."""
+def token_logps(model, params, tokens_MxT, positions_MxT, valid_MxT, temperature: float = 1.0,
+                top_p: float = 1.0, with_logits=False):
+  """log π(token t + 1 | the tokens up to t), [M, T - 1], under the distribution that sampled
+  it: the logits over `temperature`, renormalised over the top-`top_p` nucleus (and those
+  logits). A token outside the nucleus (after updates moved it) gets the same formula, finite,
+  so that ratios and the KL stay defined; the nucleus is a constant of the gradient."""
   logits_MxLxV = model.apply({"params": params}, tokens_MxT[:, :-1], positions_MxT[:, :-1],
-                             valid_MxT[:, :-1])
+                             valid_MxT[:, :-1]) / temperature
   logps_MxL = -optax.softmax_cross_entropy_with_integer_labels(logits_MxLxV, tokens_MxT[:, 1:])
+  if top_p < 1.0:
+    kept_MxLxV = jax.lax.stop_gradient(sampling.nucleus(logits_MxLxV, top_p))
+    log_z_MxL = jax.nn.logsumexp(jnp.where(kept_MxLxV, logits_MxLxV, -jnp.inf), axis=-1)
+    logps_MxL += jax.nn.logsumexp(logits_MxLxV, axis=-1) - log_z_MxL  # over the nucleus only
   return (logps_MxL, logits_MxLxV) if with_logits else logps_MxL
 
 
 def policy_gradient(model, clip_low: float, clip_high: float, kl_coef: float,
-                    normalize: str, max_new_tokens: int) -> objectives.Objective:
+                    normalize: str, max_new_tokens: int, temperature: float = 1.0,
+                    top_p: float = 1.0) -> objectives.Objective:
   """PPO's clipped surrogate on sampled completions, with a KL penalty to a reference: per
   completion token, l = -min(ρ A, clip(ρ, 1 - clip_low, 1 + clip_high) A) + kl_coef · k3, where
   ρ = π(token) / π_old(token), π_old the policy that sampled (log-probabilities in the batch,
   `old_logps`), A the completion's advantage, and k3 = π_ref/π - log(π_ref/π) - 1 (Schulman's
   unbiased, positive KL estimator; the reference's log-probabilities `ref_logps`). With one
   update per rollout ρ = 1 and the gradient is REINFORCE's with the advantage's baseline.
-  `normalize`: see NORMALIZATIONS."""
+  Every π is the sampling distribution (`temperature`, `top_p`: see token_logps), as in TRL, so
+  that π_old is the policy that sampled. `normalize`: see NORMALIZATIONS."""
 
   def loss(params, batch, dropout_rng, train):
     logps_MxL, logits_MxLxV = token_logps(model, params, batch["tokens"], batch["positions"],
-                                          batch["valid"], with_logits=True)
+                                          batch["valid"], temperature, top_p, with_logits=True)
     mask_MxL = batch["mask"][:, 1:]  # the token at t + 1 is predicted at t
     ratio_MxL = jnp.exp(logps_MxL - batch["old_logps"])
     advantage_Mx1 = batch["advantages"][:, None]

@@ -34,13 +34,16 @@ def choose(setting: str, shipped: str | None) -> str | None:
     raise UserError(f"tokenizer.chat_template={setting!r}: use \"\" (the tokenizer's own), "
                     "\"chatml\" or the path of a Jinja template file")
   with open(setting, encoding="utf-8") as f:
-    return f.read()
+    source = f.read()
+  _compile(source, f"tokenizer.chat_template={setting}")  # a syntax error names its line here
+  return source
 
 
 @functools.lru_cache(maxsize=8)
-def _compile(source: str):
+def _compile(source: str, origin: str = "the chat template"):
   """The template compiled as transformers compiles it: a sandbox, trim_blocks and
-  lstrip_blocks, loop controls, its tojson, raise_exception and strftime_now."""
+  lstrip_blocks, loop controls, its tojson, raise_exception and strftime_now. `origin` names
+  it in the error of a template that does not compile."""
   import jinja2
   from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -56,8 +59,10 @@ def _compile(source: str):
   env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
   try:
     return env.from_string(source)
+  except jinja2.exceptions.TemplateSyntaxError as e:
+    raise UserError(f"{origin}: line {e.lineno}: {e.message}") from None
   except jinja2.exceptions.TemplateError as e:
-    raise UserError(f"the chat template does not compile: {e}") from None
+    raise UserError(f"{origin} does not compile: {e}") from None
 
 
 class Template:
@@ -142,14 +147,24 @@ class Template:
 
 def check(messages) -> None:
   """Raises BadRecord unless `messages` is a non-empty list of role/content messages."""
-  if not isinstance(messages, list) or not messages:
+  if not isinstance(messages, list):
+    raise BadRecord(f"the conversation is {_short(messages)}, not a list of "
+                    "{\"role\", \"content\"} messages")
+  if not messages:
     raise BadRecord("the conversation is empty")
   for i, m in enumerate(messages):
     if not isinstance(m, dict) or "role" not in m or "content" not in m:
       raise BadRecord(f"message {i} is not a {{\"role\", \"content\"}} object")
     if m["role"] not in ROLES:
       raise BadRecord(f"message {i} has the unknown role {m['role']!r} (use one of "
-                            f"{', '.join(ROLES)})")
+                      f"{', '.join(ROLES)})")
+    if not isinstance(m["content"], str):
+      raise BadRecord(f"message {i} has content={_short(m['content'])}, not text")
+
+
+def _short(value) -> str:
+  text = json.dumps(value)
+  return text if len(text) <= 40 else text[:37] + "..."
 
 
 def token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:

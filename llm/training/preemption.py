@@ -2,6 +2,8 @@
 
 Every entry point is protected from its first line (`protect`, called by llm/cli.py):
 
+- While the entry point's modules are imported (`exit_while_starting`, from llm/__init__.py)
+  nothing has been written yet: the process exits with EXIT_PREEMPTED at once.
 - Before a train loop runs (reading, tokenizing, training a tokenizer, the DPO reference pass,
   compiling) there is nothing to save: the signal raises `Interrupted` where the program is, the
   files being written are removed as it unwinds, and the command line prints one line and exits
@@ -19,12 +21,11 @@ SIGTERM. A SIGTERM that arrives there before the loop is therefore honoured as t
 starts (exit 75, nothing to save), rather than at once.
 """
 
+import gc
 import os
 import signal
 import sys
 import threading
-
-import jax
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -42,7 +43,22 @@ class Interrupted(BaseException):
     super().__init__(signal.Signals(signum).name)
 
 
-_state = {"watcher": None, "signalled": "", "quit": None}
+_state = {"watcher": None, "signalled": "", "deferred": False, "quit": None}
+
+
+def exit_while_starting() -> None:
+  """Until `protect` takes over: a signal ends the process at once with EXIT_PREEMPTED. For the
+  seconds a command spends importing its libraries, when nothing can be half-written yet (an
+  exception raised there could land in a callback that ignores it, and the command go on)."""
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, _exit_at_once)
+    signal.signal(signal.SIGTERM, _exit_at_once)
+
+
+def _exit_at_once(signum, frame):
+  os.write(2, f"\nstopped by {signal.Signals(signum).name}; nothing is left half-written; run "
+              "the same command again\n".encode())
+  os._exit(EXIT_PREEMPTED)
 
 
 def protect(quit_at_once) -> None:
@@ -61,19 +77,40 @@ def signalled() -> str:
 
 
 def _exit_now(status: int, line: str) -> None:
-  print(f"\n{line}", file=sys.stderr, flush=True)
+  print(line, file=sys.stderr, flush=True)
   os._exit(status)
 
 
 def _on_signal(signum, frame):
-  if _state["signalled"]:
-    _state["quit"](EXIT_INTERRUPTED, f"{signal.Signals(signum).name} again: quitting at once "
+  if _state["signalled"] and not _state["deferred"]:
+    _state["quit"](EXIT_INTERRUPTED, f"\n{signal.Signals(signum).name} again: quitting at once "
                    "(the last complete checkpoint is intact)")
-  _state["signalled"] = signal.Signals(signum).name
+  _state.update(signalled=signal.Signals(signum).name, deferred=False)
   watcher = _state["watcher"]
-  if watcher is None:
+  if watcher is not None:
+    watcher.on_signal(signum)
+  elif _swallows_exceptions(frame):
+    # Raised here, Interrupted would be printed as "Exception ignored" and the program would go
+    # on: the same signal is sent again in a moment, when the frame has returned.
+    _state["deferred"] = True
+    threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+  else:
     raise Interrupted(signum)
-  watcher.on_signal(signum)
+
+
+def _swallows_exceptions(frame) -> bool:
+  """Whether an exception raised in `frame` would be ignored rather than unwind the program:
+  the import machinery's lock callbacks, finalizers (`__del__`, `weakref.finalize`) and the
+  garbage collector's callbacks (XLA has one) run where exceptions are only printed."""
+  gc_callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+  while frame is not None:
+    code = frame.f_code
+    if (code.co_filename.startswith("<frozen importlib") or code.co_name == "__del__"
+        or code in gc_callbacks
+        or (code.co_name == "__call__" and code.co_filename.endswith("weakref.py"))):
+      return True
+    frame = frame.f_back
+  return False
 
 
 class Watcher:
@@ -95,6 +132,7 @@ class Watcher:
     _state["watcher"] = self
     if _state["signalled"]:  # arrived between the start-up's end and this line
       self.flag = True
+    import jax
     if jax.process_count() > 1:
       # JAX's service sets its sync point to the last step it was told of + 1, and it has been
       # told of none yet: a SIGTERM during the start-up set it to 1. Then every process stops
@@ -109,18 +147,20 @@ class Watcher:
     if self.installed:
       for signum, handler in self.previous.items():
         signal.signal(signum, handler)
-      _state.update(signalled="", quit=None)
+      _state.update(signalled="", deferred=False, quit=None)
 
   def on_signal(self, signum: int) -> None:
     self.flag = True
     if signum == signal.SIGINT:
       print("\ninterrupted: saving at the end of this step (Ctrl-C again quits at once)",
             file=sys.stderr, flush=True)
+      import jax
       if jax.process_count() > 1:  # tell JAX's preemption service, which every process asks
         os.kill(os.getpid(), signal.SIGTERM)
 
   def requested(self, step: int) -> bool:
     """Whether to save and stop after `step` (the same answer on every process)."""
+    import jax
     if jax.process_count() > 1:
       return self.checkpointer.reached_preemption(step)
     return self.flag
