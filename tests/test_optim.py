@@ -157,10 +157,32 @@ def test_optimizer_state_in_bfloat16_stays_close_to_float32():
   params = params_lib.values(boxed)
   full, _, _ = updates_of(optim.build(train_cfg(), boxed), params)
   half, state, _ = updates_of(optim.build(train_cfg(opt_state_dtype="bfloat16"), boxed), params)
-  floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
-  assert floats and all(x.dtype == jnp.bfloat16 for x in floats)
+  adam = next(s for s in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(s))
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(adam.mu))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(adam.nu))  # see optim.in_dtype
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0.05, atol=1e-4), half[-1],
                full[-1])
+
+
+is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+
+
+def test_bfloat16_state_keeps_the_second_moment_of_b2_0_999_moving():
+  """1,000 steps of one gradient then zeros: ν decays as 0.999^t in float32 state; bfloat16
+  would round 0.999·ν back to ν and leave it at its first value."""
+  params = {"w": jnp.ones((4, 4))}
+  cfg = lambda dtype: train_cfg(opt_state_dtype=dtype, b2=0.999, grad_clip=0.0,
+                                weight_decay=0.0)
+  nus = {}
+  for dtype in ("float32", "bfloat16"):
+    tx = optim.build(cfg(dtype))
+    state, update = tx.init(params), jax.jit(tx.update)
+    for step in range(1000):
+      _, state = update({"w": jnp.full((4, 4), 1.0 if step == 0 else 0.0)}, state, params)
+    nus[dtype] = next(s for s in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(s)).nu["w"]
+  expected = (1 - 0.999) * 0.999 ** 999  # by hand
+  np.testing.assert_allclose(nus["float32"], expected, rtol=1e-4)
+  np.testing.assert_allclose(nus["bfloat16"], nus["float32"], rtol=1e-6)
 
 
 def muon_paths(overrides, scan: bool, lora_rank: int = 0, num_classes: int = 0):
