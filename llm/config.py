@@ -145,7 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
   tr.muon_beta = 0.95  # muon: momentum (Nesterov)
   tr.momentum = 0.9  # sgd: momentum (0: plain SGD)
   tr.nesterov = False  # sgd: Nesterov momentum
-  tr.opt_state_dtype = "float32"  # the optimizer state's dtype: float32 or bfloat16 (ν stays float32)
+  tr.opt_state_dtype = "float32"  # the optimizer state: float32 or bfloat16 (ν stays float32)
   tr.grad_clip = 1.0  # global gradient norm clipped to this; 0: off
   tr.z_loss = 0.0  # lm, instruct: z_loss x log(Z)^2 added per target (PaLM: 1e-4); 0: off
   tr.ema = 0.0  # > 0: keep this decay's moving average of the parameters (evaluate, sample and
