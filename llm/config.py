@@ -394,10 +394,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(tr.optimizer != "schedule_free" or tr.schedule == "constant", "train.schedule",
          "schedule_free averages instead of decaying: use train.schedule=constant", tr.schedule)
   try:
-    metrics.profile_range(tr.profile_steps)
+    profiled = metrics.profile_range(tr.profile_steps)
   except ValueError:
     _check(False, "train.profile_steps", 'use "START:STOP" with 1 <= START <= STOP, or "" '
            "(off)", tr.profile_steps)
+  _check(not profiled or profiled[1] <= tr.steps, "train.profile_steps",
+         f"the run ends at train.steps={tr.steps}: profile steps up to it", tr.profile_steps)
   _check(tr.z_loss >= 0, "train.z_loss", "use 0 (off) or a positive coefficient", tr.z_loss)
   _check(0 <= tr.ema < 1, "train.ema", "use 0 (off) or a decay in (0, 1)", tr.ema)
   _check(tr.muon_lr > 0, "train.muon_lr", "use a positive learning rate", tr.muon_lr)

@@ -5,13 +5,17 @@
     python -m llm.data_sets fetch alpaca_book data/       # -> data/instruction-data.json
     python -m llm.data_sets fetch hellaswag data/         # -> data/hellaswag_val.jsonl
 
-Each file is checked (its format, and its size where the source is fixed) before it is written,
-atomically, into DIR; a file already there is kept. Offline, the command says in one line where
-the file comes from, so it can be copied by hand. `--mirror=URL` (or LLM_DATA_MIRROR) fetches
-every file as URL/<file name of the source> instead, e.g. from a local copy.
+Sources are pinned: a git host's files at a commit, a release's at its fixed address, and each
+file's sha256 where it could be verified (`DataSet.sha256`). Every file of a data set is
+downloaded and checked (its sha256, its format) before any is written, atomically, into DIR; a
+mismatch is one line and nothing is written. A file already there is kept. Offline, the command
+says in one line where the file comes from, so it can be copied by hand. `--mirror=URL` (or
+LLM_DATA_MIRROR) fetches every file as URL/<file name of the source> instead, e.g. from a local
+copy, checked the same way.
 """
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -31,6 +35,9 @@ class DataSet:
   what: str
   url: str
   files: tuple[str, ...]  # written into DIR
+  # The sha256 of each file as written ("": not pinned, because its source could not be read
+  # where the pins were taken; its format is still checked, and its sha256 printed).
+  sha256: tuple[str, ...] = ()
   member: str = ""  # for a zip archive: the member holding the (single) file
   # Benchmarks: each file made from its own URLs' contents by `convert` (into JSON lines).
   sources: tuple[tuple[str, ...], ...] = ()
@@ -65,37 +72,46 @@ def _zip_member(member: str):
   return convert
 
 
-BOOK = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+# rasbt/LLMs-from-scratch at a fixed commit (2026-04-16).
+BOOK = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/"
+        "28c65cdfbc3338e2e040016eea4b7fdf556e4d57/")
 DATA_SETS = {
     "sms_spam": DataSet(
         "UCI SMS Spam Collection v.1: 5,574 'label<TAB>text' lines (4,827 ham, 747 spam); "
         "classification fine-tuning",
         "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
-        ("SMSSpamCollection",), member="SMSSpamCollection"),
+        ("SMSSpamCollection",),
+        ("7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d",),
+        member="SMSSpamCollection"),
     "alpaca_book": DataSet(
         "1,100 Alpaca-style instruction records (the book's chapter 7); instruction tuning",
-        BOOK + "ch07/01_main-chapter-code/instruction-data.json", ("instruction-data.json",)),
+        BOOK + "ch07/01_main-chapter-code/instruction-data.json", ("instruction-data.json",),
+        ("7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",)),
     "preference_book": DataSet(
         "1,100 instruction records with a polite 'chosen' and an impolite 'rejected' answer; "
         "preference tuning",
         BOOK + "ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json",
-        ("instruction-data-with-preference.json",)),
+        ("instruction-data-with-preference.json",),
+        ("305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",)),
     "verdict": DataSet(
         "Edith Wharton's short story 'The Verdict' (public domain), 20,479 characters; "
         "evaluating a language model",
-        BOOK + "ch02/01_main-chapter-code/the-verdict.txt", ("the-verdict.txt",)),
+        BOOK + "ch02/01_main-chapter-code/the-verdict.txt", ("the-verdict.txt",),
+        ("b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f",)),
     "gpt2_bpe": DataSet(
         "OpenAI's GPT-2 BPE files (encoder.json, vocab.bpe): tokenizer.kind=gpt2 offline",
         "https://openaipublic.blob.core.windows.net/gpt-2/models/124M/",
-        ("encoder.json", "vocab.bpe")),
+        ("encoder.json", "vocab.bpe"),
+        ("196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+         "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")),
 }
 HUB = "https://huggingface.co/datasets/"
 BENCHMARK_SETS = {
     "hellaswag": DataSet(
         "HellaSwag validation, 10,042 sentence completions, 4 endings (Zellers et al. 2019)",
         "https://github.com/rowanz/hellaswag", ("hellaswag_val.jsonl",),
-        sources=(("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"
-                  "hellaswag_val.jsonl",),)),
+        sources=(("https://raw.githubusercontent.com/rowanz/hellaswag/"
+                  "a29ff8e9a04bba4bd6588223785ce105328adc57/data/hellaswag_val.jsonl",),)),
     "lambada": DataSet(
         "LAMBADA test as OpenAI prepared it for GPT-2, 5,153 passages; predict the last word",
         "https://openaipublic.blob.core.windows.net/gpt-2/data/", ("lambada_test.jsonl",),
@@ -191,12 +207,13 @@ def _download(url: str) -> bytes:
 
 
 def fetch(name: str, directory: str, mirror: str = "") -> list[str]:
-  """Downloads data set `name` into `directory`; returns the paths of its files."""
+  """Downloads data set `name` into `directory`; returns the paths of its files. Every missing
+  file is downloaded and checked before any is written."""
   if name not in DATA_SETS:
     raise UserError(f"no data set {name!r}; use one of {', '.join(DATA_SETS)}")
   ds = DATA_SETS[name]
-  os.makedirs(directory, exist_ok=True)
   paths = [os.path.join(directory, f) for f in ds.files]
+  checked = []
   for i, (file, path) in enumerate(zip(ds.files, paths)):
     if os.path.exists(path):
       print(f"{path} is already there; kept")
@@ -204,25 +221,41 @@ def fetch(name: str, directory: str, mirror: str = "") -> list[str]:
     urls = ds.sources[i] if ds.sources else (ds.url + file if ds.url.endswith("/") else ds.url,)
     if mirror:
       urls = tuple(mirror.rstrip("/") + "/" + url.rsplit("/", 1)[1] for url in urls)
-    url = urls[0]
-    contents = [_download(u) for u in urls]
-    try:
-      content = ds.convert(contents) if ds.convert else contents[0]
-    except UserError as e:
-      raise UserError(f"{name}: {e}") from None
-    if ds.member:
-      try:
-        with zipfile.ZipFile(io.BytesIO(content)) as archive:
-          content = archive.read(ds.member)
-      except (zipfile.BadZipFile, KeyError):
-        raise UserError(f"{name}: {url} is not a zip archive holding {ds.member}; the source "
-                        "may have moved") from None
-    _check(name, file, content)
+    checked.append((path, urls[0], _checked(ds, name, i, [_download(u) for u in urls], urls[0])))
+  if checked:
+    os.makedirs(directory, exist_ok=True)
+  for path, url, content in checked:
     with open(path + ".tmp", "wb") as f:  # atomic: an interrupted fetch leaves no half file
       f.write(content)
     os.replace(path + ".tmp", path)
     print(f"wrote {path} ({len(content):,} bytes from {url})")
   return paths
+
+
+def _checked(ds: DataSet, name: str, i: int, contents: list[bytes], url: str) -> bytes:
+  """File i of the data set, made from its sources' `contents`, once its sha256 (where pinned)
+  and its format are what they must be."""
+  file = ds.files[i]
+  try:
+    content = ds.convert(contents) if ds.convert else contents[0]
+  except UserError as e:
+    raise UserError(f"{name}: {e}") from None
+  if ds.member:
+    try:
+      with zipfile.ZipFile(io.BytesIO(content)) as archive:
+        content = archive.read(ds.member)
+    except (zipfile.BadZipFile, KeyError):
+      raise UserError(f"{name}: {url} is not a zip archive holding {ds.member}; the source "
+                      "may have moved") from None
+  digest = hashlib.sha256(content).hexdigest()
+  pinned = ds.sha256[i] if ds.sha256 else ""
+  if pinned and digest != pinned:
+    raise UserError(f"{name}: the downloaded {file} has sha256 {digest}, not the pinned "
+                    f"{pinned}; the source (or a mirror) serves other bytes; nothing was written")
+  _check(name, file, content)
+  if not pinned:
+    print(f"note: {file} has no pinned sha256; its format was checked; sha256 {digest}")
+  return content
 
 
 FLAGS = flags.FLAGS

@@ -38,17 +38,20 @@ def define_flags():
   flags.DEFINE_string("data.text_field", "text", "Column holding the text (JSON/CSV data).")
   flags.DEFINE_integer("max_length", 0, "Tokens per window (0: the run's training window for "
                        "its own data, the model's context for --data.path).")
-  flags.DEFINE_integer("batch_size", 8, "Windows (or prompts) per forward pass.")
+  flags.DEFINE_integer("batch_size", 8, "Windows (or prompts) per forward pass.",
+                       lower_bound=1)
   flags.DEFINE_string("output", None, "Instruction runs: where the test responses go "
                       "(default DIR/test_responses.jsonl).")
-  flags.DEFINE_integer("max_new_tokens", 256, "Instruction runs: longest response.")
+  flags.DEFINE_integer("max_new_tokens", 256, "Instruction runs: longest response.",
+                       lower_bound=1)
   flags.DEFINE_string("judge", "", "Instruction and DPO runs: a reward model run that scores "
                       "the test responses (and the records' own answers, for scale).")
   flags.DEFINE_list("benchmark", None, "Benchmarks to score instead (llm/evals/benchmarks.py): "
                     "hellaswag, arc_easy, arc_challenge, piqa, winogrande, mmlu, lambada; "
                     "NAME:PATH for a file of its records.")
   flags.DEFINE_string("benchmark_dir", "data", "Where `llm.data_sets fetch` put the benchmarks.")
-  flags.DEFINE_integer("limit", 0, "Benchmarks: the first N examples of each (0: all).")
+  flags.DEFINE_integer("limit", 0, "Benchmarks: the first N examples of each (0: all).",
+                       lower_bound=0)
   flags.DEFINE_integer("num_fewshot", 0, "Benchmarks: solved examples before each question "
                        "(MMLU, from its dev split).")
 

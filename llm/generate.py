@@ -35,17 +35,19 @@ def define_flags():
   flags.DEFINE_string("instruction", None, "An instruction, put in the Alpaca template; prints "
                       "only the response.")
   flags.DEFINE_string("input", "", "The instruction's input (optional).")
-  flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate at most.")
-  flags.DEFINE_float("temperature", 1.0, "0: greedy.")
-  flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0: all).")
+  flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate at most.", lower_bound=1)
+  flags.DEFINE_float("temperature", 1.0, "0: greedy.", lower_bound=0.0)
+  flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0: all).",
+                       lower_bound=0)
   flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set reaching this mass.")
-  flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
+  flags.DEFINE_integer("num_samples", 1, "Samples per prompt.", lower_bound=1)
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_string("stop", None, "Cut each sample at this string.")
   flags.DEFINE_bool("kv_cache", True, "Decode with the KV cache.")
   flags.DEFINE_string("reward_model", None, "A reward run: of --best_of samples per prompt, the "
                       "one it scores highest is returned.")
-  flags.DEFINE_integer("best_of", 1, "Samples per prompt for --reward_model to choose from.")
+  flags.DEFINE_integer("best_of", 1, "Samples per prompt for --reward_model to choose from.",
+                       lower_bound=1)
   flags.DEFINE_bool("chat", False, "Talk with the model: each line you type is a user message.")
   flags.DEFINE_string("system", "", "--chat: a system message to start the conversation with.")
   flags.DEFINE_string("messages", None, "A JSON file: a conversation ([{\"role\", \"content\"}, "
@@ -56,6 +58,8 @@ def main(argv):
   del argv
   if not FLAGS.workdir:
     raise UserError("usage: python -m llm.generate --workdir=DIR --prompt=TEXT")
+  if not 0 < FLAGS.top_p <= 1:
+    raise UserError(f"--top_p={FLAGS.top_p:g}: use a probability mass in (0, 1]")
   if FLAGS.prompt_file and not os.path.isfile(FLAGS.prompt_file):
     raise UserError(f"--prompt_file: no such file {FLAGS.prompt_file}")
   if FLAGS.chat or FLAGS.messages:

@@ -25,7 +25,7 @@ def define_flags():
   flags.DEFINE_list("tasks", None, "Harness task names (or groups), comma-separated.")
   flags.DEFINE_integer("num_fewshot", None, "Few-shot examples (default: each task's own).")
   flags.DEFINE_float("limit", None, "Examples per task (a fraction if below 1).")
-  flags.DEFINE_integer("batch_size", 16, "Requests per forward pass.")
+  flags.DEFINE_integer("batch_size", 16, "Requests per forward pass.", lower_bound=1)
   flags.DEFINE_string("include_path", None, "A folder of more task YAML files.")
   flags.DEFINE_string("output", None, "Write the harness's results as JSON here.")
 
@@ -46,9 +46,18 @@ def evaluate(workdir: str, task_names: list[str], num_fewshot=None, limit=None,
   if unknown:
     raise UserError(f"lm-evaluation-harness has no task {unknown[0]!r} (`lm_eval --tasks "
                     "list` names them; local YAML files: --include_path)")
+  if limit is not None and limit <= 0:
+    raise UserError(f"--limit={limit:g}: use a number of examples per task, or a fraction "
+                    "below 1")
   model = HarnessModel(loading.load(workdir), batch_size)
-  return lm_eval.simple_evaluate(model=model, tasks=task_names, num_fewshot=num_fewshot,
-                                 limit=limit, task_manager=manager, **options)
+  try:
+    return lm_eval.simple_evaluate(model=model, tasks=task_names, num_fewshot=num_fewshot,
+                                   limit=limit, task_manager=manager, **options)
+  except OSError as e:  # requests' and the hub's errors: a task's data could not be read
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise UserError(f"the harness could not read the data of {', '.join(task_names)} "
+                    f"({type(e).__name__}: {detail[:200]}); a hub task needs the network, or "
+                    "its data in the Hugging Face cache") from None
 
 
 def main(argv):

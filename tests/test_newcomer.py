@@ -1,7 +1,9 @@
 """What a newcomer meets first: the README's commands, the tests in a fresh clone, config typos,
 and fetching the example data sets."""
 
+import dataclasses
 import functools
+import hashlib
 import http.server
 import io
 import json
@@ -186,37 +188,61 @@ def mirror(tmp_path):
   server.shutdown()
 
 
-def test_fetch_writes_checked_files_from_the_source(tmp_path, mirror):
+def _pin_to(monkeypatch, name: str, *paths) -> None:
+  """Pins data set `name` to the sha256 of `paths` (the test server's shortened copies)."""
+  from llm import data_sets
+  digests = tuple(hashlib.sha256(open(p, "rb").read()).hexdigest() for p in paths)
+  monkeypatch.setitem(data_sets.DATA_SETS, name,
+                      dataclasses.replace(data_sets.DATA_SETS[name], sha256=digests))
+
+
+def test_fetch_writes_checked_files_from_the_source(tmp_path, mirror, monkeypatch):
   from llm import data_sets
   url, served = mirror
   out = tmp_path / "data"
+  # The GPT-2 files served are the release's own bytes: their real pins check them. The others
+  # are tests/data's first lines and records of theirs, pinned here to those.
+  spam_copy = os.path.join(TEST_DATA, "sms_spam", "SMSSpamCollection")
+  _pin_to(monkeypatch, "sms_spam", spam_copy)
+  _pin_to(monkeypatch, "alpaca_book", served / "instruction-data.json")
   [spam] = data_sets.fetch("sms_spam", str(out), mirror=url)
-  assert open(spam, "rb").read() == open(
-      os.path.join(TEST_DATA, "sms_spam", "SMSSpamCollection"), "rb").read()
+  assert open(spam, "rb").read() == open(spam_copy, "rb").read()
   assert data_sets.fetch("gpt2_bpe", str(out), mirror=url) == [
       str(out / "encoder.json"), str(out / "vocab.bpe")]
-  result = run_cli("llm.data_sets", "fetch", "alpaca_book", str(out), f"--mirror={url}")
-  assert result.returncode == 0, result.stderr
+  data_sets.fetch("alpaca_book", str(out), mirror=url)
   assert (out / "instruction-data.json").read_bytes() == (
       served / "instruction-data.json").read_bytes()
   (served / "instruction-data.json").write_text("not json")  # a file already there is kept
-  assert run_cli("llm.data_sets", "fetch", "alpaca_book", str(out),
-                 f"--mirror={url}").returncode == 0
+  data_sets.fetch("alpaca_book", str(out), mirror=url)
   assert (out / "instruction-data.json").read_bytes() != b"not json"
 
 
 def test_fetch_fails_in_one_line_and_writes_nothing(tmp_path, mirror):
-  url, _ = mirror
+  url, served = mirror
   out = tmp_path / "data"
+  (served / "vocab.bpe").write_bytes((served / "vocab.bpe").read_bytes().replace(b"e", b"E", 1))
+  altered = run_cli("llm.data_sets", "fetch", "gpt2_bpe", str(out), f"--mirror={url}")
+  assert re.search("gpt2_bpe: the downloaded vocab.bpe has sha256 [0-9a-f]{64}, not the pinned "
+                   "1ce16647[0-9a-f]{56}; .* nothing was written", one_error_line(altered))
   bad = run_cli("llm.data_sets", "fetch", "preference_book", str(out), f"--mirror={url}")
-  assert "records without 'chosen' and 'rejected'" in one_error_line(bad)
+  assert "the downloaded instruction-data-with-preference.json has sha256" in one_error_line(bad)
   offline = run_cli("llm.data_sets", "fetch", "verdict", str(out),
                     "--mirror=http://127.0.0.1:9")  # nothing listens on the discard port
   assert "could not download http://127.0.0.1:9/the-verdict.txt" in one_error_line(offline)
   assert "offline" in offline.stderr
   unknown = run_cli("llm.data_sets", "fetch", "wikipedia", str(out))
   assert "no data set 'wikipedia'" in one_error_line(unknown)
-  assert not out.exists() or os.listdir(out) == []
+  assert not out.exists()  # not even the folder (encoder.json, which matched, is not written)
+
+
+def test_a_fetched_file_of_the_wrong_format_is_refused(tmp_path, mirror, monkeypatch):
+  from llm import data_sets
+  from llm.errors import UserError
+  url, served = mirror
+  _pin_to(monkeypatch, "preference_book", served / "instruction-data-with-preference.json")
+  with pytest.raises(UserError, match="records without 'chosen' and 'rejected'"):
+    data_sets.fetch("preference_book", str(tmp_path / "data"), mirror=url)
+  assert not (tmp_path / "data").exists()
 
 
 def test_chatter_of_xla_and_gloo_is_hidden_and_the_rest_passes():

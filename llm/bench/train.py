@@ -32,6 +32,9 @@ def bench_train(cfg, steps: int, profile: str = "", against=None) -> dict:
   config's train step, on its own data; with `profile` (a folder) a jax.profiler trace of the
   timed steps. `against(ours)` adds its own results, given `ours(n)`, which runs n more of these
   steps."""
+  if tasks.get(cfg.task.kind).online:  # its batches are sampled as it trains
+    raise UserError(f"task.kind={cfg.task.kind} samples its batches as it trains: time it with "
+                    "python -m llm.bench rl")
   with tempfile.TemporaryDirectory() as workdir:  # a run that writes nothing
     trainer = Trainer(cfg, workdir)
   state, frozen = trainer.init_state()

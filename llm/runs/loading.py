@@ -33,8 +33,10 @@ class Source:
   def __init__(self, name: str):
     self.name = name
     self._params = None
+    self.kind = ""  # the task a run of ours trained it for ("" for a Hugging Face model)
     if rundir.is_run(name):
       saved = rundir.read_config(name)
+      self.kind = saved.task.kind
       self.values = {"model": saved.model.to_dict(),
                      "tokenizer": {"kind": saved.tokenizer.kind,
                                    "lowercase": saved.tokenizer.lowercase}}

@@ -18,6 +18,7 @@ llm/runs/loading.py.
 import contextlib
 import json
 import os
+import shutil
 import socket
 
 import ml_collections
@@ -68,8 +69,8 @@ def check(workdir: str) -> None:
 
 def resume_changes(workdir: str, cfg) -> list[str]:
   """What resuming the run in DIR with `cfg` changes (config.resume_changes: UserError for what
-  cannot change); nothing for a new run."""
-  if not os.path.isfile(path(workdir, CONFIG)):
+  cannot change); nothing for a new run, or one that stopped before its first checkpoint."""
+  if not os.path.isfile(path(workdir, CONFIG)) or not resumes(workdir):
     return []
   try:
     with open(path(workdir, CONFIG)) as f:
@@ -103,8 +104,11 @@ def read_tokenizer(workdir: str) -> tokenizer_lib.Tokenizer:
   return tokenizer_lib.load(path(workdir, TOKENIZER))
 
 
-def has_tokenizer(workdir: str) -> bool:
-  return os.path.isdir(path(workdir, TOKENIZER))
+def resumes(workdir: str) -> bool:
+  """Whether a run in DIR has a checkpoint to resume from. Until it has, DIR's config and
+  tokenizer are only those of a start that stopped early: a new start may change them."""
+  folder = path(workdir, CHECKPOINTS)
+  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
 
 
 def checkpointer(workdir: str, keep: int = 1, trains: bool = False) -> checkpoint.Checkpointer:
@@ -114,7 +118,9 @@ def checkpointer(workdir: str, keep: int = 1, trains: bool = False) -> checkpoin
 def start(workdir: str, cfg, tokenizer) -> None:
   """A run starts (or resumes): DIR gets its config and tokenizer."""
   os.makedirs(workdir, exist_ok=True)
-  if not has_tokenizer(workdir):  # a resumed run's is the one it read
+  if not resumes(workdir):  # a resumed run's is the one it read
+    if os.path.isdir(path(workdir, TOKENIZER)):
+      shutil.rmtree(path(workdir, TOKENIZER))
     with files.written(path(workdir, TOKENIZER)) as tmp:
       tokenizer.save(os.fspath(tmp))
   with files.written(path(workdir, CONFIG)) as tmp:

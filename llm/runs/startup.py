@@ -39,6 +39,14 @@ def setup(cfg, workdir: str = "", num_devices: int = 0) -> Setup:
   source = loading.Source(cfg.init_from) if cfg.init_from else None
   cfg = config_lib.resolve(cfg, source.values if source else None)
   task = tasks.build(cfg)
+  gives = tasks.get(source.kind).produces if source and source.kind else "text"
+  if task.produces == "text" and gives != "text":
+    # its head gives classes or a score: a model that writes text would lose it and start from
+    # a network trained for something else
+    raise UserError(f"init_from={cfg.init_from} is a task.kind={source.kind} run (its model "
+                    f"gives {gives}); task.kind={cfg.task.kind} trains "
+                    f"a model that writes text: start from a {tasks.Task.kinds_producing('text')}"
+                    " run or a Hugging Face model")
   if workdir:
     sharding.check_batch(cfg.mesh, cfg.train.batch_size, cfg.train.grad_accum, num_devices)
     rundir.check(workdir)
@@ -61,7 +69,7 @@ def choose_tokenizer(task: tasks.Task, docs, workdir: str = "",
   the init_from model's, the prepared shards', or the config's (trained on the task's text when
   it names no files); with tokenizer.chat_template's template."""
   cfg = task.cfg
-  if workdir and rundir.has_tokenizer(workdir):
+  if workdir and rundir.resumes(workdir):
     tokenizer = rundir.read_tokenizer(workdir)
   elif source is not None:
     tokenizer = source.tokenizer

@@ -300,6 +300,7 @@ def _train(trainer: Trainer, ckpt) -> dict:
 
   batches = data_batches.Prefetch(trainer.batches, trainer.place)
   profiler = metrics.StepProfiler(tr.profile_steps, rundir.path(workdir, rundir.PROFILE))
+  done = (start, None)  # the last step finished, and the data's state after it
   try:
     if start == 0 and tr.eval_at_start:
       evaluated(0, [split for split in evaluate if split != "test"])
@@ -315,6 +316,7 @@ def _train(trainer: Trainer, ckpt) -> dict:
             state, stats, health = train_step(state, frozen, batch, health)
           profiler.after(step, stats)
           log.trained(step, stats, health, sampled)
+        done = (step, batches.state())
         preempted = watcher.requested(step)
         if step % tr.checkpoint_every == 0 or step == tr.steps or preempted or due(step):
           log.phase("saving")
@@ -325,11 +327,31 @@ def _train(trainer: Trainer, ckpt) -> dict:
                                      "resume")
         last_eval = evaluated(step, due(step))
         log.phase("train")
+  except preemption.Preempted:
+    raise
+  except Exception:
+    _save_before_failing(log, ckpt, *done, state, health)
+    raise
   finally:
     profiler.stop()
     batches.close()
     log.close()
   return last_eval
+
+
+def _save_before_failing(log, ckpt, step: int, data_state, state, health) -> None:
+  """An error after `step` finished (a reward function or an evaluation raising, a batch that
+  cannot be read): that step is saved first, unless it is, or the run diverged. On one process
+  only: an error on one of several would leave the others waiting in the collective save."""
+  if data_state is None or jax.process_count() > 1 or ckpt.latest_step() == step:
+    return
+  try:
+    skipped = log.check(step, health)  # never save a run that diverged
+    ckpt.save(step, state, {**data_state, "skipped": skipped})  # train() closes it: waits
+  except Exception:  # the state itself may be gone (a step that ran out of memory)
+    return
+  print(f"saved step {step} before stopping on the error below; run the same command to resume "
+        "once it is fixed")
 
 
 def unlogged(workdir: str, step: int, splits: list[str]) -> list[str]:
@@ -403,10 +425,11 @@ class Log:
                "no checkpoint was saved")
       in_a_row = (f" ({health['in_a_row']} in a row)"
                   if self.train_cfg.on_nonfinite == "skip" else "")
+      remedy = ("raise train.max_nonfinite" if self.train_cfg.on_nonfinite == "skip" else
+                "set train.on_nonfinite=skip")
       raise UserError(f"the loss or gradient became non-finite at step {health['stopped_at']}"
                       f"{in_a_row}; that step was not applied and nothing after it is saved; "
-                      f"{saved}; lower train.lr, check the data, or set "
-                      "train.on_nonfinite=skip")
+                      f"{saved}; lower train.lr, check the data, or {remedy}")
     return int(health["skipped"])
 
   def evaluated(self, step: int, split: str, result: dict) -> dict:

@@ -50,7 +50,8 @@ class SentencePairs:
   from its longer side.
   """
 
-  def __init__(self, texts: list[str], tokenizer, max_length: int, seed: int):
+  def __init__(self, texts: list[str], tokenizer, max_length: int, seed: int,
+               split: str = "training"):
     self.tokenizer, self.max_length, self.seed = tokenizer, max_length, seed
     self.docs = []
     for text in texts:
@@ -59,8 +60,9 @@ class SentencePairs:
     self.anchors = [(d, k) for d, pieces in enumerate(self.docs) for k in range(len(pieces) - 1)]
     if sum(1 for d in self.docs if d) < 2 or not self.anchors:
       raise UserError(f"next-sentence prediction needs at least 2 documents, one of them with 2 "
-                      f"pieces of {(max_length - 3) // 2} tokens; use more text or a smaller "
-                      "data.max_length")
+                      f"pieces of {(max_length - 3) // 2} tokens, in the {split} split "
+                      f"({len(texts)} documents); use more text, a smaller data.max_length"
+                      + (", or a larger data.val_fraction" if split == "validation" else ""))
     self.non_empty = [d for d, pieces in enumerate(self.docs) if pieces]
 
   def __len__(self):
@@ -151,7 +153,8 @@ class MaskedLM(Task):
     doc_texts = [t or "" for t in docs[d.text_field]]
     cut = int(round(len(doc_texts) * (1.0 - d.val_fraction)))  # validation: the last documents
     pairs = {"train": SentencePairs(doc_texts[:cut], tokenizer, d.max_length, cfg.seed),
-             "eval": SentencePairs(doc_texts[cut:], tokenizer, d.max_length, cfg.seed + 1)}
+             "eval": SentencePairs(doc_texts[cut:], tokenizer, d.max_length, cfg.seed + 1,
+                                   "validation")}
 
     def masked(split):  # a pair drawn for this epoch, then its tokens masked for this epoch
       return lambda idx, epochs: mask_tokens(pairs[split].take(idx, epochs), idx, epochs,

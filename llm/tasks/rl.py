@@ -54,6 +54,9 @@ def contains_answer(prompts, completions, records, field: str = "output"):
           for c, r in zip(completions, records)]
 
 
+exact_match.needs_answer = contains_answer.needs_answer = True  # see Rewards.check
+
+
 def brevity(prompts, completions, records):
   """Minus the completion's length in characters over 100: a small push to stop."""
   return [-len(c) / 100.0 for c in completions]
@@ -73,10 +76,19 @@ def reward_functions(spec: str) -> list[tuple[str, float, object]]:
       raise UserError(f"task.rewards: {item!r}: the weight after * is not a number") from None
     if ":" in name:
       module, _, attribute = name.partition(":")
+      if not all(part.isidentifier() for part in module.split(".")) or not attribute:
+        raise UserError(f"task.rewards: {name!r} is not module:function (e.g. "
+                        "my_rewards:correctness, with my_rewards.py importable)")
       try:
         function = getattr(importlib.import_module(module), attribute)
-      except (ImportError, AttributeError) as e:
-        raise UserError(f"task.rewards: cannot load {name!r} ({e})") from None
+      except SyntaxError as e:
+        raise UserError(f"task.rewards: {name!r}: {e.filename}, line {e.lineno}: {e.msg}") \
+            from None
+      except (Exception, SystemExit) as e:  # the user's module, run as it is imported
+        raise UserError(f"task.rewards: cannot load {name!r} ({type(e).__name__}: {e})") \
+            from None
+      if not callable(function):
+        raise UserError(f"task.rewards: {name!r} is not a function")
     elif name in BUILT_IN:
       function = BUILT_IN[name]
     else:
@@ -100,6 +112,17 @@ class Rewards:
       raise UserError(f"task.kind={cfg.task.kind} needs rewards: set task.rewards (e.g. "
                       "exact_match) or task.reward_model=DIR")
 
+  def check(self, records: list[dict], path: str) -> None:
+    """Before anything is sampled: a reward that compares with the record's answer needs one in
+    every record (an empty answer would match an empty completion, and be in every one)."""
+    for name, _, function in self.functions:
+      if getattr(function, "needs_answer", False):
+        for number, record in enumerate(records, 1):
+          if not prompts_lib.answer_text(record).strip():
+            raise UserError(f"task.rewards={name} compares completions with each record's "
+                            f"answer, but record {number} of {path} has none (an output, a "
+                            "completion or an assistant turn)")
+
   def __call__(self, prompt_texts, completions, records) -> tuple[np.ndarray, dict]:
     """(the total reward of each completion, each function's mean)."""
     total, means = np.zeros(len(completions)), {}
@@ -108,7 +131,7 @@ class Rewards:
         values = np.asarray(function(prompt_texts, completions, records), np.float64)
       except UserError:
         raise
-      except Exception as e:  # the user's code: said in one line, naming it
+      except (Exception, SystemExit) as e:  # the user's code: said in one line, naming it
         raise UserError(f"reward {name!r} raised {type(e).__name__}: {e}") from None
       if values.shape != (len(completions),) or not np.all(np.isfinite(values)):
         raise UserError(f"reward {name!r} must return one finite number per completion "
@@ -255,6 +278,7 @@ class Rollouts:
     self.stop_ids = prompts_lib.stop_ids(self.tokenizer)
     self.mesh = context.start.mesh
     self.rewards = Rewards(cfg, context.open_run)
+    self.rewards.check(records, cfg.data.path or cfg.data.hf_name)
     self.group, self.n = t.num_generations, t.max_new_tokens
     self.assemble = lambda trainable, frozen: params_lib.assemble(cfg, trainable, frozen)
     # The init_from weights (without LoRA: its reference is the base, adapters off), read

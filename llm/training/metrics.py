@@ -162,21 +162,23 @@ def profile_range(setting: str) -> tuple[int, int] | None:
 
 class StepProfiler:
   """A jax.profiler trace of steps START..STOP (train.profile_steps) in `directory`: TensorBoard's
-  profile tab or Perfetto (ui.perfetto.dev) opens it."""
+  profile tab or Perfetto (ui.perfetto.dev) opens it. A run resumed inside the range traces the
+  steps it has left."""
 
   def __init__(self, setting: str, directory: str):
     self.steps, self.directory, self.tracing = profile_range(setting), directory, False
+    self.first = None
 
   def before(self, step: int) -> None:
-    if self.steps and step == self.steps[0]:
+    if self.steps and self.steps[0] <= step <= self.steps[1] and self.first is None:
       import jax
       jax.profiler.start_trace(self.directory)
-      self.tracing = True
+      self.tracing, self.first = True, step
 
   def after(self, step: int, outputs) -> None:
     if self.tracing and step == self.steps[1]:
       self.stop(outputs)
-      print(f"wrote a profile of steps {self.steps[0]}-{self.steps[1]} to {self.directory} "
+      print(f"wrote a profile of steps {self.first}-{self.steps[1]} to {self.directory} "
             f"(tensorboard --logdir={self.directory}, or ui.perfetto.dev)")
 
   def stop(self, outputs=None) -> None:
