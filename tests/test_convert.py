@@ -153,7 +153,7 @@ def test_missing_or_mismatched_tensor_is_named(tmp_path, test_data):
   # The command line says the same in one line, exit code 2.
   proc = subprocess.run([sys.executable, "-m", "llm.convert", f"--from_hf={tmp_path / 'hf'}",
                          f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
-                        text=True)
+                        text=True, timeout=600)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
       f"error: {tmp_path / 'hf'}: tensor h.1.mlp.c_fc.bias is missing (config.json expects it "

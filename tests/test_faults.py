@@ -71,7 +71,7 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path, straight, straight_run
     _wait_for_step(workdir, until_step, process)
     time.sleep(rng.uniform(0.0, 0.3))
     os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    process.wait(timeout=600)
   finished = _start(config, workdir)
   assert finished.wait(timeout=300) == 0, finished.stderr.read()[-3000:]
   assert _losses(workdir) == straight  # bit for bit
@@ -110,7 +110,7 @@ def test_two_processes_stop_together_on_ctrl_c_or_one_host_preempted(tmp_path, s
 
   def preempt_one_host(process):
     children = subprocess.run(["pgrep", "-f", "-s", str(process.pid), "llm.train"],
-                              capture_output=True, text=True).stdout.split()
+                              capture_output=True, text=True, timeout=60).stdout.split()
     os.kill(int(children[-1]), signal.SIGTERM)
 
   first = _stop_at(config, workdir, 5, lambda p: os.killpg(p.pid, signal.SIGINT), launcher)
@@ -282,7 +282,7 @@ def test_a_second_run_on_a_workdir_is_refused_and_a_stale_lock_taken_over(tmp_pa
     train(cfg, str(workdir))
   assert os.listdir(workdir) == [rundir.LOCK]  # nothing written
   other.kill()
-  other.wait()
+  other.wait(timeout=600)
   train(cfg, str(workdir))  # the holder is gone: its lock is taken over
   assert "taking over" in capsys.readouterr().out
   assert not lock.exists()

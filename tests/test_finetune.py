@@ -235,7 +235,7 @@ def test_instruction_lora_freezes_the_base_and_merges(tmp_path, base_run, test_d
   # Instructions through the command line: the prompt is formatted, only the response printed.
   proc = subprocess.run([sys.executable, "-m", "llm.generate", f"--workdir={workdir}",
                          "--instruction=Name a colour.", "--max_new_tokens=5",
-                         "--temperature=0"], cwd=ROOT, capture_output=True, text=True)
+                         "--temperature=0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr
   assert "### Response" not in proc.stdout and "Below is" not in proc.stdout
 

@@ -81,13 +81,14 @@ def test_cli(run_dir, tmp_path):
   prompts.write_text("\n".join(PROMPTS) + "\n")
   result = subprocess.run(
       [sys.executable, "-m", "llm.generate", f"--workdir={run_dir}", f"--prompt_file={prompts}",
-       "--max_new_tokens=8", "--temperature=0"], cwd=ROOT, capture_output=True, text=True)
+       "--max_new_tokens=8", "--temperature=0"], cwd=ROOT, capture_output=True, text=True,
+      timeout=600)
   assert result.returncode == 0, result.stderr
   import json
   lines = [json.loads(l) for l in result.stdout.strip().splitlines()]
   assert [l["prompt"] for l in lines] == PROMPTS
   result = subprocess.run([sys.executable, "-m", "llm.generate", f"--workdir={tmp_path}"],
-                          cwd=ROOT, capture_output=True, text=True)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 2 and "is not a run directory" in result.stderr
 
 
@@ -106,7 +107,7 @@ def test_messages_are_answered_through_the_runs_chat_template(run_dir, tmp_path)
   result = subprocess.run(
       [sys.executable, "-m", "llm.generate", f"--workdir={chat_run}", "--max_new_tokens=4",
        f"--messages={tmp_path / 'conversation.json'}", "--temperature=0"], cwd=ROOT,
-      capture_output=True, text=True)
+      capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr
   [line] = [json.loads(l) for l in result.stdout.strip().splitlines()]
   gen = Generator(loading.load(chat_run))

@@ -1,6 +1,7 @@
 """The shape of the codebase: no import cycles, entry points imported by no library module,
 packages that build on each other in one order, models that know nothing of data or training,
-kinds compared only where their registry lives, short modules, one list of dependencies."""
+kinds compared only where their registry lives, short modules, one list of dependencies, and a
+time limit on every process a test waits for."""
 
 import ast
 import os
@@ -151,3 +152,23 @@ def test_pyproject_lists_what_the_requirements_files_install():
 
   assert project["dependencies"] == requirements("requirements.txt")
   assert project["optional-dependencies"]["test"] == requirements("requirements-test.txt")
+
+
+def test_every_process_a_test_starts_is_waited_for_with_a_time_limit():
+  """A hung child (a process of a multi-process run whose peer died) fails its test, not CI."""
+  unlimited = []
+  for name in sorted(os.listdir(os.path.join(ROOT, "tests"))):
+    if not name.endswith(".py"):
+      continue
+    path = os.path.join(ROOT, "tests", name)
+    for node in ast.walk(ast.parse(open(path).read())):
+      if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+        continue
+      owner, method = ast.unparse(node.func.value), node.func.attr
+      waits = (owner == "subprocess" and method in ("run", "call", "check_call", "check_output")
+               or method in ("communicate", "wait") and owner != "self.manager")
+      limited = any(k.arg == "timeout" for k in node.keywords) or (method == "wait"
+                                                                   and node.args)
+      if waits and not limited:
+        unlimited.append(f"{name}:{node.lineno}")
+  assert unlimited == []

@@ -307,7 +307,7 @@ def test_profile_and_offline_wandb_write_their_files(tmp_path):
             "'llm-tests', 'train.eval_every': 3}), sys.argv[2])")
   result = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(workdir)], cwd=ROOT,
                           env=dict(os.environ, JAX_PLATFORMS="cpu", WANDB_MODE="offline"),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "wrote a profile of steps 2-3" in result.stdout
   traces = [os.path.join(d, f) for d, _, fs in os.walk(workdir / "profile") for f in fs]
@@ -335,7 +335,7 @@ def test_every_optimizer_resumes_bit_exactly_on_a_mesh(tmp_path):
   result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "resume_runs.py"),
                            str(out), str(tmp_path), "adamw:1x1x1",
                            *(f"{name}:2x2x2" for name in optim.OPTIMIZERS)], env=env, cwd=ROOT,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads(out.read_text())
   assert list(results["adamw"]) == ["1x1x1", "2x2x2"]

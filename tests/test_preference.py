@@ -222,13 +222,13 @@ def test_best_of_n_returns_the_highest_reward_and_best_of_1_is_plain_sampling(
   out = subprocess.run(
       [sys.executable, "-m", "llm.generate", f"--workdir={base_run}",
        f"--reward_model={reward_run}", "--best_of=3", f"--prompt_file={prompt_file}",
-       "--max_new_tokens=6", "--seed=1"], cwd=ROOT, capture_output=True, text=True)
+       "--max_new_tokens=6", "--seed=1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   [line] = [json.loads(x) for x in out.stdout.splitlines()]
   assert len(line["rewards"]) == 3 and line["reward"] == max(line["rewards"])
   scored = subprocess.run(
       [sys.executable, "-m", "llm.score", f"--workdir={reward_run}", "--prompt=The weather today",
-       f"--response={line['text']}"], cwd=ROOT, capture_output=True, text=True)
+       f"--response={line['text']}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert scored.returncode == 0, scored.stderr[-2000:]
   assert float(scored.stdout.split()[0]) == pytest.approx(line["reward"], abs=1e-3)
 

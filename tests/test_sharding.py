@@ -31,7 +31,7 @@ def _mesh_runs(tmp_path, devices, steps, *meshes, env=None):
   out = tmp_path / f"out-{devices}-{'-'.join(meshes)}.json"
   result = subprocess.run([sys.executable, HELPER, str(out), str(tmp_path), str(steps), *meshes],
                           env={**_env(devices), **(env or {})}, capture_output=True, text=True,
-                          cwd=ROOT)
+                          cwd=ROOT, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(out.read_text())
 

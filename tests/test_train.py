@@ -129,7 +129,7 @@ def test_cli_prints_one_line_and_keeps_what_was_saved(tmp_path):
   saved = sorted(os.listdir(workdir / "checkpoints"))
   result = subprocess.run(
       [sys.executable, "-m", "llm.train", "--config=configs/gpt_tiny.py", f"--workdir={workdir}",
-       "--config.model.num_heads=3"], cwd=ROOT, capture_output=True, text=True)
+       "--config.model.num_heads=3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
       "error: config: model.d_model=256 is not allowed; must be divisible by model.num_heads=3"]
