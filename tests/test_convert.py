@@ -176,3 +176,21 @@ def test_hf_folder_works_as_init_from(tmp_path, test_data):
   assert {p for p in tuned if not p.startswith("head/")} == {"backbone/" + p for p in base}
   for path, value in base.items():
     np.testing.assert_array_equal(tuned["backbone/" + path], value)
+
+
+def test_a_trained_sentencepiece_tokenizer_exports_for_transformers(tmp_path, base_run, records):
+  """A run of ours (its BPE trained here) as a folder transformers, TRL and vLLM load: the same
+  ids from AutoTokenizer, the same logits from AutoModelForCausalLM."""
+  from llm import convert
+  from llm.runs import loading
+  convert.to_hf(base_run, str(tmp_path / "hf"))
+  hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+  ours = loading.load(base_run).tokenizer
+  texts = [VARIED_TEXT] + [" ".join(map(str, r.values())) for r in json.load(open(records))[:20]]
+  for text in texts:
+    assert hf_tok(text)["input_ids"] == ours.encode(text), text
+    assert hf_tok.decode(ours.encode(text)) == ours.decode(ours.encode(text))
+  assert (hf_tok.eos_token_id, hf_tok.pad_token_id) == (ours.eot_id, ours.pad_id)
+  ids = np.asarray([ours.encode(texts[1])[:40], ours.encode(texts[2])[:40]])
+  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+  np.testing.assert_allclose(hf_logits(model, ids), our_logits(base_run, ids), atol=1e-4, rtol=0)

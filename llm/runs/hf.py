@@ -183,6 +183,9 @@ def save(out: str, model_cfg, model_shape, tokenizer, params) -> int:
     with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
       json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": tokenizer.lowercase,
                  "model_max_length": model_cfg.max_len}, f, indent=2)
+  elif isinstance(tokenizer, sentencepiece.SentencePieceTokenizer):
+    tokenizer.save(out)
+    tokenizer.hf_files(out, model_cfg.max_len)
   else:
     tokenizer.save(out)
     print(f"note: the run's {tokenizer.kind} tokenizer is saved as it is; transformers' "

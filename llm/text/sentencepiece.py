@@ -126,6 +126,58 @@ class SentencePieceTokenizer(Tokenizer):
       with open(os.path.join(directory, self.SETTINGS_FILE), "w") as f:
         json.dump({"add_bos": self.add_bos, "add_eos": self.add_eos}, f)
 
+  def hf_files(self, directory: str, max_len: int) -> None:
+    """tokenizer.json and tokenizer_config.json: the same tokenizer for transformers'
+    AutoTokenizer (and TRL, vLLM), ids equal to ours. A BPE model with byte fallback whose merges
+    come from the pieces' ranks (a sentencepiece BPE merges the pair making its best-ranked
+    piece first), the model's whitespace rules as a normalizer, its user-defined pieces as
+    added tokens, and its control pieces as special tokens."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, decoders, models, normalizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+    proto = sentencepiece_model_pb2.ModelProto.FromString(self._proto)
+    spec, kinds = proto.normalizer_spec, sentencepiece_model_pb2.ModelProto.SentencePiece
+    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE or (
+        spec.remove_extra_whitespaces or spec.precompiled_charsmap):
+      print("note: this sentencepiece model (not BPE, or normalizing its text) is saved as it is;"
+            " transformers' AutoTokenizer does not read it")
+      return
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    merges = []
+    for piece in proto.pieces:
+      if piece.type == kinds.NORMAL and len(piece.piece) > 1:
+        text = piece.piece
+        merges += [(vocab[text], vocab[text[:k]], vocab[text[k:]], text[:k], text[k:])
+                   for k in range(1, len(text)) if text[:k] in vocab and text[k:] in vocab]
+    merges.sort()
+    unk = proto.pieces[self._sp.unk_id()].piece
+    tokenizer = HFTokenizer(models.BPE(vocab, [(left, right) for *_, left, right in merges],
+                                       unk_token=unk, byte_fallback=True, fuse_unk=True))
+    steps = [normalizers.Prepend("▁")] if spec.add_dummy_prefix else []
+    tokenizer.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else []))
+    tokenizer.add_tokens([AddedToken(p.piece, normalized=False, special=False)
+                          for p in proto.pieces if p.type == kinds.USER_DEFINED])
+    specials = [p.piece for p in proto.pieces if p.type in (kinds.CONTROL, kinds.UNKNOWN)]
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                  for t in specials])
+    bos, eos = self.template_tokens["bos_token"], self.template_tokens["eos_token"]
+    first, last = ([bos] if self.add_bos else []), ([eos] if self.add_eos else [])
+    if first or last:
+      tokenizer.post_processor = processors.TemplateProcessing(
+          single=" ".join(first + ["$A"] + last),
+          special_tokens=[(t, vocab[t]) for t in dict.fromkeys(first + last)])
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
+              "bos_token": bos, "eos_token": eos, "unk_token": unk,
+              "add_bos_token": self.add_bos, "add_eos_token": self.add_eos}
+    if self._sp.pad_id() >= 0:
+      config["pad_token"] = self._sp.id_to_piece(self._sp.pad_id())
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+      json.dump(config, f, indent=2)
+
   def fingerprint(self):
     import hashlib
     return "sp-" + hashlib.sha256(self._proto).hexdigest()[:16]
