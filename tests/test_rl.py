@@ -74,7 +74,7 @@ def test_policy_gradient_loss_equals_numpy(normalize, clipping):
   ratio = np.exp(logp - old)
   surrogate = np.minimum(ratio * adv[:, None], np.clip(ratio, 0.8, 1.28) * adv[:, None])
   kl = np.exp(ref - logp) - (ref - logp) - 1
-  per_token = (-surrogate + 0.05 * kl) * m
+  per_token = (-surrogate + 0.05 * ratio * kl) * m  # the KL weighed by ρ (task.kl_ratio)
   expected = {"token": per_token.sum() / m.sum(),
               "sequence": np.mean(per_token.sum(1) / m.sum(1)),
               "constant": per_token.sum() / (M * (T - P))}[normalize]
@@ -113,7 +113,7 @@ def test_one_update_per_rollout_is_reinforce_with_the_group_baseline():
 def test_advantages_against_the_group():
   r = np.array([1.0, 0.0, 0.0, 3.0, 2.0, 2.0, 2.0, 2.0])
   grpo = rl.advantages(r, 4, "grpo", scale=True)
-  np.testing.assert_allclose(grpo[:4], (r[:4] - 1.0) / (np.std(r[:4]) + 1e-4))
+  np.testing.assert_allclose(grpo[:4], (r[:4] - 1.0) / (np.std(r[:4], ddof=1) + 1e-4))
   assert np.all(grpo[4:] == 0)  # a group with one reward gives no signal
   np.testing.assert_allclose(rl.advantages(r, 4, "grpo", scale=False)[:4], r[:4] - 1.0)
   rloo = rl.advantages(r, 4, "rloo", scale=False)

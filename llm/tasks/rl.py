@@ -8,8 +8,8 @@ against the other completions of the same prompt; and the policy takes task.upda
 optimizer steps on PPO's clipped surrogate with a KL penalty to the reference
 (policy_gradient), each a pass over the whole rollout.
 
-- grpo: A = (r - mean of the group) / (std of the group + 1e-4), without the division when
-  task.scale_rewards is False (Dr. GRPO).
+- grpo: A = (r - mean of the group) / (std of the group + 1e-4), the std with Bessel's
+  correction as TRL takes it, without the division when task.scale_rewards is False (Dr. GRPO).
 - rloo: A = r - mean of the group's other completions (REINFORCE leave-one-out).
 
 Prompts are records of any format prompts.py reads (a conversation up to its last assistant
@@ -149,7 +149,7 @@ def advantages(rewards_M: np.ndarray, group: int, algorithm: str, scale: bool) -
     return (r - (r.sum(1, keepdims=True) - r) / (group - 1)).reshape(-1)
   centred = r - r.mean(1, keepdims=True)
   if scale:
-    centred = centred / (r.std(1, keepdims=True) + 1e-4)
+    centred = centred / (r.std(1, ddof=1, keepdims=True) + 1e-4)  # TRL's (n - 1) std
   return centred.reshape(-1)
 
 
@@ -178,6 +178,8 @@ class PolicyOptimization(RecordTask):
                    "clip_eps_high]"),
       "clip_eps_high": (0.0, "the upper clip (DAPO's clip-higher); 0: clip_eps"),
       "kl_coef": (0.04, "the KL penalty to the reference (k3 estimator); 0: none"),
+      "kl_ratio": (True, "weigh the KL penalty by the ratio ρ (DeepSeek-V3.2; TRL's "
+                   "use_bias_correction_kl): its gradient becomes reverse KL's, unbiased"),
       "scale_rewards": (True, "divide the advantages by the group's std (grpo; False: Dr. GRPO; "
                         "rloo's leave-one-out baseline is never scaled)"),
       "loss_norm": ("token", '"token" (DAPO), "sequence" (GRPO) or "constant" (Dr. GRPO): '
@@ -213,7 +215,7 @@ class PolicyOptimization(RecordTask):
   def objective(self, model):
     t = self.cfg.task
     return policy_gradient(model, t.clip_eps, t.clip_eps_high or t.clip_eps, t.kl_coef,
-                           t.loss_norm, t.max_new_tokens, t.temperature, t.top_p)
+                           t.loss_norm, t.max_new_tokens, t.temperature, t.top_p, t.kl_ratio)
 
   def examples(self, docs, model, context: Context):
     """Left-padded prompts (the instruction template), room left for max_new_tokens."""
@@ -433,13 +435,17 @@ def token_logps(model, params, tokens_MxT, positions_MxT, valid_MxT, temperature
 
 def policy_gradient(model, clip_low: float, clip_high: float, kl_coef: float,
                     normalize: str, max_new_tokens: int, temperature: float = 1.0,
-                    top_p: float = 1.0) -> objectives.Objective:
+                    top_p: float = 1.0, kl_ratio: bool = True) -> objectives.Objective:
   """PPO's clipped surrogate on sampled completions, with a KL penalty to a reference: per
-  completion token, l = -min(ρ A, clip(ρ, 1 - clip_low, 1 + clip_high) A) + kl_coef · k3, where
-  ρ = π(token) / π_old(token), π_old the policy that sampled (log-probabilities in the batch,
-  `old_logps`), A the completion's advantage, and k3 = π_ref/π - log(π_ref/π) - 1 (Schulman's
-  unbiased, positive KL estimator; the reference's log-probabilities `ref_logps`). With one
-  update per rollout ρ = 1 and the gradient is REINFORCE's with the advantage's baseline.
+  completion token, l = -min(ρ A, clip(ρ, 1 - clip_low, 1 + clip_high) A) + kl_coef · ρ · k3,
+  where ρ = π(token) / π_old(token), π_old the policy that sampled (log-probabilities in the
+  batch, `old_logps`), A the completion's advantage, and k3 = π_ref/π - log(π_ref/π) - 1
+  (Schulman's unbiased, positive KL estimator; the reference's log-probabilities `ref_logps`).
+  The ρ on k3 (`kl_ratio`; TRL's default since its use_bias_correction_kl) changes the penalty's
+  gradient, not its value at ρ = 1: k3's own gradient, (1 - π_ref/π) ∇log π, is not reverse
+  KL's, and ρ · k3's is, (log π - log π_ref) ∇log π; without it the penalty holds the policy
+  back less (tests/test_trl.py measures both against TRL). With one update per rollout ρ = 1
+  and the surrogate's gradient is REINFORCE's with the advantage's baseline.
   Every π is the sampling distribution (`temperature`, `top_p`: see token_logps), as in TRL, so
   that π_old is the policy that sampled. `normalize`: see NORMALIZATIONS."""
 
@@ -453,7 +459,8 @@ def policy_gradient(model, clip_low: float, clip_high: float, kl_coef: float,
     surrogate_MxL = jnp.minimum(ratio_MxL * advantage_Mx1, clipped_MxL * advantage_Mx1)
     log_ref_ratio_MxL = batch["ref_logps"] - logps_MxL
     kl_MxL = jnp.exp(log_ref_ratio_MxL) - log_ref_ratio_MxL - 1.0
-    per_token_MxL = (-surrogate_MxL + kl_coef * kl_MxL) * mask_MxL
+    penalty_MxL = kl_MxL * ratio_MxL if kl_ratio else kl_MxL
+    per_token_MxL = (-surrogate_MxL + kl_coef * penalty_MxL) * mask_MxL
     lengths_M = jnp.sum(mask_MxL, axis=-1)
     if normalize == "sequence":
       loss_sum = jnp.sum(jnp.sum(per_token_MxL, -1) / jnp.maximum(lengths_M, 1.0))
