@@ -301,19 +301,22 @@ def test_profile_and_offline_wandb_write_their_files(tmp_path):
   import sys
   from conftest import ROOT
   workdir = tmp_path / "run"
+  # Two steps, then resumed for a third with train.profile_steps=2:3: as a run preempted inside
+  # its profiled range, it traces the steps it has left.
   script = ("import pathlib, sys; sys.path.insert(0, 'tests'); from conftest import tiny_config; "
-            "from llm.runs.trainer import train; train(tiny_config(pathlib.Path(sys.argv[1]), **{"
-            "'train.steps': 3, 'train.profile_steps': '2:3', 'train.wandb_project': "
-            "'llm-tests', 'train.eval_every': 3}), sys.argv[2])")
+            "from llm.runs.trainer import train; run = lambda steps, profile: train(tiny_config("
+            "pathlib.Path(sys.argv[1]), **{'train.steps': steps, 'train.profile_steps': profile, "
+            "'train.wandb_project': 'llm-tests', 'train.eval_every': 3, "
+            "'train.checkpoint_every': 1}), sys.argv[2]); run(2, ''); run(3, '2:3')")
   result = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(workdir)], cwd=ROOT,
                           env=dict(os.environ, JAX_PLATFORMS="cpu", WANDB_MODE="offline"),
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "wrote a profile of steps 2-3" in result.stdout
+  assert "wrote a profile of steps 3-3" in result.stdout
   traces = [os.path.join(d, f) for d, _, fs in os.walk(workdir / "profile") for f in fs]
   assert any(t.endswith(".xplane.pb") and os.path.getsize(t) > 1000 for t in traces)
   runs_written = [d for d in os.listdir(workdir / "wandb") if d.startswith("offline-run-")]
-  assert len(runs_written) == 1
+  assert len(runs_written) == 2  # one per start
   assert any(f.endswith(".wandb") and os.path.getsize(workdir / "wandb" / runs_written[0] / f)
              for f in os.listdir(workdir / "wandb" / runs_written[0]))
   assert [m["step"] for m in read_metrics(str(workdir)) if m["split"] == "train"] == [1, 2, 3]
