@@ -56,9 +56,13 @@ def _exits_cleanly(main):
         raise
     gc.collect()  # what the interrupted frames held goes first: a progress bar ends its line
     line = f"stopped by {stopped_by}; nothing is left half-written; run the same command again"
+    if jax.process_index() == 0:
+      print(line, file=sys.stderr, flush=True)
+    if jax.distributed.is_initialized():  # leave the other processes' service in order
+      jax.distributed.shutdown()
     # Not sys.exit: XLA may still be compiling in a thread of its own, and an interpreter that
     # shuts down under it crashes (exit 139). Nothing is left to clean up by now.
-    quit_at_once(preemption.EXIT_PREEMPTED, line if jax.process_index() == 0 else "")
+    quit_at_once(preemption.EXIT_PREEMPTED, "")
 
   return wrapped
 
