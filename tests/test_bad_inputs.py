@@ -13,7 +13,7 @@ from llm.errors import UserError
 from llm.text import chat
 from test_newcomer import one_error_line, run_cli
 
-pytestmark = [pytest.mark.xdist_group("preference"), pytest.mark.slow]  # the base run's group
+pytestmark = pytest.mark.slow
 
 CONVERSATION = [{"role": "user", "content": "List three primary colors."}]
 
