@@ -19,10 +19,10 @@ pytestmark = pytest.mark.slow
 
 def test_a_signal_at_random_moments_of_start_up_exits_75_and_the_rerun_resumes(
     tmp_path, base_run, records):
-  """20 starts signalled at seeded moments, in turn LM, DPO and GRPO: half of them in the first
-  four seconds (importing, reading, tokenizing, the DPO reference pass), half within a second and
-  a half of the line the train loop prints as it starts (the first step's compile: where XLA's
-  compile thread once crashed the exit)."""
+  """20 starts signalled at seeded moments, in turn LM, DPO and GRPO: 15 in the first four
+  seconds (importing, reading, training a tokenizer, tokenizing, the DPO reference pass), 5
+  within a second and a half of the line the train loop prints as it starts (the first step's
+  compile: where XLA's compile thread once crashed the exit)."""
   rng = random.Random(0)
   makes = {"lm": ("tiny_config",), "dpo": ("preference_config", base_run, records, "dpo"),
            "grpo": ("test_rl.rl_config", base_run, records)}
@@ -35,7 +35,7 @@ def test_a_signal_at_random_moments_of_start_up_exits_75_and_the_rerun_resumes(
     (tmp_path / kind).mkdir(exist_ok=True)
     config = config_file(tmp_path / kind, overrides, name="signalled.py", make=makes[kind])
     process = _start(config, tmp_path / kind / "run")
-    if number % 2:
+    if number % 4 == 1:  # starts 1, 5, 9, 13, 17: DPO, GRPO, LM, DPO, GRPO
       for line in process.stdout:  # "N parameters; M tokens per step; starting at step S"
         if "tokens per step" in line:
           break
@@ -50,7 +50,7 @@ def test_a_signal_at_random_moments_of_start_up_exits_75_and_the_rerun_resumes(
     assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
     assert _leftovers(tmp_path) == [], err[-2000:]
     outcomes = {line: outcomes[line] + said[line] for line in outcomes}
-  assert min(outcomes.values()) >= 3, outcomes  # both phases were hit
+  assert min(outcomes.values()) >= 2, outcomes  # both phases were hit
   for kind, make in makes.items():  # the same command, let run: it resumes and ends
     workdir = tmp_path / kind / "run"
     saved = (_latest_step(workdir) if os.path.isdir(workdir / rundir.CHECKPOINTS) else 0) or 0
