@@ -11,7 +11,7 @@ def _started_as_command() -> bool:
   """Whether this process is `python [options] -m llm.<name> ...`."""
   argv, i = sys.orig_argv, 1
   while i < len(argv) and argv[i].startswith("-"):
-    if argv[i] == "-m" or argv[i].startswith("-m"):
+    if argv[i].startswith("-m"):  # -m NAME, or -mNAME
       name = argv[i + 1] if argv[i] == "-m" and i + 1 < len(argv) else argv[i][2:]
       return name.split(".")[0] == "llm"
     if argv[i] == "-c":

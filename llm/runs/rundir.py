@@ -187,21 +187,6 @@ def _is_gone(holder: dict) -> bool:
   return int(holder["pid"]) == os.getpid()  # alive, but it is this process: a leftover
 
 
-def logged_splits(workdir: str, step: int) -> set[str]:
-  """The splits metrics.jsonl holds a line of at `step`."""
-  metrics, splits = path(workdir, METRICS), set()
-  if os.path.exists(metrics):
-    with open(metrics) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-          if record["step"] == step:
-            splits.add(record["split"])
-        except (ValueError, KeyError, TypeError):
-          pass  # torn: drop_metrics_after says so
-  return splits
-
-
 def drop_metrics_after(workdir: str, step: int) -> None:
   """A run that starts or resumes at `step` logs the steps after it again: their old lines go
   (all of them when it starts from 0), and so does a line torn by a kill mid-write."""

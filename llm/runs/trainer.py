@@ -5,6 +5,7 @@ A run started on a DIR that has checkpoints resumes from the latest one.
 
 import contextlib
 import functools
+import os
 import time
 
 import jax
@@ -300,7 +301,7 @@ def _train(trainer: Trainer, ckpt) -> dict:
 
   batches = data_batches.Prefetch(trainer.batches, trainer.place)
   profiler = metrics.StepProfiler(tr.profile_steps, rundir.path(workdir, rundir.PROFILE))
-  done = (start, None)  # the last step finished, and the data's state after it
+  done, data_state = start, None  # the last step finished, and the data's state after it
   try:
     if start == 0 and tr.eval_at_start:
       evaluated(0, [split for split in evaluate if split != "test"])
@@ -316,12 +317,12 @@ def _train(trainer: Trainer, ckpt) -> dict:
             state, stats, health = train_step(state, frozen, batch, health)
           profiler.after(step, stats)
           log.trained(step, stats, health, sampled)
-        done = (step, batches.state())
+        done, data_state = step, batches.state()
         preempted = watcher.requested(step)
         if step % tr.checkpoint_every == 0 or step == tr.steps or preempted or due(step):
           log.phase("saving")
           skipped = log.check(step, health)  # never save a run that diverged
-          ckpt.save(step, state, {**batches.state(), "skipped": skipped})
+          ckpt.save(step, state, {**data_state, "skipped": skipped})
         if preempted:  # the step's evaluations run when the run resumes
           raise preemption.Preempted(f"preempted at step {step}, saved; run the same command to "
                                      "resume")
@@ -330,7 +331,7 @@ def _train(trainer: Trainer, ckpt) -> dict:
   except preemption.Preempted:
     raise
   except Exception:
-    _save_before_failing(log, ckpt, *done, state, health)
+    _save_before_failing(log, ckpt, done, data_state, state, health)
     raise
   finally:
     profiler.stop()
@@ -357,7 +358,9 @@ def _save_before_failing(log, ckpt, step: int, data_state, state, health) -> Non
 def unlogged(workdir: str, step: int, splits: list[str]) -> list[str]:
   """Of `splits`, those the run being resumed has no line of at `step`, as the main process
   reads its metrics.jsonl (the processes must agree: an evaluation is collective)."""
-  logged = rundir.logged_splits(workdir, step) if jax.process_index() == 0 else set()
+  metrics_file = rundir.path(workdir, rundir.METRICS)
+  logged = ({m.get("split") for m in metrics.read(metrics_file) if m.get("step") == step}
+            if jax.process_index() == 0 and os.path.exists(metrics_file) else set())
   missing = np.array([split not in logged for split in splits])
   if jax.process_count() > 1 and splits:
     from jax.experimental import multihost_utils
