@@ -14,6 +14,7 @@ from llm import model as model_lib
 from llm.errors import UserError
 from llm.model import attention
 from llm.model.layers import ACTIVATIONS, MLPS, NORMS, POSITIONS, REMAT_POLICIES
+from llm.model.moe import ROUTERS
 from llm.text import tokenizer as tokenizer_lib
 from llm.training import metrics, optim
 
@@ -21,7 +22,8 @@ from llm.training import metrics, optim
 # order, so activations ('batch', 'length', 'embed') take `fsdp` for the batch and leave 'embed'
 # whole, while parameters ('vocab', 'embed', ...) take `fsdp` for 'embed' (FSDP).
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),  # expert devices hold different tokens outside MoE
+    ("expert", "expert"),  # the experts of a mixture of experts
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -85,6 +87,29 @@ def base_config() -> ml_collections.ConfigDict:
   m.scan_layers = False  # one nn.scan over the blocks: compile time and program size independent
   #                        of depth; checkpoints load either way
   m.logits_chunk = 0  # lm, instruct: positions whose logits exist at once in the loss; 0: all
+  m.qk_norm = False  # RMSNorm over each head's queries and keys before rotation (Qwen3, OLMoE)
+  m.moe = mo = ml_collections.ConfigDict()
+  mo.num_experts = 0  # > 0: a mixture of experts in place of the MLP of the blocks chosen by
+  #                     every and first_dense (llm/model/moe.py); 0: dense
+  mo.experts_per_token = 2  # k: the experts each token is routed to
+  mo.expert_d_ff = 0  # each expert's hidden width; 0: model.d_ff
+  mo.num_shared_experts = 0  # always-on experts beside the routed ones (DeepSeek, Qwen-MoE),
+  #                            one MLP of num_shared_experts x expert_d_ff
+  mo.every = 1  # block i is MoE when (i + 1) % every == 0 (Qwen's decoder_sparse_step) ...
+  mo.first_dense = 0  # ... and i >= first_dense (DeepSeek's first_k_dense_replace)
+  mo.router = "softmax"  # "softmax" over all experts then the top k (Mixtral, Qwen), or
+  #                        "sigmoid" scores (DeepSeek-V3)
+  mo.renormalize = True  # the top k weights divided by their sum (Mixtral; Qwen's
+  #                        norm_topk_prob)
+  mo.routed_scale = 1.0  # the routed experts' weights times this (DeepSeek's
+  #                        routed_scaling_factor)
+  mo.bias_update_rate = 0.0  # > 0: auxiliary-loss-free balancing: a router bias, used to
+  #                            choose experts only, moved by this each step towards equal load
+  #                            (DeepSeek-V3: 0.001); a parameter no optimizer touches
+  mo.balance_loss = 0.01  # weight of the load-balancing loss E x sum_e f_e P_e (1: balanced)
+  mo.z_loss = 0.001  # weight of the router z-loss, mean logsumexp(router logits)^2
+  mo.capacity_factor = 0.0  # 0: dropless; > 0: at most ceil(factor x tokens x k / experts)
+  #                           copies per expert, the rest dropped (counted in metrics)
 
   c.tokenizer = t = ml_collections.ConfigDict()
   t.kind = "sentencepiece"  # "sentencepiece" (BPE trained on the run's text), "gpt2", "wordpiece",
@@ -181,6 +206,7 @@ def base_config() -> ml_collections.ConfigDict:
   me.data = -1  # replicas; -1: the devices the other axes leave
   me.fsdp = 1  # parameter and optimizer-state shards (the batch is split too)
   me.tensor = 1  # heads, MLP width and vocabulary split
+  me.expert = 1  # experts split (expert parallelism; the batch is split too)
   me.rules = DEFAULT_RULES  # logical axis name -> mesh axes
   return c
 
@@ -191,8 +217,8 @@ def describe_keys() -> dict[str, str]:
   import inspect
   sections, described, last = {"c": ""}, {}, None
   for line in inspect.getsource(base_config).splitlines():
-    if match := re.match(r"\s*c\.(\w+) = (\w+) = ml_collections", line):
-      sections[match.group(2)] = match.group(1) + "."
+    if match := re.match(r"\s*(\w+)\.(\w+) = (\w+) = ml_collections", line):
+      sections[match.group(3)] = sections[match.group(1)] + match.group(2) + "."
     elif match := re.match(r"\s*(\w+)\.(\w+) = [^#]*?(?:#\s*(.*))?$", line):
       last = sections[match.group(1)] + match.group(2)
       described[last] = match.group(3) or ""
@@ -214,8 +240,9 @@ def describe(cfg: ml_collections.ConfigDict) -> str:
   """Every key of `cfg` with its value and meaning, one per line."""
   lines = []
   for key, meaning in describe_keys().items():
-    section, _, name = key.rpartition(".")
-    value = cfg[section][name] if section else cfg[name]
+    value = cfg
+    for part in key.split("."):
+      value = value[part]
     setting = f"{key} = {value!r}"
     lines.append(f"{setting:<40} # {meaning}" if meaning else setting)
   return "\n".join(lines)
@@ -337,6 +364,27 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(m.remat in REMAT_POLICIES, "model.remat", f"use one of {tuple(REMAT_POLICIES)}", m.remat)
   _check(m.logits_chunk >= 0, "model.logits_chunk", "use 0 (off) or a number of positions",
          m.logits_chunk)
+  mo = m.moe
+  _check(mo.num_experts >= 0, "model.moe.num_experts", "use 0 (dense) or a number of experts",
+         mo.num_experts)
+  if mo.num_experts:
+    _check(1 <= mo.experts_per_token <= mo.num_experts, "model.moe.experts_per_token",
+           f"use 1 to model.moe.num_experts={mo.num_experts}", mo.experts_per_token)
+    for key in ("expert_d_ff", "num_shared_experts", "first_dense"):
+      _check(mo[key] >= 0, f"model.moe.{key}", "use 0 or more", mo[key])
+    _check(mo.every >= 1, "model.moe.every", "use a positive integer", mo.every)
+    _check(mo.router in ROUTERS, "model.moe.router", f"use one of {tuple(ROUTERS)}", mo.router)
+    for key in ("balance_loss", "z_loss", "capacity_factor", "bias_update_rate"):
+      _check(mo[key] >= 0, f"model.moe.{key}", "use 0 (off) or a positive value", mo[key])
+    _check(mo.routed_scale > 0, "model.moe.routed_scale", "use a positive factor",
+           mo.routed_scale)
+    moe_layers = [i for i in range(m.num_layers) if i >= mo.first_dense and (i + 1) % mo.every == 0]
+    _check(bool(moe_layers), "model.moe.every",
+           f"no block of model.num_layers={m.num_layers} is MoE with model.moe.first_dense="
+           f"{mo.first_dense}", mo.every)
+    _check(not m.scan_layers or len(moe_layers) == m.num_layers, "model.scan_layers",
+           "scanned blocks must be alike: with MoE use model.moe.every=1 and first_dense=0, or "
+           "model.scan_layers=False", m.scan_layers)
   _check(t.kind in tokenizer_lib.kinds(), "tokenizer.kind",
          f"use one of {tokenizer_lib.kinds()}", t.kind)
   _check(t.vocab_size >= 260, "tokenizer.vocab_size",
@@ -410,8 +458,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
          tr.on_nonfinite)
   _check(tr.max_nonfinite >= 1, "train.max_nonfinite", "use a positive integer",
          tr.max_nonfinite)
-  for key in ("data", "fsdp", "tensor"):
+  for key in ("data", "fsdp", "expert", "tensor"):
     _check(me[key] == -1 or me[key] >= 1, f"mesh.{key}", "use a positive size or -1", me[key])
-  _check([me.data, me.fsdp, me.tensor].count(-1) <= 1, "mesh",
-         "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1",
-         (me.data, me.fsdp, me.tensor))
+  sizes = (me.data, me.fsdp, me.expert, me.tensor)
+  _check(sizes.count(-1) <= 1, "mesh",
+         "at most one of mesh.data, mesh.fsdp, mesh.expert, mesh.tensor may be -1", sizes)
+  _check(not mo.num_experts or me.expert == -1 or mo.num_experts % me.expert == 0, "mesh.expert",
+         f"the experts are split over it: use a divisor of model.moe.num_experts="
+         f"{mo.num_experts}", me.expert)

@@ -12,6 +12,7 @@ from llm.model.bert import BERT
 from llm.model.gpt import GPT
 from llm.model.heads import Classifier
 from llm.model.layers import TransformerConfig
+from llm.model.moe import MoEConfig
 
 FAMILIES = {family.kind: family for family in (GPT, BERT)}
 
@@ -28,9 +29,11 @@ def transformer_config(model_cfg, vocab_size: int) -> TransformerConfig:
   """
   same_names = {f.name: model_cfg[f.name] for f in dataclasses.fields(TransformerConfig)
                 if f.name in model_cfg}
+  moe = MoEConfig(**{f.name: model_cfg.moe[f.name] for f in dataclasses.fields(MoEConfig)
+                     if f.name in model_cfg.get("moe", {})})
   return TransformerConfig(**{**same_names, "vocab_size": max(model_cfg.vocab_size, vocab_size),
                               "dtype": jnp.dtype(model_cfg.dtype),
-                              "rope_scaling": tuple(model_cfg.rope_scaling)})
+                              "rope_scaling": tuple(model_cfg.rope_scaling), "moe": moe})
 
 
 def build(model_cfg, vocab_size: int, num_classes: int = 0):

@@ -15,10 +15,12 @@ from typing import ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
+from llm.model import moe
 from llm.model.layers import (Dense, TransformerConfig, dense_init, make_blocks, norm,
                               run_blocks, sinusoidal)
 
 
+@moe.records
 class GPT(nn.Module):
   cfg: TransformerConfig
   kind: ClassVar[str] = "gpt"  # model.kind

@@ -3,9 +3,11 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
+from llm.model import moe
 from llm.model.layers import Dense
 
 
+@moe.records
 class Classifier(nn.Module):
   """N-way classification from the backbone's one vector per sequence (`backbone.features`:
   a GPT's last non-padding token, a BERT's pooled [CLS]).

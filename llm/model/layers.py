@@ -7,7 +7,8 @@ config's rules map onto the device mesh.
 
 The blocks of current models are switches of the same code: positions (learned, sinusoidal,
 rotary, none), the norm (LayerNorm, RMSNorm), the MLP (plain or gated: SwiGLU with SiLU) and
-grouped-query attention (K < N key/value heads).
+grouped-query attention (K < N key/value heads), and a mixture of experts in place of the MLP
+(moe.py).
 """
 
 import dataclasses
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm.model import attention
+from llm.model.moe import COLLECTION as MOE_COLLECTION, MoE, MoEConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,8 @@ class TransformerConfig:
   attention_impl: str = "auto"  # a key of attention.IMPLS
   remat: str = "none"  # a key of REMAT_POLICIES: what each block keeps for the backward pass
   scan_layers: bool = False  # the blocks as one nn.scan over stacked parameters (see make_blocks)
+  qk_norm: bool = False  # RMSNorm over each head's queries and keys before rotation (Qwen3)
+  moe: MoEConfig = MoEConfig()  # routed experts in place of some blocks' MLP (moe.py)
 
   @property
   def head_dim(self) -> int:
@@ -133,11 +137,12 @@ class Norm(nn.Module):
   centred: bool = True
   eps: float = 1e-5
   dtype: Any = jnp.float32
+  axis_name: str = "embed"  # the normalised axis's logical name
 
   @nn.compact
   def __call__(self, x):
     param = lambda name, init: self.param(
-        name, nn.with_logical_partitioning(init, ("embed",)), x.shape[-1:], jnp.float32)
+        name, nn.with_logical_partitioning(init, (self.axis_name,)), x.shape[-1:], jnp.float32)
     scale = param("scale", nn.initializers.ones)
     bias = param("bias", nn.initializers.zeros) if self.centred else jnp.zeros_like(scale)
     f32 = lambda a: a.astype(jnp.float32)  # whatever the parameters' dtype (model.param_dtype)
@@ -233,6 +238,11 @@ class Attention(nn.Module):
     q_BxLxNxH = proj("query", N, "heads")(x_BxLxD)
     k_BxLxKxH = proj("key", K, "kv_heads")(x_BxLxD)
     v_BxLxKxH = proj("value", K, "kv_heads")(x_BxLxD)
+    if cfg.qk_norm:  # over the head dim, one scale per dim shared by the heads
+      q_BxLxNxH = Norm(centred=False, eps=cfg.ln_eps, dtype=cfg.dtype, axis_name="kv",
+                       name="query_norm")(q_BxLxNxH)
+      k_BxLxKxH = Norm(centred=False, eps=cfg.ln_eps, dtype=cfg.dtype, axis_name="kv",
+                       name="key_norm")(k_BxLxKxH)
     if cfg.positions == "rope":
       inv_freq_H2 = rope_frequencies(cfg)
       q_BxLxNxH = rope(q_BxLxNxH, positions_BxL, inv_freq_H2)
@@ -321,12 +331,13 @@ def make_blocks(cfg: TransformerConfig, causal: bool) -> list:
   if cfg.remat != "none":  # deterministic and decode are static (argument 0 is the module)
     block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(5, 6))
   if not cfg.scan_layers:
-    return [block(cfg, causal=causal, name=f"block_{i}") for i in range(cfg.num_layers)]
-  block = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+    return [block(cfg, causal=causal, layer=i, name=f"block_{i}") for i in range(cfg.num_layers)]
+  # Scanned blocks are alike (config.validate): all MoE or none.
+  block = nn.scan(block, variable_axes={"params": 0, "cache": 0, MOE_COLLECTION: 0},
                   split_rngs={"params": True, "dropout": True},
                   in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
                   metadata_params={nn.PARTITION_NAME: "layers"})
-  return [block(cfg, causal=causal, scanned=True, name=SCANNED)]
+  return [block(cfg, causal=causal, layer=cfg.num_layers - 1, scanned=True, name=SCANNED)]
 
 
 def run_blocks(blocks: list, x_BxLxD, valid_BxL, positions_BxL, deterministic: bool,
@@ -413,6 +424,7 @@ class Block(nn.Module):
   Post-norm: norm(x + attn(x)), then norm(x + mlp(x)) (BERT)."""
   cfg: TransformerConfig
   causal: bool = True
+  layer: int = 0  # its index in the stack: whether its MLP is a mixture of experts
   scanned: bool = False  # a step of nn.scan: returns (x, None)
 
   @nn.compact
@@ -422,7 +434,13 @@ class Block(nn.Module):
     # GPT-2 scales the init of the projections into the residual stream by 1/sqrt(2 * layers).
     out_std = 0.02 / math.sqrt(2 * cfg.num_layers) if cfg.pre_ln else 0.02
     attn = Attention(cfg, self.causal, out_std, name="attn")
-    mlp = MLP(cfg, out_std, name="mlp")
+    is_moe = cfg.moe.is_moe(self.layer)
+    parts = [MoE(cfg, ACTIVATIONS[cfg.activation], out_std, name="mlp") if is_moe
+             else MLP(cfg, out_std, name="mlp")]
+    if is_moe and cfg.moe.num_shared_experts:  # always-on experts: one MLP as wide as they are
+      F = cfg.moe.num_shared_experts * (cfg.moe.expert_d_ff or cfg.d_ff)
+      parts.append(MLP(dataclasses.replace(cfg, d_ff=F), out_std, name="shared_mlp"))
+    mlp = lambda x, deterministic: sum(part(x, deterministic) for part in parts)
     ln_attn, ln_mlp = norm(cfg, "ln_attn"), norm(cfg, "ln_mlp")
     if cfg.pre_ln:
       x_BxLxD = x_BxLxD + attn(ln_attn(x_BxLxD), valid_BxL, positions_BxL, documents_BxL,

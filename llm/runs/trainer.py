@@ -17,6 +17,7 @@ from llm import model as model_lib
 from llm.data import batches as data_batches
 from llm.errors import UserError
 from llm.evals import benchmarks, loglikelihood
+from llm.model import moe
 from llm.runs import rundir, startup
 from llm.training import checkpoint, metrics, objectives, optim, preemption, sharding
 from llm.training import params as params_lib
@@ -57,6 +58,9 @@ class Trainer:
           jax.eval_shape(self.new_state, self.boxed_trainable), self.mesh, cfg.mesh)
     self.num_params = params_lib.count(params_lib.values(shapes))
     self.num_trainable = params_lib.count(params_lib.values(self.boxed_trainable))
+    # What a token computes with: a mixture of experts leaves out the experts not chosen.
+    self.num_active_params = self.num_params - moe.inactive_params(
+        model_lib.shape_of(self.model))
     self.benchmarks = self.load_benchmarks()
     if self.is_main:
       print(f"{self.data.summary}; {jax.device_count()} devices as mesh {dict(self.mesh.shape)}")
@@ -113,7 +117,7 @@ class Trainer:
     schedule = optim.lr_schedule(tr, self.data.updates_per_batch)
     step = make_train_step(self.objective, self.tx, schedule, self.assemble,
                            max_nonfinite=tr.max_nonfinite if tr.on_nonfinite == "skip" else 1,
-                           ema=tr.ema)
+                           ema=tr.ema, router_bias_rate=self.cfg.model.moe.bias_update_rate)
     return jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings,
                                        sharding.batch_sharding(self.mesh), None),
                    out_shardings=(self.state_shardings, None, None), donate_argnums=0)
@@ -165,7 +169,7 @@ class Trainer:
   def throughput(self) -> metrics.Throughput:
     """Tokens/s and MFU of timed steps."""
     m = model_lib.shape_of(self.model)
-    non_embedding = self.num_params - (  # learned position embeddings do no matmul
+    non_embedding = self.num_active_params - (  # learned position embeddings do no matmul
         m.max_len * m.d_model if m.positions == "learned" else 0)
     flops = metrics.flops_per_token(non_embedding, m.num_layers, m.num_heads, m.head_dim,
                                     self.schema.length) * self.tokens_per_step
@@ -175,8 +179,12 @@ class Trainer:
 
 def make_train_step(objective: objectives.Objective, tx: optax.GradientTransformationExtraArgs,
                     schedule: optax.Schedule, assemble=lambda trainable, frozen: trainable,
-                    max_nonfinite: int = 1, ema: float = 0.0):
+                    max_nonfinite: int = 1, ema: float = 0.0, router_bias_rate: float = 0.0):
   """One optimizer step over a batch of [grad_accum, micro_batch, ...] arrays.
+
+  A mixture of experts adds its router losses (balance, z) to the objective's, returns its
+  router statistics in stats["router"] (summed over micro-batches), and with
+  `router_bias_rate` (model.moe.bias_update_rate) moves its router biases towards balance.
 
   With `ema` (train.ema, a decay in (0, 1)) the state's "ema" follows the parameters:
   ema <- ema * decay + params * (1 - decay) after each applied step.
@@ -198,8 +206,12 @@ def make_train_step(objective: objectives.Objective, tx: optax.GradientTransform
 
     def grads_and_sums(params, micro_batch, rng):
       def loss(p):
-        sums = objective.loss(assemble(p, frozen), micro_batch, rng, True)
-        return objective.total(sums, counts), sums
+        with moe.recorded() as records:  # a mixture of experts' router statistics
+          sums = objective.loss(assemble(p, frozen), micro_batch, rng, True)
+        router = moe.collected(records)
+        # Each micro-batch's router losses weigh 1 / num_micro: the step's mean.
+        aux = 0.0 if router is None else moe.aux_loss(router) / num_micro
+        return objective.total(sums, counts) + aux, (sums, router)
       return jax.grad(loss, has_aux=True)(params)
 
     def micro_step(totals, xs):
@@ -211,7 +223,7 @@ def make_train_step(objective: objectives.Objective, tx: optax.GradientTransform
     first = jax.tree.map(lambda x: x[0], batch)
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
                          jax.eval_shape(grads_and_sums, state["params"], first, dropout_rng))
-    (grads, sums), _ = jax.lax.scan(micro_step, zeros, (batch, jnp.arange(num_micro)))
+    (grads, (sums, router)), _ = jax.lax.scan(micro_step, zeros, (batch, jnp.arange(num_micro)))
     loss, grad_norm = objective.total(sums, counts), optax.tree.norm(grads)
     # Finite gradients give every optimizer here finite updates (its state is finite: a bad
     # step is never applied), so a step is known good or bad before the optimizer runs, and the
@@ -222,6 +234,9 @@ def make_train_step(objective: objectives.Objective, tx: optax.GradientTransform
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"], apply=apply)
     params = jax.tree.map(lambda p, u: jnp.where(apply, (p + u).astype(p.dtype), p),
                           state["params"], updates)
+    if router is not None and router_bias_rate:  # outside the optimizer (moe.py)
+      params = jax.tree.map(lambda new, old: jnp.where(apply, new, old),
+                            moe.update_router_bias(params, router, router_bias_rate), params)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "rng": state["rng"]}
     if ema:
@@ -232,7 +247,8 @@ def make_train_step(objective: objectives.Objective, tx: optax.GradientTransform
               "in_a_row": in_a_row,
               "stopped_at": jnp.where(going & (in_a_row >= max_nonfinite), state["step"] + 1,
                                       health["stopped_at"])}
-    stats = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "sums": sums}
+    stats = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "sums": sums,
+             "router": router}
     return new_state, stats, health
 
   return train_step
@@ -375,6 +391,7 @@ class Log:
   def __init__(self, trainer: Trainer, start: int, checkpointer):
     from tqdm import tqdm
     self.objective, self.train_cfg = trainer.objective, trainer.cfg.train
+    self.num_micro = trainer.cfg.train.grad_accum
     self.checkpointer = checkpointer
     self.is_main = trainer.is_main
     self.writer = metrics.MetricsWriter(rundir.path(trainer.workdir, rundir.METRICS),
@@ -387,8 +404,10 @@ class Log:
     self.timer, self.timer_step = None, start
     if self.is_main:
       frozen = trainer.num_params - trainer.num_trainable
+      active = trainer.num_active_params
       print((f"{trainer.num_trainable:,} of {trainer.num_params:,} parameters train" if frozen
              else f"{trainer.num_params:,} parameters")
+            + (f" ({active:,} active per token)" if active != trainer.num_params else "")
             + f"; {trainer.tokens_per_step:,} tokens per step; starting at step {start}"
             + ("" if self.throughput.peak_flops else
                "; MFU needs --config.train.peak_flops on this device"))
@@ -405,6 +424,8 @@ class Log:
       task_metrics = {k: v for k, v in self.objective.summarize(stats["sums"]).items()
                       if isinstance(v, float) and k not in ("loss", "perplexity")}
       task_metrics.update(extra)
+      if stats["router"] is not None:
+        task_metrics.update(moe.metrics(stats["router"], self.num_micro))
       if self.train_cfg.on_nonfinite == "skip":
         task_metrics["skipped_steps"] = skipped
       loss, grad_norm = float(stats["loss"]), float(stats["grad_norm"])

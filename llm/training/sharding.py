@@ -1,8 +1,9 @@
 """The device mesh, and how arrays are laid out on it.
 
-The mesh has three axes: `data` (replicas), `fsdp` (batch and parameter shards) and `tensor`
-(heads and MLP width). Models name their axes logically; `mesh.rules` in the config maps those
-names to mesh axes, so a sharding ablation is a config change.
+The mesh has four axes: `data` (replicas), `fsdp` (batch and parameter shards), `expert` (a
+mixture's experts; the batch too) and `tensor` (heads and MLP width). Models name their axes
+logically; `mesh.rules` in the config maps those names to mesh axes, so a sharding ablation is a
+config change.
 """
 
 import contextlib
@@ -16,37 +17,39 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from llm.errors import UserError
 
-AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the global batch is split over both
+AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # the global batch is split over these
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) with a -1 resolved; fails when the product is not the device count."""
-  sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int, int]:
+  """(data, fsdp, expert, tensor) with a -1 resolved; fails when the product is not the device
+  count."""
+  sizes = [mesh_cfg.get(axis, 1) for axis in AXES]  # a config.json older than an axis lacks it
+  names = " x ".join(AXES)
   if -1 in sizes:
     rest = int(np.prod([s for s in sizes if s != -1]))
     if num_devices % rest:
       raise UserError(f"mesh: {num_devices} devices do not divide into "
-                      f"{' x '.join('-1' if s == -1 else str(s) for s in sizes)} (data x fsdp x "
-                      f"tensor); choose sizes whose product is {num_devices}")
+                      f"{' x '.join('-1' if s == -1 else str(s) for s in sizes)} ({names}); "
+                      f"choose sizes whose product is {num_devices}")
     sizes[sizes.index(-1)] = num_devices // rest
   if int(np.prod(sizes)) != num_devices:
-    raise UserError(f"mesh: data x fsdp x tensor = {' x '.join(map(str, sizes))} = "
+    raise UserError(f"mesh: {names} = {' x '.join(map(str, sizes))} = "
                     f"{int(np.prod(sizes))} devices, but there are {num_devices}; choose sizes "
                     f"whose product is {num_devices} (one of them may be -1)")
   return tuple(sizes)
 
 
 def check_batch(mesh_cfg, batch_size: int, grad_accum: int, num_devices: int = 0) -> None:
-  """Each micro-batch splits evenly over the mesh's batch shards (data x fsdp) of
+  """Each micro-batch splits evenly over the mesh's batch shards (data x fsdp x expert) of
   `num_devices` (default: all), or UserError."""
-  data, fsdp, _ = mesh_shape(mesh_cfg, num_devices or jax.device_count())
-  micro = batch_size // grad_accum
-  if micro % (data * fsdp):
+  data, fsdp, expert, _ = mesh_shape(mesh_cfg, num_devices or jax.device_count())
+  micro, shards = batch_size // grad_accum, data * fsdp * expert
+  if micro % shards:
     raise UserError(f"train.batch_size={batch_size} ({micro} sequences per micro-batch, "
                     f"train.grad_accum={grad_accum}) does not split over the mesh's "
-                    f"{data * fsdp} batch shards (mesh.data x mesh.fsdp = {data} x {fsdp}); use "
-                    f"a multiple of {data * fsdp * grad_accum}")
+                    f"{shards} batch shards (mesh.data x mesh.fsdp x mesh.expert = {data} x "
+                    f"{fsdp} x {expert}); use a multiple of {shards * grad_accum}")
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
@@ -94,7 +97,7 @@ def logical_shardings(boxed_tree, mesh: Mesh, mesh_cfg):
 
 def batch_sharding(mesh: Mesh, batch_dim: int = 1) -> NamedSharding:
   """Train batches are [grad_accum, micro_batch, ...] (batch_dim 1), eval batches
-  [batch, ...] (batch_dim 0): the batch dimension is split over data and fsdp."""
+  [batch, ...] (batch_dim 0): the batch dimension is split over data, fsdp and expert."""
   return NamedSharding(mesh, P(*([None] * batch_dim), BATCH_AXES))
 
 
