@@ -44,8 +44,11 @@ def tiny_config(tmp_path, **overrides):
   c.train.update(steps=6, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=2, log_every=1,
                  eval_every=3, eval_batches=2, checkpoint_every=3, peak_flops=1e9)
   for key, value in overrides.items():
-    section, name = key.split(".")
-    c[section][name] = value
+    *sections, name = key.split(".")
+    node = c
+    for section in sections:
+      node = node[section]
+    node[name] = value
   return c
 
 

@@ -1,7 +1,8 @@
 """Helper for test_sharding.py, run in a subprocess so that it can choose its device count.
 
     python tests/mesh_runs.py OUT_JSON TMP STEPS MESH [MESH...]   (MESH like 2x2x2, 2x2x2:scan,
-                                                                   2x2x2:llama; see sharding_config)
+                                                                   2x2x2:llama, 2x1x2x2:moe; see
+                                                                   sharding_config)
 
 Trains the sharding test's tiny GPT on each mesh and writes {mesh: {step: loss}} plus the
 sharding of a large weight. MESH:rl instead trains online RL (GRPO, two passes over each rollout)
@@ -23,17 +24,25 @@ LLAMA = {"model.positions": "rope", "model.norm": "rmsnorm", "model.mlp": "gated
          "model.tie_embeddings": False}
 
 
+# A mixture of experts (4, top 2, with the router bias moving) in Llama's blocks, scanned and
+# rematerialised.
+MOE = {**LLAMA, "model.moe.num_experts": 4, "model.moe.experts_per_token": 2,
+       "model.moe.bias_update_rate": 0.01, "model.scan_layers": True, "model.remat": "full"}
+
+
 def sharding_config(tmp, mesh: str, steps: int):
-  """MESH like 2x2x2, with :scan (scanned layers) and :llama (Llama's blocks) as options."""
+  """MESH like 2x2x2 (data x fsdp x tensor) or 2x1x2x2 (data x fsdp x expert x tensor), with
+  :scan (scanned layers), :llama (Llama's blocks) and :moe (MOE) as options."""
   shape, *options = mesh.split(":")
-  data, fsdp, tensor = map(int, shape.split("x"))
+  sizes = list(map(int, shape.split("x")))
+  data, fsdp, expert, tensor = sizes if len(sizes) == 4 else (sizes[0], sizes[1], 1, sizes[2])
   # A constant learning rate after warmup: a run stopped at any step is the start of a longer one.
   return tiny_config(tmp, **{
       "model.num_heads": 8, "model.d_model": 64, "model.d_ff": 128, "train.steps": steps,
       "train.min_lr": 3e-3,
       "train.checkpoint_every": 3, "train.eval_every": 3, "mesh.data": data, "mesh.fsdp": fsdp,
-      "mesh.tensor": tensor, "model.scan_layers": "scan" in options,
-      **(LLAMA if "llama" in options else {})})
+      "mesh.expert": expert, "mesh.tensor": tensor, "model.scan_layers": "scan" in options,
+      **(LLAMA if "llama" in options else {}), **(MOE if "moe" in options else {})})
 
 
 def rl_config(tmp, mesh: str, steps: int):
@@ -70,18 +79,23 @@ def main(out, tmp, steps, *meshes):
     }
     if "block_0" in state["params"]:  # (scanned layers keep one stacked "blocks")
       results[mesh]["key_spec"] = _spec(state["params"]["block_0"]["attn"]["key"]["kernel"])
-  if "2x2x2" in results:  # sampling with parameters split over all devices, and on one
+    elif "experts_wi" in state["params"]["blocks"]["mlp"]:
+      results[mesh]["expert_spec"] = _spec(state["params"]["blocks"]["mlp"]["experts_wi"]["kernel"])
+  for name in ("2x2x2", "2x1x2x2:moe"):  # sampling with parameters split over all devices
+    if name not in results:
+      continue
     import jax
     from llm.inference.sampling import Generator
     from llm.runs import loading
-    workdir = os.path.join(tmp, "run-2x2x2")
+    workdir = os.path.join(tmp, f"run-{name}")
     prompts = ["The for statement", "Class definitions"]
     split = Generator(loading.load(workdir))
     alone = Generator(loading.load(workdir, jax.devices()[:1]))
-    results["2x2x2"]["generate_spec"] = _spec(split.params["wte"]["embedding"])
-    results["2x2x2"]["generate_equal"] = (
+    results[name]["generate_spec"] = _spec(split.params["wte"]["embedding"])
+    results[name]["generate_equal"] = (
         split.generate(prompts, max_new_tokens=8, temperature=0) ==
         alone.generate(prompts, max_new_tokens=8, temperature=0))
+  if "2x2x2" in results:
     mesh_cfg = sharding_config(pathlib.Path(tmp), "2x2x2", int(steps)).mesh
     results["2x2x2"]["splash_errors"] = _attention_errors_on_mesh(mesh_cfg, "splash")
   with open(out, "w") as f:

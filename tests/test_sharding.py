@@ -50,6 +50,7 @@ def rl_env(base_run, records):
 @pytest.fixture(scope="module")
 def single_device_runs(tmp_path_factory, rl_env):
   return _mesh_runs(tmp_path_factory.mktemp("one"), 1, 6, "1x1x1", "1x1x1:llama", "1x1x1:rl",
+                    "1x1x1x1:moe",
                     env=rl_env)
 
 
@@ -61,6 +62,7 @@ def single_device(single_device_runs):
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory, rl_env):
   return _mesh_runs(tmp_path_factory.mktemp("eight"), 8, 6, "2x2x2", "2x2x2:llama", "2x2x2:rl",
+                    "2x1x2x2:moe",
                     env=rl_env)
 
 
@@ -74,6 +76,17 @@ def test_every_mesh_gives_the_single_device_losses(eight_devices, single_device_
   # [vocab 512, embed 64] is really split: vocab over tensor, embed over fsdp.
   assert runs["2x2x2"]["wte_spec"] == ["tensor", "fsdp"]
   assert runs["2x2x2"]["wte_shard"] == [256, 32]
+
+
+def test_experts_split_over_devices_give_the_single_device_losses(eight_devices,
+                                                                 single_device_runs):
+  """A mixture of experts (scanned, rematerialised, its router bias moving) on data x expert x
+  tensor = 2 x 2 x 2: tokens travel to their experts by all-to-all, each expert's width is split
+  over tensor; the losses are one device's, and so is greedy sampling."""
+  moe = eight_devices["2x1x2x2:moe"]
+  _close(moe["losses"], single_device_runs["1x1x1x1:moe"]["losses"])
+  assert moe["expert_spec"] == [None, "expert", "fsdp", "tensor"]  # [layers, E, D, F]
+  assert moe["generate_equal"]
 
 
 def test_sampling_with_parameters_split_over_devices(eight_devices):

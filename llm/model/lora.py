@@ -4,6 +4,9 @@ The adapters live in the parameter tree beside the kernel they adapt:
 
     {"query": {"kernel": W [D, N, H], "lora_a": A [D, r], "lora_b": B [r, N, H], "bias": ...}}
 
+A mixture's experts ([E, D, F], lora.targets matching experts_wi ...) get an adapter each:
+A [E, D, r], B [E, r, F].
+
 `add` puts them there (A random, B zero: the model starts exactly as the base), and `merge`
 folds them into the kernels, giving the plain tree the model's `apply` takes. So LoRA works on
 every module of every family without touching the layers, and a merged checkpoint is the
@@ -22,10 +25,19 @@ from flax import traverse_util
 A, B = "lora_a", "lora_b"
 
 
+BATCH_AXES = ("layers", "expert")  # leading kernel dims that hold one matrix each (experts)
+
+
+def _num_batch(names: tuple) -> int:
+  """How many leading kernel dims index separate matrices: a mixture's experts, each adapted
+  on its own."""
+  return next((i for i, n in enumerate(names) if n not in BATCH_AXES), len(names))
+
+
 def _num_in(names: tuple) -> int:
-  """How many leading kernel dims are inputs: all but the last, unless that one is `embed`
-  (the output projections, [heads, kv, embed] or [mlp, embed])."""
-  return len(names) - 1 if names[-1] == "embed" else 1
+  """How many kernel dims after the batch ones are inputs: all but the last, unless that one is
+  `embed` (the output projections, [heads, kv, embed] or [mlp, embed])."""
+  return len(names) - _num_batch(names) - 1 if names[-1] == "embed" else 1
 
 
 def add(boxed_params, rank: int, targets: str, rng):
@@ -41,15 +53,17 @@ def add(boxed_params, rank: int, targets: str, rng):
     kernel = flat[path]
     names = kernel.names
     shape = kernel.value.shape
-    k = _num_in(names)
-    fan_in = int(np.prod(shape[:k]))
+    nb = _num_batch(names)
+    k = nb + _num_in(names)
+    fan_in = int(np.prod(shape[nb:k]))
     key = jax.random.fold_in(rng, i)
     a = jax.random.uniform(key, shape[:k] + (rank,), jnp.float32, -1.0, 1.0) / np.sqrt(fan_in)
     module = path[:-len("/kernel")]
     # The kernel's own box type (logical names), so the adapters shard like their kernel.
     flat[f"{module}/{A}"] = kernel.replace(value=a, names=names[:k] + (None,))
-    flat[f"{module}/{B}"] = kernel.replace(value=jnp.zeros((rank,) + shape[k:], jnp.float32),
-                                           names=(None,) + names[k:])
+    flat[f"{module}/{B}"] = kernel.replace(
+        value=jnp.zeros(shape[:nb] + (rank,) + shape[k:], jnp.float32),
+        names=names[:nb] + (None,) + names[k:])
   return traverse_util.unflatten_dict(flat, sep="/"), len(matched)
 
 
@@ -66,7 +80,8 @@ def merge(params, scale: float):
     if leaf == "kernel" and f"{module}/{A}" in flat:
       a, b = flat[f"{module}/{A}"], flat[f"{module}/{B}"]
       product = lambda a, b: jnp.tensordot(a, b, axes=1)  # [in..., r] x [r, out...]
-      if a.ndim + b.ndim - 2 > value.ndim:  # scanned blocks: a leading layers axis on all three
+      # Leading axes on all three (scanned blocks' layers, experts): a product per matrix.
+      for _ in range(a.ndim + b.ndim - 2 - value.ndim):
         product = jax.vmap(product)
       delta = product(a, b)
       value = value + scale * delta.astype(value.dtype)

@@ -87,7 +87,7 @@ def muon_dimensions(names: tuple):
   matrices), or None when AdamW updates it. Muon takes the blocks' matrices: an `embed` axis on
   one side and only hidden axes on the other. Embeddings and the LM head (`vocab`), norms and
   biases (one side only), task heads and LoRA adapters (an unnamed axis) go to AdamW."""
-  named = [i for i, n in enumerate(names) if n != "layers"]
+  named = [i for i, n in enumerate(names) if n not in ("layers", "expert")]  # a matrix each
   axes = [names[i] for i in named]
   if "embed" not in axes or None in axes or len(axes) < 2:
     return None
