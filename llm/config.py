@@ -55,7 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.kind = "gpt"  # the family, llm/model/: "gpt" (causal decoder; with the switches below, the
   #                 Llama family too) or "bert" (bidirectional encoder)
   m.num_layers = 4  # transformer blocks
-  m.num_heads = 4  # attention heads per block; d_model must divide by it
+  m.num_heads = 4  # attention heads per block; d_model must divide by it (unless head_dim)
+  m.head_dim = 0  # each head's width; 0: d_model / num_heads (Qwen3 and Gemma set their own)
   m.d_model = 256  # width of the residual stream
   m.d_ff = 1024  # width of the MLP's hidden layer
   m.max_len = 256  # context: the most positions the model reads
@@ -336,8 +337,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
          m.kind)
   for key in ("num_layers", "num_heads", "d_model", "d_ff", "max_len"):
     _check(m[key] >= 1, f"model.{key}", "use a positive integer", m[key])
-  _check(m.d_model % m.num_heads == 0, "model.d_model",
-         f"must be divisible by model.num_heads={m.num_heads}", m.d_model)
+  _check(m.head_dim >= 0, "model.head_dim", "use 0 (d_model / num_heads) or a width", m.head_dim)
+  _check(m.head_dim or m.d_model % m.num_heads == 0, "model.d_model",
+         f"must be divisible by model.num_heads={m.num_heads} (or set model.head_dim)", m.d_model)
+  head_dim = m.head_dim or m.d_model // m.num_heads
   _check(m.vocab_size >= 0, "model.vocab_size", "use 0 (the tokenizer's) or a size", m.vocab_size)
   _check(0.0 <= m.dropout < 1.0, "model.dropout", "use a value in [0, 1)", m.dropout)
   _check(m.dtype in DTYPES, "model.dtype", f"use one of {DTYPES}", m.dtype)
@@ -354,8 +357,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(m.num_kv_heads >= 0 and (m.num_kv_heads == 0 or m.num_heads % m.num_kv_heads == 0),
          "model.num_kv_heads", f"use 0 or a divisor of model.num_heads={m.num_heads}",
          m.num_kv_heads)
-  _check(m.positions != "rope" or (m.d_model // m.num_heads) % 2 == 0, "model.positions",
-         "rotary positions need an even head dimension (d_model / num_heads)", m.positions)
+  _check(m.positions != "rope" or head_dim % 2 == 0, "model.positions",
+         "rotary positions need an even head dimension (model.head_dim)", m.positions)
   _check(m.positions != "sinusoidal" or m.d_model % 2 == 0, "model.positions",
          "sinusoidal positions need an even d_model", m.positions)
   _check(len(m.rope_scaling) in (0, 4), "model.rope_scaling",

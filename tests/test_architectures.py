@@ -147,6 +147,13 @@ HF_SHAPES = {
                                                      "high_freq_factor": 4.0,
                                                      "original_max_position_embeddings": 16})),
     "qwen2_qkv_bias": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    # Mixtures of experts: Mixtral (softmax over the top 2), Qwen3-MoE (QK norm, a head width
+    # of its own, no renormalisation, the first block dense).
+    "mixtral": ("mixtral", dict(num_key_value_heads=2, num_local_experts=4,
+                                num_experts_per_tok=2)),
+    "qwen3_moe": ("qwen3_moe", dict(num_key_value_heads=2, head_dim=12, num_experts=4,
+                                    num_experts_per_tok=2, moe_intermediate_size=24,
+                                    norm_topk_prob=False, mlp_only_layers=[0])),
 }
 
 
@@ -154,17 +161,18 @@ def _save_hf(directory, tokenizer_dir, kind, **config):
   import shutil
   torch.manual_seed(0)
   classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}
+             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+             "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+             "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM)}
   config_class, model_class = classes[kind]
   cfg = config_class(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=64, bos_token_id=0,
                      eos_token_id=1, initializer_range=0.2, **config)
   model = model_class(cfg).eval()
-  if kind == "qwen2":  # biases start at zero: make them count
-    with torch.no_grad():
-      for name, p in model.named_parameters():
-        if name.endswith("bias"):
-          p.normal_(0, 0.2)
+  with torch.no_grad():  # biases and norm scales start at zero or one: make them count
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or name.endswith("norm.weight"):
+        p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
   model.save_pretrained(directory)
   for name in ("tokenizer.json", "tokenizer_config.json"):
     shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(directory, name))

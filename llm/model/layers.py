@@ -57,9 +57,10 @@ class TransformerConfig:
   qk_norm: bool = False  # RMSNorm over each head's queries and keys before rotation (Qwen3)
   moe: MoEConfig = MoEConfig()  # routed experts in place of some blocks' MLP (moe.py)
 
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.num_heads
+  head_dim: int = 0  # each head's width; 0: d_model / num_heads (set so after init)
+
+  def __post_init__(self):
+    object.__setattr__(self, "head_dim", self.head_dim or self.d_model // self.num_heads)
 
   @property
   def kv_heads(self) -> int:
