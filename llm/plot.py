@@ -1,6 +1,6 @@
 """Draws one run's curves from its metrics.jsonl: loss (train and validation), learning rate,
-gradient norm and throughput, against steps; the reward of an online RL run, and the benchmarks
-of train.evals.
+gradient norm and throughput, against steps; the reward of an online RL run, a mixture of
+experts' load and balance loss, and the benchmarks of train.evals.
 
     python -m llm.plot --workdir=runs/gpt_tiny [--out=runs/gpt_tiny/curves.png]
 """
@@ -35,6 +35,9 @@ def plot(workdir: str, out: str) -> None:
   import matplotlib.pyplot as plt
   scored = sorted({r["split"] for r in records} & set(benchmarks.BENCHMARKS))
   panels = PANELS + ((("reward", "reward"),) if any("reward" in r for r in records) else ())
+  if any("load_max" in r for r in records):  # a mixture of experts: how evenly it routes
+    panels += (("load_max", "expert load (largest share x E)"),
+               ("balance_loss", "MoE balance loss"))
   panels += (("benchmarks", "benchmarks (train.evals)"),) if scored else ()
   fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
   for ax, (key, title) in zip(axes, panels):

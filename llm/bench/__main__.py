@@ -3,6 +3,7 @@
     python -m llm.bench train --config=configs/gpt_tiny.py [--steps=20] [--compare_torch]
     python -m llm.bench train --config=configs/finetune_instruct.py --compare_packing
     python -m llm.bench train --config=configs/gpt_tiny.py --optimizers=adamw,muon,lion
+    python -m llm.bench train --config=configs/moe_small.py:tiny --compare_dense
     python -m llm.bench train --config=configs/gpt_tiny.py --profile=/tmp/profile
     python -m llm.bench generate --config=configs/gpt_tiny.py --config.model.max_len=512 \\
         [--batch=1 --prompt_len=16 --new_tokens=256] [--compare_hf]
@@ -72,6 +73,10 @@ def define_flags():
                     "optimizers (train.optimizer) side by side, e.g. adamw,muon,lion.")
   flags.DEFINE_string("profile", "", "train: write a jax.profiler trace of the timed steps to "
                       "this folder (tensorboard --logdir=FOLDER, or ui.perfetto.dev).")
+  flags.DEFINE_bool("compare_dense", False,
+                    "train: time a mixture-of-experts config beside the dense model of the same "
+                    "active width (ratio of step times), and the routing's share of one MoE "
+                    "layer's forward and backward pass.")
   flags.DEFINE_bool("compare_packing", False,
                     "train: time a fine-tuning config's records padded and packed "
                     "(data.packing) side by side, in real (non-padding) tokens/s.")
@@ -94,6 +99,8 @@ def main(argv):
     device = result.pop("device") + f" ({FLAGS.topology}, compiled ahead of time; estimates)"
   elif argv[1] == "train" and FLAGS.compare_packing:
     result = train.bench_packing(FLAGS.config, max(FLAGS.steps, 1))
+  elif argv[1] == "train" and FLAGS.compare_dense:
+    result = train.bench_moe(FLAGS.config, max(FLAGS.steps, 1))
   elif argv[1] == "train" and FLAGS.optimizers:
     result = train.bench_optimizers(FLAGS.config, max(FLAGS.steps, 1), FLAGS.optimizers)
   elif argv[1] == "train":

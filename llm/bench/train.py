@@ -1,7 +1,8 @@
 """`llm.bench train` and `llm.bench rl`: the config's real train step (the Trainer's), its
 compile time, memory, step time, tokens/s and MFU; optimizers and padded against packed rows side
-by side; an online RL step's rollout and update apart; and, with --topology, the step compiled
-ahead of time for a TPU slice (llm/runs/ahead_of_time.py)."""
+by side; a mixture of experts beside its dense twin; an online RL step's rollout and update
+apart; and, with --topology, the step compiled ahead of time for a TPU slice
+(llm/runs/ahead_of_time.py)."""
 
 import resource
 import tempfile
@@ -104,6 +105,65 @@ def bench_optimizers(cfg, steps: int, names: list[str]) -> dict:
     result[f"{name}_over_{names[0]}"] = (result[f"{name}_tokens_per_sec"]
                                          / result[f"{names[0]}_tokens_per_sec"])
   return result
+
+
+def bench_moe(cfg, steps: int) -> dict:
+  """A mixture-of-experts config's train step beside the dense model of the same active width
+  (each MoE block's MLP as wide as its k experts together, model.moe.num_experts=0), side by
+  side; and, on one MoE layer of the config's shape and micro-batch, the share of its forward
+  and backward pass spent routing (router logits, top-k, the sort by expert), apart from the
+  experts' grouped products."""
+  moe_cfg = cfg.model.moe
+  if not moe_cfg.num_experts:
+    raise UserError("--compare_dense times a mixture of experts: set model.moe.num_experts")
+  dense_d_ff = moe_cfg.experts_per_token * (moe_cfg.expert_d_ff or cfg.model.d_ff)
+  result = {}
+  for name, changes in (("moe", {}), ("dense", {"model.moe.num_experts": 0,
+                                                "model.d_ff": dense_d_ff})):
+    timed = bench_train(config_lib.replace(cfg, changes), steps)
+    for key in ("step_ms", "tokens_per_sec", "mfu"):
+      result[f"{name}_{key}"] = timed[key]
+  result["moe_step_over_dense"] = result["moe_step_ms"] / result["dense_step_ms"]
+  result.update(_router_share(cfg, steps))
+  return result
+
+
+def _router_share(cfg, steps: int) -> dict:
+  """One MoE layer's forward and backward pass on a micro-batch of the config's tokens, timed
+  whole and with routing alone (its outputs' weighted sum standing in for the experts)."""
+  from llm import model as model_lib
+  from llm.model import moe
+  shape = model_lib.transformer_config(cfg.model, 64)
+  T = cfg.train.batch_size // cfg.train.grad_accum * cfg.data.max_length
+  D, E, F = shape.d_model, shape.moe.num_experts, shape.moe.expert_d_ff or shape.d_ff
+  keys = iter(jax.random.split(jax.random.PRNGKey(0), 8))
+  normal = lambda *s: jax.random.normal(next(keys), s, shape.dtype) * 0.02
+  weights = {"router": normal(D, E).astype(jnp.float32), "router_bias": None,
+             "wg": (normal(E, D, F), None), "wi": (normal(E, D, F), None),
+             "wo": (normal(E, F, D), None)}
+  x = normal(1, T, D)
+
+  def whole(x, w):
+    return jnp.sum(moe.experts_forward(x, w, shape, jax.nn.silu)[0].astype(jnp.float32))
+
+  def routing(x, w):
+    logits = jnp.dot(x[0].astype(jnp.float32), w["router"])
+    weights_TxK, experts_TxK, _ = moe.route(logits, None, shape.moe)
+    order = jnp.argsort(experts_TxK.reshape(-1), stable=True)
+    return jnp.sum(weights_TxK.reshape(-1)[order])
+
+  def timed(fn):
+    step = jax.jit(jax.grad(fn, argnums=(0, 1)))
+    jax.block_until_ready(step(x, weights))
+    start = time.perf_counter()
+    for _ in range(steps):
+      out = step(x, weights)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / steps
+
+  layer_s, routing_s = timed(whole), timed(routing)
+  return {"moe_layer_ms": 1e3 * layer_s, "routing_ms": 1e3 * routing_s,
+          "routing_share_of_layer": routing_s / layer_s}
 
 
 def bench_packing(cfg, steps: int) -> dict:
