@@ -88,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.scan_layers = False  # one nn.scan over the blocks: compile time and program size independent
   #                        of depth; checkpoints load either way
   m.logits_chunk = 0  # lm, instruct: positions whose logits exist at once in the loss; 0: all
-  m.qk_norm = False  # RMSNorm over each head's queries and keys before rotation (Qwen3, OLMoE)
+  m.qk_norm = False  # RMSNorm over each head's queries and keys before rotation (Qwen3)
   m.moe = mo = ml_collections.ConfigDict()
   mo.num_experts = 0  # > 0: a mixture of experts in place of the MLP of the blocks chosen by
   #                     every and first_dense (llm/model/moe.py); 0: dense

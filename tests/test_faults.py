@@ -400,8 +400,8 @@ def test_a_batch_that_does_not_split_over_the_mesh_stops_before_anything_is_writ
   assert process.returncode == 2
   assert process.stderr.strip().splitlines() == [
       "error: train.batch_size=3 (3 sequences per micro-batch, train.grad_accum=1) does not "
-      "split over the mesh's 2 batch shards (mesh.data x mesh.fsdp = 2 x 1); use a multiple "
-      "of 2"]
+      "split over the mesh's 2 batch shards (mesh.data x mesh.fsdp x mesh.expert = 2 x 1 x 1); "
+      "use a multiple of 2"]
   assert not (tmp_path / "run").exists()
 
 
