@@ -228,21 +228,26 @@ def experts_forward(x_BxLxD, weights: dict, cfg, activation, ep: int = 1, axes: 
     chunk = R  # a destination may get every copy
     dest_count = jnp.sum(count_E.reshape(ep, E_local), axis=1)
     slot_R = jnp.arange(R) - (jnp.cumsum(dest_count) - dest_count)[expert_sorted_R // E_local]
-  row_R = jnp.where(kept_R, expert_sorted_R // E_local * chunk + slot_R, ep * chunk)
-  token_R = order_R // K
-  send_xxD = jnp.zeros((ep * chunk, D), x_TxD.dtype).at[row_R].set(x_TxD[token_R], mode="drop")
-  send_x = jnp.full((ep * chunk,), E_local, jnp.int32).at[row_R].set(
+  rows = ep * chunk  # of the send buffer; index `rows` marks a dropped copy
+  row_R = jnp.where(kept_R, expert_sorted_R // E_local * chunk + slot_R, rows)
+  # The moves of D-wide rows are each one gather, their indices composed on integers first:
+  # which token fills each buffer row (T: none), and which buffer row each copy's result is in.
+  token_of_row = jnp.full((rows,), T, jnp.int32).at[row_R].set(order_R // K, mode="drop")
+  row_of_copy_R = jnp.zeros((R,), jnp.int32).at[order_R].set(row_R)
+  expert_of_row = jnp.full((rows,), E_local, jnp.int32).at[row_R].set(
       expert_sorted_R % E_local, mode="drop")  # the local expert; E_local marks an empty row
+  x_pad_TxD = jnp.concatenate([x_TxD, jnp.zeros((1, D), x_TxD.dtype)])  # row T: zeros
   if ep > 1:
     exchange = lambda a: jax.lax.all_to_all(a, axes.expert, 0, 0, tiled=True)
-    recv_xxD, recv_x = exchange(send_xxD), exchange(send_x)
-  else:
-    recv_xxD, recv_x = send_xxD, send_x
+    received = exchange(jnp.take(x_pad_TxD, token_of_row, axis=0))
+    expert_of_row = exchange(expert_of_row)
 
-  # This device's experts over the rows it received, grouped by expert (empty rows last).
-  by_expert = jnp.argsort(recv_x, stable=True)
-  group_sizes = jnp.bincount(recv_x, length=E_local)
-  local_expert = jnp.minimum(recv_x[by_expert], E_local - 1)
+  # This device's experts over the rows it holds, grouped by expert (empty rows last).
+  by_expert = jnp.argsort(expert_of_row, stable=True)
+  group_sizes = jnp.bincount(expert_of_row, length=E_local)
+  local_expert = jnp.minimum(expert_of_row[by_expert], E_local - 1)
+  grouped_x = (jnp.take(received, by_expert, axis=0) if ep > 1
+               else jnp.take(x_pad_TxD, token_of_row[by_expert], axis=0))
   dtype = cfg.dtype
 
   def grouped(rows, name):
@@ -250,24 +255,25 @@ def experts_forward(x_BxLxD, weights: dict, cfg, activation, ep: int = 1, axes: 
     out = jax.lax.ragged_dot(rows.astype(dtype), kernel.astype(dtype), group_sizes)
     return out if bias is None else out + bias[local_expert].astype(dtype)
 
-  rows = recv_xxD[by_expert]
-  h = activation(grouped(rows, "wg" if "wg" in weights else "wi"))
+  h = activation(grouped(grouped_x, "wg" if "wg" in weights else "wi"))
   if "wg" in weights:
-    h = h * grouped(rows, "wi")
+    h = h * grouped(grouped_x, "wi")
   # Rows past the groups (empty ones) come out zero.
-  y_sorted = jax.lax.ragged_dot(h, weights["wo"][0].astype(dtype), group_sizes)
-  y = jnp.zeros_like(y_sorted).at[by_expert].set(y_sorted)
+  y_grouped = jax.lax.ragged_dot(h, weights["wo"][0].astype(dtype), group_sizes)
   if axes.tensor:  # each device computed its share of the width: add the shares
-    y = jax.lax.psum(y, axes.tensor)
+    y_grouped = jax.lax.psum(y_grouped, axes.tensor)
   if weights["wo"][1] is not None:
-    bias = weights["wo"][1][jnp.minimum(recv_x, E_local - 1)].astype(dtype)
-    y = y + jnp.where((recv_x < E_local)[:, None], bias, 0)
-  if ep > 1:
-    y = jax.lax.all_to_all(y, axes.expert, 0, 0, tiled=True)
+    filled = (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
+    y_grouped = y_grouped + jnp.where(filled, weights["wo"][1][local_expert].astype(dtype), 0)
 
-  # Back to each token's copies, weighted and added.
-  y_sorted_RxD = jnp.take(y, row_R, axis=0, mode="fill", fill_value=0)
-  y_RxD = jnp.zeros_like(y_sorted_RxD).at[order_R].set(y_sorted_RxD)
+  # Back to each token's copies (dropped ones: zero), weighted and added.
+  ungroup = jnp.argsort(by_expert)  # buffer row -> its place in y_grouped
+  if ep > 1:
+    back = exchange(jnp.take(y_grouped, ungroup, axis=0))
+    y_RxD = jnp.take(back, row_of_copy_R, axis=0, mode="fill", fill_value=0)
+  else:
+    place_R = jnp.where(row_of_copy_R < rows, ungroup[jnp.minimum(row_of_copy_R, rows - 1)], rows)
+    y_RxD = jnp.take(y_grouped, place_R, axis=0, mode="fill", fill_value=0)
   out_TxD = jnp.sum(y_RxD.reshape(T, K, D) * weights_TxK[..., None].astype(y_RxD.dtype), axis=1)
   stats = _statistics(logits_TxE, probs_TxE, count_E, R - jnp.sum(kept_R), moe, axes.tokens)
   return out_TxD.reshape(B, L, D).astype(dtype), stats
