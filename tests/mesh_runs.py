@@ -28,11 +28,14 @@ LLAMA = {"model.positions": "rope", "model.norm": "rmsnorm", "model.mlp": "gated
 # rematerialised.
 MOE = {**LLAMA, "model.moe.num_experts": 4, "model.moe.experts_per_token": 2,
        "model.moe.bias_update_rate": 0.01, "model.scan_layers": True, "model.remat": "full"}
+# The experts as one batched product over blocks of a capacity (4 x tokens x 2 / 4 experts:
+# room for every copy, so that nothing is dropped on any mesh).
+CAPACITY = {"model.moe.capacity_factor": 4.0}
 
 
 def sharding_config(tmp, mesh: str, steps: int):
   """MESH like 2x2x2 (data x fsdp x tensor) or 2x1x2x2 (data x fsdp x expert x tensor), with
-  :scan (scanned layers), :llama (Llama's blocks) and :moe (MOE) as options."""
+  :scan (scanned layers), :llama (Llama's blocks), :moe (MOE) and :cap (CAPACITY) as options."""
   shape, *options = mesh.split(":")
   sizes = list(map(int, shape.split("x")))
   data, fsdp, expert, tensor = sizes if len(sizes) == 4 else (sizes[0], sizes[1], 1, sizes[2])
@@ -42,7 +45,8 @@ def sharding_config(tmp, mesh: str, steps: int):
       "train.min_lr": 3e-3,
       "train.checkpoint_every": 3, "train.eval_every": 3, "mesh.data": data, "mesh.fsdp": fsdp,
       "mesh.expert": expert, "mesh.tensor": tensor, "model.scan_layers": "scan" in options,
-      **(LLAMA if "llama" in options else {}), **(MOE if "moe" in options else {})})
+      **(LLAMA if "llama" in options else {}), **(MOE if "moe" in options else {}),
+      **(CAPACITY if "cap" in options else {})})
 
 
 def rl_config(tmp, mesh: str, steps: int):

@@ -67,9 +67,9 @@ metric_list: [{{metric: exact_match}}]
 TASK_NAMES = ["tiny_arc", "tiny_lambada", "tiny_rolling", "tiny_generate"]
 
 
-def save_hf_llama(directory):
-  """A random Llama with a byte-level BPE tokenizer.json whose post-processor starts every text
-  with <s>, as Llama 3's does."""
+def save_hf_llama(directory, experts: int = 0):
+  """A random Llama (with `experts`, a Mixtral: that many experts, top 2) with a byte-level BPE
+  tokenizer.json whose post-processor starts every text with <s>, as Llama 3's does."""
   import torch
   import transformers
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -82,17 +82,21 @@ def save_hf_llama(directory):
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
   tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
   torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=96,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
-                                 initializer_range=0.1)
-  transformers.LlamaForCausalLM(cfg).eval().save_pretrained(directory)
+  shape = dict(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+               bos_token_id=0, eos_token_id=1, initializer_range=0.1)
+  if experts:
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        num_local_experts=experts, num_experts_per_tok=2, **shape))
+  else:
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
+  model.eval().save_pretrained(directory)
   tok.save(str(directory / "tokenizer.json"))
   (directory / "tokenizer_config.json").write_text(json.dumps(
       {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}))
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "mixtral"])
 def harness_runs(request, tmp_path_factory, test_data):
   """The harness's results and per-request answers for its `hf` backend on a random GPT-2 (or
   Llama) folder, and for this project's adapter on the same model converted."""
@@ -105,7 +109,7 @@ def harness_runs(request, tmp_path_factory, test_data):
     save_hf_gpt2(tmp / "hf", test_data, init=0.1, n_layer=2, n_head=2, n_embd=64,
                  n_positions=64)
   else:
-    save_hf_llama(tmp / "hf")
+    save_hf_llama(tmp / "hf", experts=4 if request.param == "mixtral" else 0)
   convert.from_hf(str(tmp / "hf"), str(tmp / "run"))
   tasks = tmp / "tasks"
   tasks.mkdir()

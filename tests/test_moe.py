@@ -259,3 +259,55 @@ def test_a_bad_moe_config_is_one_line_naming_the_key(tmp_path, key, value, expec
                                  key: value})
   with pytest.raises(UserError, match=expected.replace("(", r"\(")):
     config.validate(cfg)
+
+
+@pytest.fixture(scope="module")
+def moe_base_run(tmp_path_factory, records):
+  """A tiny random MoE GPT (4 experts, top 2, a shared expert) with a tokenizer of the
+  preference records' text, as a run directory."""
+  import json
+  import flax.linen as nn
+  from llm import model as model_lib
+  from llm.runs import rundir
+  from llm.text import sentencepiece
+  tmp = tmp_path_factory.mktemp("moe_base")
+  with open(records) as f:
+    texts = [" ".join(r.values()) for r in json.load(f)]
+  tokenizer = sentencepiece.SentencePieceTokenizer.train(texts, 512, str(tmp / "tokenizer"))
+  cfg = tiny_config(tmp, **{"model.max_len": 128, **{k: v for k, v in MOE_RUN.items()
+                                                      if k.startswith("model.")}})
+  model = model_lib.build(cfg.model, tokenizer.vocab_size)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 1), np.int32))["params"])
+  rundir.write(str(tmp / "run"), cfg, tokenizer, params)
+  return str(tmp / "run")
+
+
+def test_dpo_with_adapters_on_the_experts_and_grpo_train_a_moe_model(tmp_path, moe_base_run,
+                                                                      records):
+  """DPO with LoRA on attention and on each expert starts at ln 2 (the policy is its
+  reference) and logs the router; GRPO samples with the KV cache through the experts and
+  updates them."""
+  from conftest import preference_config
+  from llm.runs import loading
+  from llm.runs.trainer import train
+  dpo = preference_config(tmp_path, moe_base_run, records, "dpo", **{
+      "lora.rank": 4, "lora.targets": r"(attn/(query|value)|mlp/experts_(wi|wo))/kernel",
+      "train.steps": 4})
+  train(dpo, str(tmp_path / "dpo"))
+  lines = read_metrics(tmp_path / "dpo")
+  assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+  assert lines[-2]["split"] == "train" and "expert_load" in lines[-2]
+  base, tuned = (loading.load(path).params["block_0"]["mlp"]  # adapters merged in
+                 for path in (moe_base_run, str(tmp_path / "dpo")))
+  experts = lambda params, name: np.asarray(params[f"experts_{name}"]["kernel"])
+  assert experts(tuned, "wi").shape == (4, 32, 64)
+  assert not np.allclose(experts(tuned, "wi"), experts(base, "wi"))  # adapted
+  np.testing.assert_array_equal(experts(tuned, "wg"), experts(base, "wg"))  # not targeted
+
+  grpo = preference_config(tmp_path, moe_base_run, records, "grpo", **{
+      "task.rewards": "brevity", "task.num_generations": 4, "task.max_new_tokens": 8,
+      "train.batch_size": 4, "train.steps": 3, "train.eval_every": 3,
+      "data.test_fraction": 0.0})
+  train(grpo, str(tmp_path / "grpo"))
+  last = [m for m in read_metrics(tmp_path / "grpo") if m["split"] == "train"][-1]
+  assert np.isfinite(last["loss"]) and "reward" in last and len(last["expert_load"]) == 2

@@ -50,7 +50,7 @@ def rl_env(base_run, records):
 @pytest.fixture(scope="module")
 def single_device_runs(tmp_path_factory, rl_env):
   return _mesh_runs(tmp_path_factory.mktemp("one"), 1, 6, "1x1x1", "1x1x1:llama", "1x1x1:rl",
-                    "1x1x1x1:moe",
+                    "1x1x1x1:moe", "1x1x1x1:moe:cap",
                     env=rl_env)
 
 
@@ -62,7 +62,7 @@ def single_device(single_device_runs):
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory, rl_env):
   return _mesh_runs(tmp_path_factory.mktemp("eight"), 8, 6, "2x2x2", "2x2x2:llama", "2x2x2:rl",
-                    "2x1x2x2:moe",
+                    "2x1x2x2:moe", "2x1x2x2:moe:cap",
                     env=rl_env)
 
 
@@ -82,9 +82,12 @@ def test_experts_split_over_devices_give_the_single_device_losses(eight_devices,
                                                                  single_device_runs):
   """A mixture of experts (scanned, rematerialised, its router bias moving) on data x expert x
   tensor = 2 x 2 x 2: tokens travel to their experts by all-to-all, each expert's width is split
-  over tensor; the losses are one device's, and so is greedy sampling."""
+  over tensor; the losses are one device's, and so is greedy sampling. With a capacity (the
+  experts as one batched product) too."""
   moe = eight_devices["2x1x2x2:moe"]
   _close(moe["losses"], single_device_runs["1x1x1x1:moe"]["losses"])
+  _close(eight_devices["2x1x2x2:moe:cap"]["losses"],
+         single_device_runs["1x1x1x1:moe:cap"]["losses"])
   assert moe["expert_spec"] == [None, "expert", "fsdp", "tensor"]  # [layers, E, D, F]
   assert moe["generate_equal"]
 

@@ -234,49 +234,87 @@ def experts_forward(x_BxLxD, weights: dict, cfg, activation, ep: int = 1, axes: 
   # which token fills each buffer row (T: none), and which buffer row each copy's result is in.
   token_of_row = jnp.full((rows,), T, jnp.int32).at[row_R].set(order_R // K, mode="drop")
   row_of_copy_R = jnp.zeros((R,), jnp.int32).at[order_R].set(row_R)
-  expert_of_row = jnp.full((rows,), E_local, jnp.int32).at[row_R].set(
-      expert_sorted_R % E_local, mode="drop")  # the local expert; E_local marks an empty row
   x_pad_TxD = jnp.concatenate([x_TxD, jnp.zeros((1, D), x_TxD.dtype)])  # row T: zeros
-  if ep > 1:
-    exchange = lambda a: jax.lax.all_to_all(a, axes.expert, 0, 0, tiled=True)
-    received = exchange(jnp.take(x_pad_TxD, token_of_row, axis=0))
-    expert_of_row = exchange(expert_of_row)
-
-  # This device's experts over the rows it holds, grouped by expert (empty rows last).
-  by_expert = jnp.argsort(expert_of_row, stable=True)
-  group_sizes = jnp.bincount(expert_of_row, length=E_local)
-  local_expert = jnp.minimum(expert_of_row[by_expert], E_local - 1)
-  grouped_x = (jnp.take(received, by_expert, axis=0) if ep > 1
-               else jnp.take(x_pad_TxD, token_of_row[by_expert], axis=0))
-  dtype = cfg.dtype
-
-  def grouped(rows, name):
-    kernel, bias = weights[name]
-    out = jax.lax.ragged_dot(rows.astype(dtype), kernel.astype(dtype), group_sizes)
-    return out if bias is None else out + bias[local_expert].astype(dtype)
-
-  h = activation(grouped(grouped_x, "wg" if "wg" in weights else "wi"))
-  if "wg" in weights:
-    h = h * grouped(grouped_x, "wi")
-  # Rows past the groups (empty ones) come out zero.
-  y_grouped = jax.lax.ragged_dot(h, weights["wo"][0].astype(dtype), group_sizes)
-  if axes.tensor:  # each device computed its share of the width: add the shares
-    y_grouped = jax.lax.psum(y_grouped, axes.tensor)
-  if weights["wo"][1] is not None:
-    filled = (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
-    y_grouped = y_grouped + jnp.where(filled, weights["wo"][1][local_expert].astype(dtype), 0)
-
-  # Back to each token's copies (dropped ones: zero), weighted and added.
-  ungroup = jnp.argsort(by_expert)  # buffer row -> its place in y_grouped
-  if ep > 1:
-    back = exchange(jnp.take(y_grouped, ungroup, axis=0))
-    y_RxD = jnp.take(back, row_of_copy_R, axis=0, mode="fill", fill_value=0)
+  exchange = lambda a: jax.lax.all_to_all(a, axes.expert, 0, 0, tiled=True) if ep > 1 else a
+  if moe.capacity_factor:
+    # Each expert's rows fill a block of `capacity`: the experts run as one batched product.
+    x_rows = exchange(jnp.take(x_pad_TxD, token_of_row, axis=0))
+    y_rows = _batched_experts(x_rows, weights, ep, E_local, capacity, cfg.dtype, activation,
+                              axes.tensor)
+    y_RxD = jnp.take(exchange(y_rows), row_of_copy_R, axis=0, mode="fill", fill_value=0)
   else:
-    place_R = jnp.where(row_of_copy_R < rows, ungroup[jnp.minimum(row_of_copy_R, rows - 1)], rows)
-    y_RxD = jnp.take(y_grouped, place_R, axis=0, mode="fill", fill_value=0)
+    expert_of_row = jnp.full((rows,), E_local, jnp.int32).at[row_R].set(
+        expert_sorted_R % E_local, mode="drop")  # the local expert; E_local marks an empty row
+    x_rows = exchange(jnp.take(x_pad_TxD, token_of_row, axis=0)) if ep > 1 else None
+    expert_of_row = exchange(expert_of_row)
+    # This device's experts over the rows it holds, grouped by expert (empty rows last).
+    by_expert = jnp.argsort(expert_of_row, stable=True)
+    grouped_x = (jnp.take(x_rows, by_expert, axis=0) if ep > 1  # one gather when ep == 1
+                 else jnp.take(x_pad_TxD, token_of_row[by_expert], axis=0))
+    y_grouped = _grouped_experts(grouped_x, expert_of_row[by_expert], weights, E_local,
+                                 cfg.dtype, activation, axes.tensor)
+    ungroup = jnp.argsort(by_expert)  # buffer row -> its place in y_grouped
+    if ep > 1:
+      back = exchange(jnp.take(y_grouped, ungroup, axis=0))
+      y_RxD = jnp.take(back, row_of_copy_R, axis=0, mode="fill", fill_value=0)
+    else:
+      place_R = jnp.where(row_of_copy_R < rows,
+                          ungroup[jnp.minimum(row_of_copy_R, rows - 1)], rows)
+      y_RxD = jnp.take(y_grouped, place_R, axis=0, mode="fill", fill_value=0)
+
+  # Each token's copies (dropped ones: zero), weighted and added.
   out_TxD = jnp.sum(y_RxD.reshape(T, K, D) * weights_TxK[..., None].astype(y_RxD.dtype), axis=1)
   stats = _statistics(logits_TxE, probs_TxE, count_E, R - jnp.sum(kept_R), moe, axes.tokens)
-  return out_TxD.reshape(B, L, D).astype(dtype), stats
+  return out_TxD.reshape(B, L, D).astype(cfg.dtype), stats
+
+
+def _grouped_experts(x_rows, expert_of_rows, weights, E_local: int, dtype, activation,
+                     tensor_axes):
+  """Dropless: rows sorted by expert (empty rows, marked E_local, last) through their experts
+  as grouped products, `jax.lax.ragged_dot` (native on TPU; XLA on GPU and CPU pads it to a
+  dense product over all experts, see docs/models.md)."""
+  group_sizes = jnp.bincount(expert_of_rows, length=E_local)
+  expert = jnp.minimum(expert_of_rows, E_local - 1)
+
+  def grouped(rows, name, bias=True):
+    kernel, b = weights[name]
+    out = jax.lax.ragged_dot(rows.astype(dtype), kernel.astype(dtype), group_sizes)
+    return out if b is None or not bias else out + b[expert].astype(dtype)
+
+  h = activation(grouped(x_rows, "wg" if "wg" in weights else "wi"))
+  if "wg" in weights:
+    h = h * grouped(x_rows, "wi")
+  y = grouped(h, "wo", bias=False)  # rows past the groups come out zero
+  if tensor_axes:  # each device computed its share of the width: add the shares
+    y = jax.lax.psum(y, tensor_axes)
+  if weights["wo"][1] is not None:
+    filled = (expert_of_rows < E_local)[:, None]
+    y = y + jnp.where(filled, weights["wo"][1][expert].astype(dtype), 0)
+  return y
+
+
+def _batched_experts(x_rows, weights, ep: int, E_local: int, capacity: int, dtype, activation,
+                     tensor_axes):
+  """With a capacity: rows [ep sources x E_local experts x capacity, D], each expert's block
+  through it as one batched product (a dense einsum on every backend); same layout out."""
+  D = x_rows.shape[-1]
+  x_ExCxD = x_rows.reshape(ep, E_local, capacity, D).swapaxes(0, 1).reshape(
+      E_local, ep * capacity, D).astype(dtype)
+
+  def batched(x, name, bias=True):
+    kernel, b = weights[name]
+    out = jnp.einsum("ecd,edf->ecf", x, kernel.astype(dtype))
+    return out if b is None or not bias else out + b[:, None, :].astype(dtype)
+
+  h = activation(batched(x_ExCxD, "wg" if "wg" in weights else "wi"))
+  if "wg" in weights:
+    h = h * batched(x_ExCxD, "wi")
+  y = batched(h, "wo", bias=False)
+  if tensor_axes:
+    y = jax.lax.psum(y, tensor_axes)
+  if weights["wo"][1] is not None:
+    y = y + weights["wo"][1][:, None, :].astype(dtype)
+  return y.reshape(E_local, ep, capacity, D).swapaxes(0, 1).reshape(-1, D)
 
 
 def _statistics(logits_TxE, probs_TxE, count_E, dropped, moe: MoEConfig, token_axes) -> dict:
