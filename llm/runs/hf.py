@@ -13,7 +13,7 @@ from llm import config as config_lib
 from llm import model as model_lib
 from llm.errors import UserError
 from llm.model import layers
-from llm.runs import hf_weights
+from llm.runs import hf_llama, hf_weights
 from llm.text import gpt2, huggingface, sentencepiece, tokenizer as tokenizer_lib
 
 
@@ -118,7 +118,7 @@ def _load_tokenizer(directory: str, hf: dict) -> tokenizer_lib.Tokenizer:
       spec = json.load(f)
     lowercase = (spec.get("normalizer") or {}).get("lowercase", lowercase)
     return huggingface.WordPieceTokenizer(spec["model"]["vocab"], lowercase)
-  if hf["model_type"] in hf_weights.LLAMA_FAMILY:
+  if hf["model_type"] in hf_llama.LLAMA_FAMILY:
     if os.path.isfile(os.path.join(directory, huggingface.HFTokenizer.FILE)):
       return huggingface.HFTokenizer.from_folder(directory, hf)
     if os.path.isfile(os.path.join(directory, "tokenizer.model")):  # Llama 2's sentencepiece
