@@ -1,15 +1,17 @@
-"""Mixture of experts: a block's MLP replaced by E routed experts (Mixtral, Qwen-MoE, OLMoE,
+"""Mixture of experts: a block's MLP replaced by E routed experts (Mixtral, Qwen-MoE,
 DeepSeek-V3), with always-on shared experts beside them as an option.
 
 A router scores each token against the experts; the token goes to its top k, and their outputs
 are added, weighted by the router. Shapes in the names as in layers.py, plus T tokens (B x L),
 E experts, K experts per token, R = T x K routed copies, F the experts' width.
 
-Dropless by default: the copies are sorted by expert and every expert runs in one grouped matrix
-product (`jax.lax.ragged_dot`, which TPUs and GPUs implement as such), so no copy is dropped and
-nothing of size T x E x capacity exists. `capacity_factor` > 0 keeps at most
-ceil(factor x R / E) copies per expert instead (the first ones in token order); the rest are
-dropped (they pass through the residual only) and counted.
+Dropless by default: the copies are sorted by expert and the experts run as grouped matrix
+products (`jax.lax.ragged_dot`: native on TPU; XLA pads it into a dense product over all experts
+on GPU and CPU), so no copy is dropped and no one-hot dispatch tensor exists.
+`capacity_factor` > 0 keeps at most ceil(factor x R / E) copies per expert instead (the first
+ones in token order) and runs the experts as one batched einsum over [E, capacity, D] blocks,
+dense on every backend; the other copies are dropped (they pass through the residual only) and
+counted.
 
 Expert parallelism: the `expert` logical axis (mesh.expert) splits the experts over devices.
 Inside `shard_map` each device routes its own tokens, sends each copy to the device that holds
