@@ -29,9 +29,12 @@ EXIT_USER_ERROR = 2
 
 def run(main, define_flags) -> None:
   preemption.protect(quit_at_once)  # from the first line: see llm/training/preemption.py
-  define_flags()
-  flags.DEFINE_bool("verbose", False, "Show the log lines of XLA and Gloo that are hidden.")
-  app.run(_exits_cleanly(main), flags_parser=_parse_flags)
+  try:  # a signal while the flags are defined and parsed, before main's own try
+    define_flags()
+    flags.DEFINE_bool("verbose", False, "Show the log lines of XLA and Gloo that are hidden.")
+    app.run(_exits_cleanly(main), flags_parser=_parse_flags)
+  except preemption.Interrupted as e:
+    _stop(str(e))
 
 
 def _exits_cleanly(main):
@@ -54,17 +57,22 @@ def _exits_cleanly(main):
       stopped_by = preemption.signalled()  # raised by a library it interrupted (XLA, orbax)
       if not stopped_by:
         raise
-    gc.collect()  # what the interrupted frames held goes first: a progress bar ends its line
-    line = f"stopped by {stopped_by}; nothing is left half-written; run the same command again"
-    if jax.process_index() == 0:
-      print(line, file=sys.stderr, flush=True)
-    if jax.distributed.is_initialized():  # leave the other processes' service in order
-      jax.distributed.shutdown()
-    # Not sys.exit: XLA may still be compiling in a thread of its own, and an interpreter that
-    # shuts down under it crashes (exit 139). Nothing is left to clean up by now.
-    quit_at_once(preemption.EXIT_PREEMPTED, "")
+    _stop(stopped_by)
 
   return wrapped
+
+
+def _stop(stopped_by: str) -> None:
+  """The end of a command a signal stopped before anything was saved: one line, status 75."""
+  gc.collect()  # what the interrupted frames held goes first: a progress bar ends its line
+  line = f"stopped by {stopped_by}; nothing is left half-written; run the same command again"
+  if jax.process_index() == 0:
+    print(line, file=sys.stderr, flush=True)
+  if jax.distributed.is_initialized():  # leave the other processes' service in order
+    jax.distributed.shutdown()
+  # Not sys.exit: XLA may still be compiling in a thread of its own, and an interpreter that
+  # shuts down under it crashes (exit 139). Nothing is left to clean up by now.
+  quit_at_once(preemption.EXIT_PREEMPTED, "")
 
 
 def quit_at_once(status: int, line: str) -> None:
