@@ -132,7 +132,8 @@ def test_cli_prints_one_line_and_keeps_what_was_saved(tmp_path):
        "--config.model.num_heads=3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
-      "error: config: model.d_model=256 is not allowed; must be divisible by model.num_heads=3"]
+      "error: config: model.d_model=256 is not allowed; must be divisible by model.num_heads=3 "
+      "(or set model.head_dim)"]
   assert sorted(os.listdir(workdir / "checkpoints")) == saved
 
 
