@@ -14,7 +14,7 @@ from llm import model as model_lib
 from llm.errors import UserError
 from llm.model import attention
 from llm.model.layers import ACTIVATIONS, MLPS, NORMS, POSITIONS, REMAT_POLICIES
-from llm.model.moe import ROUTERS
+from llm.model.moe import ROUTERS, MoEConfig
 from llm.text import tokenizer as tokenizer_lib
 from llm.training import metrics, optim
 
@@ -381,11 +381,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _check(mo[key] >= 0, f"model.moe.{key}", "use 0 (off) or a positive value", mo[key])
     _check(mo.routed_scale > 0, "model.moe.routed_scale", "use a positive factor",
            mo.routed_scale)
-    moe_layers = [i for i in range(m.num_layers) if i >= mo.first_dense and (i + 1) % mo.every == 0]
-    _check(bool(moe_layers), "model.moe.every",
+    moe_layers = MoEConfig(num_experts=mo.num_experts, every=mo.every,
+                           first_dense=mo.first_dense).num_moe_layers(m.num_layers)
+    _check(moe_layers > 0, "model.moe.every",
            f"no block of model.num_layers={m.num_layers} is MoE with model.moe.first_dense="
            f"{mo.first_dense}", mo.every)
-    _check(not m.scan_layers or len(moe_layers) == m.num_layers, "model.scan_layers",
+    _check(not m.scan_layers or moe_layers == m.num_layers, "model.scan_layers",
            "scanned blocks must be alike: with MoE use model.moe.every=1 and first_dense=0, or "
            "model.scan_layers=False", m.scan_layers)
   _check(t.kind in tokenizer_lib.kinds(), "tokenizer.kind",

@@ -89,7 +89,6 @@ class _Weights(nn.Module):
   use_bias: bool = False
   bias_axes: tuple = ()
   std: float = 0.02
-  bias_init: Any = nn.initializers.zeros
 
   @nn.compact
   def __call__(self):
@@ -98,7 +97,7 @@ class _Weights(nn.Module):
     bias = None
     if self.use_bias:
       bias_shape = tuple(self.shape[self.axes.index(a)] for a in self.bias_axes)
-      bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.bias_axes),
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
                         bias_shape, jnp.float32)
     return kernel, bias
 
